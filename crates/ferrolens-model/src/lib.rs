@@ -1,0 +1,41 @@
+//! # ferrolens-model: the hooking runtime
+//!
+//! GPT-2 and Llama-family transformers with a TransformerLens hook point at every activation:
+//! run with a cache, with interventions, from or to any layer, and with gradients of any metric
+//! at any set of hook points (one backward pass). Loads Hugging Face directories (local or through
+//! the hub cache) and GGUF files (dequantized to f32).
+//!
+//! ```no_run
+//! use ferrolens_model::*;
+//! let model = load("smollm2-135m", &LoadOptions::default())?;
+//! let tokens = model.to_tokens(&["When Mary and John went to the store, John gave a drink to"])?; // [1, p]
+//! let mut hooks = Hooks::new().cache("blocks.*.attn.hook_pattern")?;
+//! let logits = model.run(&tokens, &mut hooks)?;                  // [1, p, 49152]
+//! let pattern = hooks.cache_ref().get(HookPoint::Pattern(5))?;    // [1, 9, p, p]
+//! # Ok::<(), Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod gpt2;
+pub mod hook;
+pub mod hooks;
+pub mod llama;
+pub mod loader;
+pub mod lrp;
+pub mod registry;
+pub mod tokenizer;
+pub mod transformer;
+
+pub use cache::ActivationCache;
+pub use config::{Activation, Arch, Config, NormKind, Positional};
+pub use error::{Error, Result};
+pub use hook::{HookPoint, NameFilter};
+pub use hooks::{HookFn, Hooks, Intervention, Patch};
+pub use loader::{load, load_gguf, load_hf_dir, load_hub, LoadOptions};
+pub use lrp::LrpRules;
+pub use tokenizer::Tokenizer;
+pub use transformer::{GradRun, HookedTransformer, RunSpan, Weights};
+pub use candle_core::{DType, Device, Tensor};

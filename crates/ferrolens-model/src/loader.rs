@@ -1,0 +1,330 @@
+//! Loading models: Hugging Face directories (local or through the hub cache), GGUF files,
+//! and the named models of the registry.
+//!
+//! ```no_run
+//! use ferrolens_model::{load, LoadOptions};
+//! let model = load("smollm2-135m", &LoadOptions::default())?;      // fetched on first use
+//! let gpt2 = load("./my-gpt2-dir", &LoadOptions::default())?;       // config.json + model.safetensors
+//! let hub = load("openai-community/gpt2", &LoadOptions::default())?; // through hf-hub's cache
+//! # Ok::<(), ferrolens_model::Error>(())
+//! ```
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::transformer::{HookedTransformer, Weights};
+use crate::{gpt2, llama, registry};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Options for [`load`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Weight dtype: F32 (default), F64 for finite-difference checks, BF16/F16 on GPU.
+    pub dtype: DType,
+    /// Device for the weights.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu }
+    }
+}
+
+/// Load a model from a registry name (`smollm2-135m`), a `.gguf` file, a Hugging Face model
+/// directory, or a hub id (`org/name`, optionally `org/name@revision`).
+pub fn load(spec: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
+    if let Some(entry) = registry::find(spec) {
+        let path = registry::ensure(entry)?;
+        return load_gguf(&path, opts).map(|m| m.renamed(entry.name));
+    }
+    let p = Path::new(spec);
+    if p.is_file() {
+        return match p.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => load_gguf(p, opts),
+            _ => Err(Error::Input(format!(
+                "{spec} is a file but not a .gguf; give a GGUF file or a directory with config.json"
+            ))),
+        };
+    }
+    if p.is_dir() {
+        return load_hf_dir(p, opts);
+    }
+    if spec.contains('/') && !spec.starts_with('.') && !spec.starts_with('/') {
+        return load_hub(spec, opts);
+    }
+    Err(Error::Fetch(format!(
+        "`{spec}` is not a known model name ({}), an existing file or directory, or a hub id like org/name",
+        registry::names().join(", ")
+    )))
+}
+
+/// Where tensors come from: safetensors files or a GGUF file (dequantized to `dtype` on read).
+pub enum TensorSource {
+    /// Memory-mapped safetensors (one or more shards).
+    Safetensors(candle_core::safetensors::MmapedSafetensors, PathBuf),
+    /// A GGUF file.
+    Gguf(gguf_file::Content, PathBuf),
+}
+
+impl TensorSource {
+    /// Whether the source holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            TensorSource::Safetensors(st, _) => st.get(name).is_ok(),
+            TensorSource::Gguf(ct, _) => ct.tensor_infos.contains_key(name),
+        }
+    }
+
+    /// The tensor `name` in `dtype` on `device` (torch layout: `[out, in]` for linear weights).
+    pub fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        match self {
+            TensorSource::Safetensors(st, path) => {
+                if st.get(name).is_err() {
+                    return Err(Error::Weights(format!("tensor `{name}` is missing from {}", path.display())));
+                }
+                let t = st.load(name, device).map_err(|e| {
+                    Error::Weights(format!("cannot read `{name}` from {}: {e}; the file may be truncated, download it again", path.display()))
+                })?;
+                Ok(t.to_dtype(dtype)?)
+            }
+            TensorSource::Gguf(ct, path) => {
+                if !ct.tensor_infos.contains_key(name) {
+                    return Err(Error::Weights(format!("tensor `{name}` is missing from {}", path.display())));
+                }
+                let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+                let q = ct.tensor(&mut f, name, &Device::Cpu).map_err(|e| {
+                    Error::Weights(format!(
+                        "cannot read `{name}` from {}: {e}; the file is truncated or corrupt, delete it and fetch it again",
+                        path.display()
+                    ))
+                })?;
+                let t = q.dequantize(&Device::Cpu)?;
+                Ok(t.to_dtype(dtype)?.to_device(device)?)
+            }
+        }
+    }
+
+    /// An optional tensor.
+    pub fn opt(&self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        if self.has(name) {
+            self.get(name, dtype, device).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// A linear weight stored `[out, in]` (torch) turned into `[in, out]` contiguous.
+pub(crate) fn t_in_out(w: Tensor) -> Result<Tensor> {
+    Ok(w.t()?.contiguous()?)
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&s).map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))
+}
+
+fn open_safetensors(dir: &Path) -> Result<TensorSource> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if single.is_file() {
+        vec![single.clone()]
+    } else if index.is_file() {
+        let j = read_json(&index)?;
+        let map = j["weight_map"].as_object().ok_or_else(|| {
+            Error::Weights(format!("{} has no weight_map", index.display()))
+        })?;
+        let mut v: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+        v.sort();
+        v.dedup();
+        v
+    } else {
+        return Err(Error::Weights(format!(
+            "no model.safetensors or model.safetensors.index.json in {}; ferrolens reads safetensors weights (convert .bin files with transformers' save_pretrained(safe_serialization=True))",
+            dir.display()
+        )));
+    };
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::Weights(format!("shard {} named in the index is missing", f.display())));
+        }
+    }
+    // SAFETY: the files are memory-mapped read-only; they must not change while the model is loaded.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+        Error::Weights(format!(
+            "cannot read {}: {e}; the file is truncated or corrupt, download it again",
+            files[0].display()
+        ))
+    })?;
+    Ok(TensorSource::Safetensors(st, files[0].clone()))
+}
+
+/// Load a Hugging Face model directory: `config.json`, `model.safetensors` (or a sharded index),
+/// and `tokenizer.json` or GPT-2's `vocab.json` + `merges.txt` when present.
+pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<HookedTransformer> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(Error::Config(format!("{} has no config.json; is this a Hugging Face model directory?", dir.display())));
+    }
+    let j = read_json(&cfg_path)?;
+    let name = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let src = open_safetensors(dir)?;
+    let (cfg, w) = from_hf_parts(&j, &name, &src, opts)?;
+    let model = HookedTransformer::new(cfg, w)?;
+    Ok(model.with_tokenizer(find_tokenizer(|f| Some(dir.join(f)).filter(|p| p.is_file()))?))
+}
+
+/// Build config and weights from a parsed `config.json` and a tensor source.
+pub fn from_hf_parts(j: &serde_json::Value, name: &str, src: &TensorSource, opts: &LoadOptions) -> Result<(Config, Weights)> {
+    let mt = j["model_type"].as_str().unwrap_or("");
+    match mt {
+        "gpt2" => {
+            let cfg = gpt2::config_from_hf(j, name)?;
+            let w = gpt2::weights(&cfg, src, opts)?;
+            Ok((cfg, w))
+        }
+        "llama" | "mistral" | "qwen2" => {
+            let cfg = llama::config_from_hf(j, name)?;
+            let w = llama::weights_hf(&cfg, src, opts)?;
+            Ok((cfg, w))
+        }
+        other => Err(Error::Config(format!(
+            "model_type `{other}` is not supported; ferrolens runs gpt2 and llama-family models"
+        ))),
+    }
+}
+
+fn find_tokenizer(find: impl Fn(&str) -> Option<PathBuf>) -> Result<Option<Tokenizer>> {
+    if let Some(p) = find("tokenizer.json") {
+        return Tokenizer::from_file(p).map(Some);
+    }
+    let vocab = find("vocab.json").or_else(|| find("encoder.json"));
+    let merges = find("merges.txt").or_else(|| find("vocab.bpe"));
+    match (vocab, merges) {
+        (Some(v), Some(m)) => Tokenizer::gpt2(v, m).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Load a model by hub id (`org/name[@revision]`) through hf-hub's cache (`HF_HOME`,
+/// default `~/.cache/huggingface`). With `HF_HUB_OFFLINE=1` only the cache is read.
+pub fn load_hub(id: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
+    let (repo_id, rev) = match id.split_once('@') {
+        Some((r, v)) => (r.to_string(), v.to_string()),
+        None => (id.to_string(), "main".to_string()),
+    };
+    let repo = hf_hub::Repo::with_revision(repo_id.clone(), hf_hub::RepoType::Model, rev.clone());
+    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.repo(repo.clone());
+    let api = if offline {
+        None
+    } else {
+        Some(
+            hf_hub::api::sync::ApiBuilder::from_env()
+                .build()
+                .map_err(|e| Error::Fetch(format!("cannot set up the hub client: {e}")))?,
+        )
+    };
+    let get = |file: &str| -> Result<Option<PathBuf>> {
+        if let Some(p) = cached.get(file) {
+            return Ok(Some(p));
+        }
+        match &api {
+            None => Ok(None),
+            Some(api) => match api.repo(repo.clone()).get(file) {
+                Ok(p) => Ok(Some(p)),
+                Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => Ok(None),
+                Err(e) => Err(Error::Fetch(format!(
+                    "cannot fetch {file} of {repo_id}@{rev}: {e}. Offline? Set HF_HUB_OFFLINE=1 to use the cache in {}",
+                    cache.path().display()
+                ))),
+            },
+        }
+    };
+    let cfg_path = get("config.json")?.ok_or_else(|| {
+        Error::Fetch(format!(
+            "{repo_id}@{rev} has no config.json in the hub cache {}{}",
+            cache.path().display(),
+            if offline { " (HF_HUB_OFFLINE is set: download it once while online)" } else { "" }
+        ))
+    })?;
+    let dir = cfg_path.parent().expect("a file has a parent").to_path_buf();
+    // Make sure the weight files are present in the snapshot folder.
+    if get("model.safetensors")?.is_none() {
+        let idx = get("model.safetensors.index.json")?.ok_or_else(|| {
+            Error::Fetch(format!("{repo_id}@{rev} has neither model.safetensors nor model.safetensors.index.json"))
+        })?;
+        let j = read_json(&idx)?;
+        let mut shards: Vec<String> = j["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
+        shards.sort();
+        shards.dedup();
+        for s in shards {
+            get(&s)?.ok_or_else(|| Error::Fetch(format!("shard {s} of {repo_id} is not available")))?;
+        }
+    }
+    for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
+        let _ = get(f)?;
+    }
+    load_hf_dir(&dir, opts).map(|m| m.renamed(&repo_id))
+}
+
+/// Load a GGUF file (Llama architecture): every tensor is dequantized to `opts.dtype`, and
+/// llama.cpp's Q/K row permutation is undone so `hook_q`/`hook_k` equal Hugging Face's.
+pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<HookedTransformer> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let ct = gguf_file::Content::read(&mut f).map_err(|e| {
+        Error::Weights(format!(
+            "{} is not a readable GGUF file ({e}); it may be truncated or corrupt: delete it and fetch it again",
+            path.display()
+        ))
+    })?;
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let tokenizer = Tokenizer::from_gguf(&ct)?;
+    let src = TensorSource::Gguf(ct, path.to_path_buf());
+    let TensorSource::Gguf(ct, _) = &src else { unreachable!() };
+    let (cfg, w) = match arch.as_str() {
+        "llama" => {
+            let cfg = llama::config_from_gguf(&ct.metadata, &name)?;
+            let w = llama::weights_gguf(&cfg, &src, opts)?;
+            (cfg, w)
+        }
+        other => {
+            return Err(Error::Config(format!(
+                "GGUF architecture `{other}` is not supported yet; ferrolens loads `llama` GGUF files"
+            )))
+        }
+    };
+    let cfg = Config { bos_token_id: cfg.bos_token_id.or(tokenizer.bos_id()), ..cfg };
+    Ok(HookedTransformer::new(cfg, w)?.with_tokenizer(Some(tokenizer)))
+}
+
+/// Read a metadata number from GGUF metadata.
+pub(crate) fn gguf_num(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<f64> {
+    use gguf_file::Value::*;
+    let v = md.get(key).ok_or_else(|| Error::Config(format!("GGUF metadata `{key}` is missing")))?;
+    Ok(match v {
+        U8(x) => *x as f64,
+        I8(x) => *x as f64,
+        U16(x) => *x as f64,
+        I16(x) => *x as f64,
+        U32(x) => *x as f64,
+        I32(x) => *x as f64,
+        U64(x) => *x as f64,
+        I64(x) => *x as f64,
+        F32(x) => *x as f64,
+        F64(x) => *x,
+        _ => return Err(Error::Config(format!("GGUF metadata `{key}` is not a number"))),
+    })
+}

@@ -1,0 +1,145 @@
+//! Tokenizers: `tokenizer.json`, GPT-2 `vocab.json`/`encoder.json` + `merges.txt`/`vocab.bpe`,
+//! or the byte-level BPE embedded in a GGUF file.
+
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file;
+use std::path::Path;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+/// A tokenizer. `encode` never adds special tokens (TL's `prepend_bos=False`); add a BOS
+/// yourself with [`Tokenizer::bos_id`] when the model wants one.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer(vocab={}, bos={:?})", self.vocab_size(), self.bos)
+    }
+}
+
+impl Tokenizer {
+    /// Wrap a `tokenizers` tokenizer.
+    pub fn from_tokenizers(inner: tokenizers::Tokenizer, bos: Option<u32>) -> Self {
+        Tokenizer { inner, bos }
+    }
+
+    /// Read a `tokenizer.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
+        Ok(Tokenizer { inner, bos: None })
+    }
+
+    /// GPT-2's byte-level BPE from `vocab.json` (alias `encoder.json`) and `merges.txt` (alias `vocab.bpe`).
+    pub fn gpt2(vocab: impl AsRef<Path>, merges: impl AsRef<Path>) -> Result<Self> {
+        let (v, m) = (vocab.as_ref(), merges.as_ref());
+        let bpe = BPE::from_file(&v.display().to_string(), &m.display().to_string())
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("cannot build GPT-2 BPE from {} and {}: {e}", v.display(), m.display())))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        inner.add_special_tokens(vec![AddedToken::from("<|endoftext|>", true)]);
+        let bos = inner.token_to_id("<|endoftext|>");
+        Ok(Tokenizer { inner, bos })
+    }
+
+    /// The byte-level BPE embedded in a GGUF file (`tokenizer.ggml.model = gpt2`), with the
+    /// pre-tokenizer that `tokenizer.ggml.pre` names (`smollm`: digits one by one, then
+    /// byte-level without a prefix space). Control tokens are special.
+    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        use candle_core::quantized::tokenizer::TokenizerFromGguf;
+        let mut inner = tokenizers::Tokenizer::from_gguf(ct)
+            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?;
+        let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let byte_level = ByteLevel::new(false, true, true);
+        match pre.as_str() {
+            "smollm" | "starcoder" => {
+                let seq = Sequence::new(vec![
+                    PreTokenizerWrapper::Digits(Digits::new(true)),
+                    PreTokenizerWrapper::ByteLevel(byte_level),
+                ]);
+                inner.with_pre_tokenizer(Some(seq));
+            }
+            "gpt2" | "default" | "" => {
+                inner.with_pre_tokenizer(Some(byte_level));
+            }
+            _ => {} // llama3, qwen2, ...: candle's pipeline for that name.
+        }
+        inner.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
+        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        let bos = ct.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
+        Ok(Tokenizer { inner, bos })
+    }
+
+    /// Token ids of `text`, with no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode {text:?}: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids with the BOS token first (where the tokenizer has one).
+    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        ids.extend(self.bos);
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Decode ids to text (special tokens kept).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(format!("cannot decode {ids:?}: {e}")))
+    }
+
+    /// The string of each id (`Ġ` marks a leading space in byte-level BPE).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of an exact vocabulary entry.
+    pub fn token_to_id(&self, tok: &str) -> Option<u32> {
+        self.inner.token_to_id(tok)
+    }
+
+    /// The one token that `text` encodes to, or an error that shows how it splits.
+    /// Use a leading space for words inside a sentence (`" Mary"`).
+    pub fn single_token(&self, text: &str) -> Result<u32> {
+        let ids = self.encode(text)?;
+        match ids.as_slice() {
+            [id] => Ok(*id),
+            _ => {
+                let pieces: Vec<String> = ids.iter().map(|i| self.id_to_token(*i).unwrap_or_default()).collect();
+                Err(Error::Input(format!(
+                    "answer {text:?} is {} tokens ({pieces:?}), not one; pick a single-token answer (with a leading space inside a sentence)",
+                    ids.len()
+                )))
+            }
+        }
+    }
+
+    /// The BOS token id, if any.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The wrapped `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}

@@ -1,0 +1,1 @@
+pub use ferrolens_model as model;
