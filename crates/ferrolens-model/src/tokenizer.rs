@@ -47,7 +47,9 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-        inner.add_special_tokens(vec![AddedToken::from("<|endoftext|>", true)]);
+        inner
+            .add_special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+            .map_err(|e| Error::Tokenizer(format!("cannot add <|endoftext|>: {e}")))?;
         let bos = inner.token_to_id("<|endoftext|>");
         Ok(Tokenizer { inner, bos })
     }
