@@ -1,0 +1,80 @@
+//! Parity with Hugging Face transformers (logits) and TransformerLens 2.18 (cached activations).
+//! References: fixtures/*/reference.safetensors, made by scripts/make_references.py.
+
+mod common;
+use candle_core::{DType, IndexOp, Tensor};
+use common::*;
+use ferrolens::model::{HookPoint, Hooks};
+
+const TOL: f64 = 1e-4;
+
+fn check_cache(model: &ferrolens::model::HookedTransformer, r: &std::collections::HashMap<String, Tensor>, prompts: usize) -> usize {
+    let mut checked = 0;
+    for i in 0..prompts {
+        let tokens = ids(r, &format!("p{i}.input_ids"));
+        let mut hooks = Hooks::new().cache("blocks.*,hook_embed,hook_pos_embed,ln_final.*").unwrap();
+        model.run(&tokens, &mut hooks).unwrap();
+        let cache = hooks.cache_ref();
+        let prefix = format!("p{i}.");
+        for (k, v) in r.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            let name = &k[prefix.len()..];
+            let Ok(h) = name.parse::<HookPoint>() else { continue };
+            let ours = cache.get(h).unwrap().i(0).unwrap();
+            let d = max_abs(&ours, v);
+            // Scores and activations after large matmuls scale with their magnitude.
+            let scale = v.abs().unwrap().flatten_all().unwrap().to_dtype(DType::F64).unwrap()
+                .to_vec1::<f64>().unwrap().into_iter().filter(|x| x.is_finite()).fold(1.0, f64::max);
+            assert!(d <= TOL * scale.max(1.0), "{k}: max abs diff {d:e} (magnitude {scale:.1})");
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[test]
+fn tiny_gpt2_logits_match_hugging_face() {
+    let model = tiny_gpt2(DType::F32);
+    let r = reference("tiny-gpt2/reference.safetensors");
+    for i in 0..8 {
+        let tokens = ids(&r, &format!("p{i}.input_ids"));
+        let logits = model.forward(&tokens).unwrap().i(0).unwrap();
+        let d = max_abs(&logits, &r[&format!("p{i}.logits")]);
+        assert!(d < TOL, "prompt {i}: logits differ from HF by {d:e}");
+    }
+}
+
+#[test]
+fn tiny_gpt2_cache_matches_transformer_lens() {
+    let model = tiny_gpt2(DType::F32);
+    let r = reference("tiny-gpt2/reference.safetensors");
+    let n = check_cache(&model, &r, 3);
+    assert!(n >= 3 * 30, "only {n} activations checked");
+}
+
+#[test]
+fn smollm2_logits_match_hugging_face() {
+    let model = smollm2();
+    let r = reference("smollm2/reference.safetensors");
+    let cols = r["vocab_cols"].to_dtype(DType::U32).unwrap();
+    for i in 0..8 {
+        let tokens = ids(&r, &format!("p{i}.input_ids"));
+        let logits = model.forward(&tokens).unwrap().i(0).unwrap(); // [p, V]
+        // Compare after subtracting each row's mean (logits are defined up to a per-row constant).
+        let centre = |t: &Tensor| t.broadcast_sub(&t.mean_keepdim(candle_core::D::Minus1).unwrap()).unwrap();
+        let sub = logits.index_select(&cols, 1).unwrap();
+        let d = max_abs(&centre(&sub), &centre(&r[&format!("p{i}.logits_cols")]));
+        let p = logits.dim(0).unwrap();
+        let dl = max_abs(&centre(&logits.i(p - 1).unwrap()), &centre(&r[&format!("p{i}.logits_last")]));
+        let raw = max_abs(&sub, &r[&format!("p{i}.logits_cols")]);
+        eprintln!("prompt {i}: {p} tokens, max abs diff {d:e} (column subset, all positions), {dl:e} (last position, all columns); {raw:e} before centring");
+        assert!(d < TOL && dl < TOL, "prompt {i}: logits differ from HF by {d:e} / {dl:e}");
+    }
+}
+
+#[test]
+fn smollm2_cache_matches_transformer_lens() {
+    let model = smollm2();
+    let r = reference("smollm2/reference.safetensors");
+    let n = check_cache(model, &r, 2);
+    assert!(n >= 2 * 3 * 15, "only {n} activations checked");
+}
