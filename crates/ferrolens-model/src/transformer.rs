@@ -461,7 +461,12 @@ impl HookedTransformer {
     fn act(&self, x: &Tensor, identity_rule: bool) -> Result<Tensor> {
         let f = |x: &Tensor| -> Result<Tensor> {
             Ok(match self.cfg.act {
-                Activation::GeluNew => x.gelu()?,
+                // Written out: candle's fused gelu backward rounds its constants to 6 digits.
+                Activation::GeluNew => {
+                    let c = (2.0f64 / std::f64::consts::PI).sqrt();
+                    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?.tanh()?;
+                    ((x * 0.5)? * (inner + 1.0)?)?
+                }
                 Activation::Gelu => x.gelu_erf()?,
                 Activation::Silu => x.silu()?,
             })
