@@ -26,7 +26,7 @@ use std::str::FromStr;
 /// | `AttnScores(l)`, `Pattern(l)` | `blocks.l.attn.hook_attn_scores/pattern` | `[b,h,q,k]` |
 /// | `Result(l)` | `blocks.l.attn.hook_result` | `[b,p,h,D]` |
 /// | `MlpPre(l)`, `MlpPreLinear(l)`, `MlpPost(l)` | `blocks.l.mlp.hook_*` | `[b,p,M]` |
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(missing_docs)]
 pub enum HookPoint {
     Embed,
@@ -144,7 +144,7 @@ impl HookPoint {
         v
     }
 
-    /// A dense index (forward order) used for fast lookups: `0..n_slots(n_layers)`.
+    /// The position of the hook in the forward pass (a sort key; dense for per-layer hooks).
     pub fn slot(&self) -> usize {
         use HookPoint::*;
         let per = LAYER_HOOKS.len();
@@ -207,6 +207,19 @@ fn suggest(name: &str) -> String {
     match best {
         Some((d, c)) if d <= name.len().max(4) / 2 => format!(", did you mean `{c}`?"),
         _ => ". Hook names look like `blocks.0.attn.hook_z` (see docs/hooks.md)".to_string(),
+    }
+}
+
+/// Hook points order as the forward pass visits them.
+impl Ord for HookPoint {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.slot().cmp(&other.slot())
+    }
+}
+
+impl PartialOrd for HookPoint {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
