@@ -113,12 +113,15 @@ pub struct Patch {
     pub positions: Option<Vec<usize>>,
     /// Only these heads (all if `None`); for hooks with a head axis.
     pub heads: Option<Vec<usize>>,
+    /// A 0/1 mask broadcastable to the activation (1 = intervene), combined with the restrictions
+    /// above. Lets one batched forward carry a different patch in every row.
+    pub mask: Option<Tensor>,
 }
 
 impl Patch {
     /// An unrestricted patch.
     pub fn new(hook: HookPoint, op: Intervention) -> Self {
-        Patch { hook, op, batch: None, positions: None, heads: None }
+        Patch { hook, op, batch: None, positions: None, heads: None, mask: None }
     }
     /// Restrict to positions.
     pub fn positions(mut self, p: &[usize]) -> Self {
@@ -136,10 +139,16 @@ impl Patch {
         self
     }
 
+    /// Restrict with a 0/1 mask broadcastable to the activation's shape.
+    pub fn mask(mut self, m: Tensor) -> Self {
+        self.mask = Some(m);
+        self
+    }
+
     /// Apply to `x`: where the restriction selects, the intervened value, elsewhere `x`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let new = self.op.apply(x, self.hook)?;
-        if self.batch.is_none() && self.positions.is_none() && self.heads.is_none() {
+        if self.batch.is_none() && self.positions.is_none() && self.heads.is_none() && self.mask.is_none() {
             return Ok(new);
         }
         let dims = x.dims();
@@ -175,6 +184,12 @@ impl Patch {
             mask_dims[ax] = n;
             let m = Tensor::from_vec(v, mask_dims.clone(), x.device())?.to_dtype(x.dtype())?;
             mask = mask.broadcast_mul(&m)?;
+        }
+        if let Some(m) = &self.mask {
+            let m = m.to_dtype(x.dtype())?;
+            mask = mask.broadcast_mul(&m).map_err(|_| {
+                Error::Input(format!("patch mask of shape {:?} does not broadcast to `{}` of shape {:?}", m.dims(), self.hook, dims))
+            })?;
         }
         let mask = mask.broadcast_as(x.shape())?;
         Ok((x + (new - x)?.mul(&mask)?)?)

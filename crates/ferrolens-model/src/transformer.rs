@@ -110,6 +110,9 @@ pub struct RunSpan {
     pub stop_at_layer: Option<usize>,
     /// Position of the first token (for rotary / learned positions); 0 for a fresh prompt.
     pub pos_offset: usize,
+    /// Unembed the last position only: logits `[b,1,V]` (the final-norm hooks then see `[b,1,..]`).
+    /// Saves most of the unembedding cost when a metric reads the last position.
+    pub last_logits_only: bool,
 }
 
 /// The outcome of [`HookedTransformer::run_with_grads`].
@@ -280,6 +283,10 @@ impl HookedTransformer {
         if span.stop_at_layer.is_some() {
             return Ok(resid);
         }
+        if span.last_logits_only {
+            let p = resid.dim(1)?;
+            resid = resid.narrow(1, p - 1, 1)?;
+        }
         self.unembed(resid, hooks)
     }
 
@@ -291,10 +298,21 @@ impl HookedTransformer {
         hooks: &mut Hooks,
         metric: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<GradRun> {
+        self.run_span_with_grads(Some(tokens), &RunSpan::default(), hooks, metric)
+    }
+
+    /// [`HookedTransformer::run_with_grads`] over a [`RunSpan`] (e.g. last-position logits only).
+    pub fn run_span_with_grads(
+        &self,
+        tokens: Option<&Tensor>,
+        span: &RunSpan,
+        hooks: &mut Hooks,
+        metric: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<GradRun> {
         if hooks.grad_point_set().is_empty() {
             return Err(Error::Input("no gradient hook points: call Hooks::grad(&[...]) first".into()));
         }
-        let logits = self.run(tokens, hooks)?;
+        let logits = self.run_span(tokens, span, hooks)?;
         let m = metric(&logits)?;
         if m.elem_count() != 1 {
             return Err(Error::Input(format!("the metric must be a scalar, got shape {:?}", m.dims())));
