@@ -1,8 +1,12 @@
 //! The `ferrolens` command-line tool.
 
 mod cmd_cache;
+mod cmd_data;
+mod cmd_discover;
 mod cmd_models;
+mod cmd_patch;
 mod cmd_run;
+mod study;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +24,12 @@ enum Cmd {
     Run(cmd_run::Args),
     /// Write cached activations of prompts to a safetensors file.
     Cache(cmd_cache::Args),
+    /// Activation patching, AtP and RelP on a JSONL file of prompt pairs.
+    Patch(cmd_patch::Args),
+    /// A circuit-discovery study on a task, with an HTML report.
+    Discover(cmd_discover::Args),
+    /// Write a built-in task's prompt pairs as JSONL.
+    Data(cmd_data::Args),
     /// List or fetch the named models.
     Models(cmd_models::Args),
     /// Print the devices and build features.
@@ -32,6 +42,9 @@ fn main() {
         Cmd::Run(a) => cmd_run::run(a),
         Cmd::Cache(a) => cmd_cache::run(a),
         Cmd::Models(a) => cmd_models::run(a),
+        Cmd::Patch(a) => cmd_patch::run(a),
+        Cmd::Discover(a) => cmd_discover::run(a),
+        Cmd::Data(a) => cmd_data::run(a),
         Cmd::Info => info(),
     };
     if let Err(e) = res {
@@ -46,6 +59,17 @@ fn info() -> anyhow::Result<()> {
     println!("cuda: {}", if candle_core::utils::cuda_is_available() { "available" } else { "not built in (build with --features cuda)" });
     println!("models dir: {}", ferrolens_model::registry::models_dir().display());
     Ok(())
+}
+
+/// A progress bar on stderr (hidden with `--quiet`).
+pub(crate) fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(0);
+    b.set_style(indicatif::ProgressStyle::with_template("{msg:>18} {bar:40} {pos}/{len} {elapsed}/{duration}").unwrap());
+    b.set_message(what.to_string());
+    b
 }
 
 /// Load a model by name, path or hub id (shared by the subcommands).

@@ -1,1 +1,16 @@
-//! placeholder
+//! # ferrolens-methods
+//!
+//! Localisation methods on the ferrolens runtime: exact activation patching
+//! ([`patching`]), attribution patching and relevance patching ([`attribution`]), with the
+//! metrics they score ([`metrics`]) and the score tables they produce ([`scores`]).
+#![warn(missing_docs)]
+
+pub mod attribution;
+pub mod metrics;
+pub mod patching;
+pub mod scores;
+
+pub use attribution::{attribution, Attribution, AttributionOptions};
+pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
+pub use patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
+pub use scores::{pearson, Component, ScoreGrid, ScoreRow};

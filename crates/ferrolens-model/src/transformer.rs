@@ -456,8 +456,10 @@ impl HookedTransformer {
         let scores = causal_mask(&scores)?;
         let scores = hooks.at(HookPoint::AttnScores(l), scores)?;
         let pattern = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let pattern = hooks.at(HookPoint::Pattern(l), pattern)?;
+        // AH-rule: the weights are constants for the backward pass (detached before the hook, so
+        // the gradient at hook_pattern itself is still available).
         let pattern = if hooks.lrp.attn { pattern.detach() } else { pattern };
+        let pattern = hooks.at(HookPoint::Pattern(l), pattern)?;
         let z = pattern.matmul(&vt)?.transpose(1, 2)?.contiguous()?; // [b,p,h,d]
         let z = hooks.at(HookPoint::Z(l), z)?;
         if hooks.wants(HookPoint::Result(l)) {

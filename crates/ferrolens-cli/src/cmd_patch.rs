@@ -1,0 +1,82 @@
+//! `ferrolens patch`: activation patching, AtP and RelP on a JSONL file of pairs.
+
+use crate::study::{correlations, grid_heatmaps, parse_rules, prepare, run_methods, scores_table, Method};
+use anyhow::{Context, Result};
+use ferrolens_methods::{Component, Direction};
+use ferrolens_tasks::{read_jsonl, PairBatch};
+
+/// Arguments of `ferrolens patch`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a registry name, a .gguf file, a HF directory or a hub id.
+    #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
+    model: String,
+    /// JSONL of {"clean","corrupt","answer","wrong"}; all prompts of one token length.
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// Methods: act, atp, relp (comma-separated).
+    #[arg(long, default_value = "act,atp,relp")]
+    method: String,
+    /// Components: heads, resid_pre, resid_mid, attn_out, mlp_out, heads_q, heads_k, heads_v, heads_pattern.
+    #[arg(long, default_value = "heads,resid_pre,attn_out,mlp_out")]
+    component: String,
+    /// Head scores per position too (residual-like components are always per position).
+    #[arg(long)]
+    by_pos: bool,
+    /// Patch corrupt activations into the clean run (noising) instead of clean into corrupt.
+    #[arg(long)]
+    noising: bool,
+    /// RelP rules: ln, identity, half, attn (comma-separated); `default` = ln,identity,half.
+    #[arg(long, default_value = "default")]
+    rules: String,
+    /// Output directory.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// Print summary.json to stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let methods: Vec<Method> = a.method.split(',').map(|s| Method::parse(s.trim())).collect::<Result<_>>()?;
+    let components: Vec<Component> = a.component.split(',').map(|s| Component::parse(s.trim())).collect::<Result<_, _>>()?;
+    let rules = parse_rules(&a.rules)?;
+    let model = crate::load_model(&a.model)?;
+    let pairs = read_jsonl(&a.data)?;
+    let batch = PairBatch::new(model.tokenizer()?, pairs, &a.data.display().to_string())?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let prep = prepare(&model, &batch)?;
+    let direction = if a.noising { Direction::Noise } else { Direction::Denoise };
+    let (grids, times) = run_methods(&model, &prep, &methods, &components, a.by_pos, rules, direction, a.quiet)?;
+    ferrolens_report::write_table(&scores_table(&grids), &a.out.join("scores"))?;
+    let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
+    grid_heatmaps(&grids, &tokens, &a.out)?;
+    let corr = correlations(&grids);
+    let summary = serde_json::json!({
+        "model": model.cfg.name,
+        "data": a.data.display().to_string(),
+        "n_pairs": batch.len(),
+        "seq_len": batch.seq_len(),
+        "metric": "normalised logit difference (answer - wrong, last position)",
+        "clean_logit_diff": prep.clean_value,
+        "corrupt_logit_diff": prep.corrupt_value,
+        "clean_accuracy": prep.clean_accuracy,
+        "direction": if a.noising { "noising" } else { "denoising" },
+        "relp_rules": rules,
+        "timings_s": times.iter().map(|(m, t)| (m.clone(), serde_json::json!(t))).collect::<serde_json::Map<_, _>>(),
+        "pearson_vs_act": corr.iter().map(|(m, c, r, n)| serde_json::json!({"method": m, "component": c, "r": r, "n": n})).collect::<Vec<_>>(),
+    });
+    std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if !a.quiet {
+        eprintln!("clean logit diff {:.3}, corrupt {:.3}; wrote {}", prep.clean_value, prep.corrupt_value, a.out.display());
+        for (m, c, r, _) in &corr {
+            eprintln!("  pearson r({m}, act) on {c}: {r:.3}");
+        }
+    }
+    Ok(())
+}

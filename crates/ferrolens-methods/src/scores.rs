@@ -1,0 +1,187 @@
+//! Components and score grids shared by every method.
+
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Result};
+use serde::{Deserialize, Serialize};
+
+/// A kind of model component that a method scores, at every layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Component {
+    /// `blocks.L.hook_resid_pre` by position.
+    ResidPre,
+    /// `blocks.L.hook_resid_mid` by position.
+    ResidMid,
+    /// `blocks.L.hook_attn_out` by position.
+    AttnOut,
+    /// `blocks.L.hook_mlp_out` by position.
+    MlpOut,
+    /// Attention heads' outputs, `blocks.L.attn.hook_z` (the "heads" of the CLI).
+    HeadZ,
+    /// Queries `hook_q`.
+    HeadQ,
+    /// Keys `hook_k` (key/value heads for GQA models).
+    HeadK,
+    /// Values `hook_v` (key/value heads for GQA models).
+    HeadV,
+    /// Attention patterns `hook_pattern` (query positions).
+    HeadPattern,
+}
+
+impl Component {
+    /// The hook point at layer `l`.
+    pub fn hook(&self, l: usize) -> HookPoint {
+        match self {
+            Component::ResidPre => HookPoint::ResidPre(l),
+            Component::ResidMid => HookPoint::ResidMid(l),
+            Component::AttnOut => HookPoint::AttnOut(l),
+            Component::MlpOut => HookPoint::MlpOut(l),
+            Component::HeadZ => HookPoint::Z(l),
+            Component::HeadQ => HookPoint::Q(l),
+            Component::HeadK => HookPoint::K(l),
+            Component::HeadV => HookPoint::V(l),
+            Component::HeadPattern => HookPoint::Pattern(l),
+        }
+    }
+
+    /// The name used in tables and on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Component::ResidPre => "resid_pre",
+            Component::ResidMid => "resid_mid",
+            Component::AttnOut => "attn_out",
+            Component::MlpOut => "mlp_out",
+            Component::HeadZ => "heads",
+            Component::HeadQ => "heads_q",
+            Component::HeadK => "heads_k",
+            Component::HeadV => "heads_v",
+            Component::HeadPattern => "heads_pattern",
+        }
+    }
+
+    /// Parse a CLI name (`heads` = `z`).
+    pub fn parse(s: &str) -> Result<Component> {
+        Ok(match s {
+            "resid_pre" => Component::ResidPre,
+            "resid_mid" => Component::ResidMid,
+            "attn_out" => Component::AttnOut,
+            "mlp_out" => Component::MlpOut,
+            "heads" | "z" | "heads_z" => Component::HeadZ,
+            "heads_q" | "q" => Component::HeadQ,
+            "heads_k" | "k" => Component::HeadK,
+            "heads_v" | "v" => Component::HeadV,
+            "heads_pattern" | "pattern" => Component::HeadPattern,
+            other => {
+                return Err(Error::Input(format!(
+                    "unknown component `{other}`; use resid_pre, resid_mid, attn_out, mlp_out, heads, heads_q, heads_k, heads_v or heads_pattern"
+                )))
+            }
+        })
+    }
+
+    /// Whether the component has a head axis.
+    pub fn has_heads(&self) -> bool {
+        matches!(self, Component::HeadZ | Component::HeadQ | Component::HeadK | Component::HeadV | Component::HeadPattern)
+    }
+
+    /// Number of heads of this component in `model` (KV heads for keys and values).
+    pub fn n_heads(&self, model: &HookedTransformer) -> usize {
+        match self {
+            Component::HeadK | Component::HeadV => model.cfg.n_kv_heads,
+            c if c.has_heads() => model.cfg.n_heads,
+            _ => 0,
+        }
+    }
+}
+
+/// One scored component.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRow {
+    /// Method name (`act`, `atp`, `relp`, ...).
+    pub method: String,
+    /// Component name.
+    pub component: String,
+    /// Layer.
+    pub layer: usize,
+    /// Head (None for residual-like components).
+    pub head: Option<usize>,
+    /// Position (None for head scores over all positions).
+    pub pos: Option<usize>,
+    /// The score.
+    pub score: f64,
+}
+
+/// Scores of one method on one component over layers (x positions) (x heads).
+/// `values` is laid out `[layer][pos][head]`, with the pos axis of length 1 when `by_pos` is
+/// false and the head axis of length 1 for residual-like components.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreGrid {
+    /// Method name.
+    pub method: String,
+    /// Component.
+    pub component: Component,
+    /// Whether scores are per position.
+    pub by_pos: bool,
+    /// Layers.
+    pub n_layers: usize,
+    /// Positions (1 when not `by_pos`).
+    pub n_pos: usize,
+    /// Heads (1 for residual-like components).
+    pub n_heads: usize,
+    /// `[layer][pos][head]` values.
+    pub values: Vec<f64>,
+}
+
+impl ScoreGrid {
+    /// A zero grid.
+    pub fn zeros(method: &str, component: Component, by_pos: bool, n_layers: usize, n_pos: usize, n_heads: usize) -> Self {
+        let n_pos = if by_pos { n_pos } else { 1 };
+        let n_heads = n_heads.max(1);
+        ScoreGrid { method: method.into(), component, by_pos, n_layers, n_pos, n_heads, values: vec![0.0; n_layers * n_pos * n_heads] }
+    }
+
+    /// Index of (layer, pos, head) in `values`.
+    pub fn idx(&self, layer: usize, pos: usize, head: usize) -> usize {
+        (layer * self.n_pos + pos) * self.n_heads + head
+    }
+
+    /// The value at (layer, pos, head); pos and head are 0 where the axis is absent.
+    pub fn get(&self, layer: usize, pos: usize, head: usize) -> f64 {
+        self.values[self.idx(layer, pos, head)]
+    }
+
+    /// Table rows in `method,component,layer,head,pos,score` form.
+    pub fn rows(&self) -> Vec<ScoreRow> {
+        let mut out = Vec::with_capacity(self.values.len());
+        for l in 0..self.n_layers {
+            for p in 0..self.n_pos {
+                for h in 0..self.n_heads {
+                    out.push(ScoreRow {
+                        method: self.method.clone(),
+                        component: self.component.name().into(),
+                        layer: l,
+                        head: self.component.has_heads().then_some(h),
+                        pos: self.by_pos.then_some(p),
+                        score: self.get(l, p, h),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Pearson correlation of two equally long series (NaN when either is constant).
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len()) as f64;
+    if n < 2.0 {
+        return f64::NAN;
+    }
+    let ma = a.iter().sum::<f64>() / n;
+    let mb = b.iter().sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma) * (x - ma);
+        sbb += (y - mb) * (y - mb);
+    }
+    sab / (saa.sqrt() * sbb.sqrt())
+}

@@ -1,0 +1,145 @@
+//! Colored Objects (Merullo, Eickhoff, Pavlick 2023, "Circuit Component Reuse Across Tasks").
+//!
+//! `Q: On the {surface}, {start} {items}. What color is the {object}?\nA:` with solved examples
+//! before the query; the corrupt prompt asks for a different listed object.
+
+use crate::pairs::PromptPair;
+use ferrolens_model::{Error, Result, Tokenizer};
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+/// The 8 colours.
+pub const COLORS: [&str; 8] = ["red", "orange", "yellow", "green", "blue", "purple", "brown", "black"];
+/// The 17 objects.
+pub const OBJECTS: [&str; 17] = [
+    "pencil", "notebook", "pen", "cup", "plate", "jug", "mug", "puzzle", "textbook", "leash", "necklace", "bracelet",
+    "bottle", "ball", "envelope", "lighter", "bowl",
+];
+/// Surfaces.
+pub const SURFACES: [&str; 3] = ["table", "desk", "floor"];
+/// Sentence starts.
+pub const STARTS: [&str; 3] = ["there is", "you see", "I see"];
+
+/// Settings of a Colored Objects prompt set.
+#[derive(Debug, Clone)]
+pub struct ColoredConfig {
+    /// Number of pairs.
+    pub n: usize,
+    /// RNG seed.
+    pub seed: u64,
+    /// Objects listed per question (2 gives SmolLM2-135M a usable clean-corrupt gap; the paper used 3).
+    pub n_objects: usize,
+    /// Solved examples before the query.
+    pub shots: usize,
+}
+
+impl Default for ColoredConfig {
+    fn default() -> Self {
+        ColoredConfig { n: 32, seed: 0, n_objects: 2, shots: 1 }
+    }
+}
+
+fn article(color: &str) -> &'static str {
+    if color.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+fn cap(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+struct Scene {
+    surface: &'static str,
+    start: &'static str,
+    items: Vec<(&'static str, &'static str)>, // (colour, object)
+}
+
+impl Scene {
+    fn question(&self, object: &str) -> String {
+        let items: Vec<String> = self.items.iter().map(|(c, o)| format!("{} {c} {o}", article(c))).collect();
+        let list = match items.len() {
+            1 => items[0].clone(),
+            2 => format!("{} and {}", items[0], items[1]),
+            n => format!("{}, and {}", items[..n - 1].join(", "), items[n - 1]),
+        };
+        format!("Q: On the {}, {} {list}. What color is the {object}?\nA:", self.surface, self.start)
+    }
+}
+
+fn scene(rng: &mut StdRng, n_objects: usize, colors: &[&'static str], objects: &[&'static str]) -> Scene {
+    let mut cs = colors.to_vec();
+    cs.shuffle(rng);
+    let mut os = objects.to_vec();
+    os.shuffle(rng);
+    Scene {
+        surface: SURFACES.choose(rng).expect("surfaces"),
+        start: STARTS.choose(rng).expect("starts"),
+        items: cs.into_iter().zip(os).take(n_objects).collect(),
+    }
+}
+
+/// Generate pairs for `tok`. Colours whose answer (`" Red"`) is not one token are dropped; the
+/// corrupt query object must have the clean query object's token length, and all pairs share the
+/// most common total length (others are redrawn).
+pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>> {
+    if cfg.n_objects < 2 || cfg.n_objects > 8 {
+        return Err(Error::Input(format!("Colored Objects needs 2..=8 objects per question, got {}", cfg.n_objects)));
+    }
+    let colors: Vec<&'static str> =
+        COLORS.iter().copied().filter(|c| tok.single_token(&format!(" {}", cap(c))).is_ok()).collect();
+    if colors.len() < cfg.n_objects {
+        return Err(Error::Input(format!("only {} colour answers are single tokens for this tokenizer", colors.len())));
+    }
+    let objects: Vec<&'static str> = OBJECTS.to_vec();
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut candidates: Vec<PromptPair> = Vec::new();
+    let mut lens: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut tries = 0;
+    while candidates.len() < cfg.n * 4 && tries < cfg.n * 200 {
+        tries += 1;
+        let mut prefix = String::new();
+        for _ in 0..cfg.shots {
+            let ex = scene(&mut rng, cfg.n_objects, &colors, &objects);
+            let (c, o) = ex.items[rng.random_range(0..ex.items.len())];
+            prefix.push_str(&format!("{} {}\n", ex.question(o), cap(c)));
+        }
+        let q = scene(&mut rng, cfg.n_objects, &colors, &objects);
+        let qi = rng.random_range(0..q.items.len());
+        let (qc, qo) = q.items[qi];
+        let qlen = tok.encode(&format!(" {qo}"))?.len();
+        let others: Vec<usize> = (0..q.items.len())
+            .filter(|&j| j != qi && tok.encode(&format!(" {}", q.items[j].1)).map(|t| t.len() == qlen).unwrap_or(false))
+            .collect();
+        let Some(&oj) = others.choose(&mut rng) else { continue };
+        let (oc, oo) = q.items[oj];
+        let clean = format!("{prefix}{}", q.question(qo));
+        let corrupt = format!("{prefix}{}", q.question(oo));
+        let len = tok.encode(&clean)?.len();
+        if tok.encode(&corrupt)?.len() != len {
+            continue;
+        }
+        *lens.entry(len).or_default() += 1;
+        let mut labels = BTreeMap::new();
+        labels.insert("end".to_string(), len - 1);
+        candidates.push(PromptPair { clean, corrupt, answer: format!(" {}", cap(qc)), wrong: format!(" {}", cap(oc)), labels });
+    }
+    let (&best, _) = lens.iter().max_by_key(|(_, n)| **n).ok_or_else(|| Error::Input("no Colored Objects prompt could be built".into()))?;
+    let out: Vec<PromptPair> = candidates.into_iter().filter(|p| p.labels["end"] + 1 == best).take(cfg.n).collect();
+    if out.len() < cfg.n {
+        return Err(Error::Input(format!(
+            "only {} Colored Objects pairs of one token length could be drawn (asked for {}); lower --n",
+            out.len(),
+            cfg.n
+        )));
+    }
+    Ok(out)
+}
