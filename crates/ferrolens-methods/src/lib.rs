@@ -6,11 +6,16 @@
 #![warn(missing_docs)]
 
 pub mod attribution;
+pub mod circuit;
+pub mod edges;
+pub mod heads;
 pub mod metrics;
 pub mod patching;
 pub mod scores;
 
 pub use attribution::{attribution, Attribution, AttributionOptions};
+pub use circuit::{ablated_metric, faithfulness_curve, smallest_faithful, AblationMeans, CurvePoint, Node};
+pub use edges::{edge_attribution, Edge, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
 pub use patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
 pub use scores::{pearson, Component, ScoreGrid, ScoreRow};

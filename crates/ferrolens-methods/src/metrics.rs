@@ -29,10 +29,14 @@ impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> Metric for FnMetric<F> {
     }
 }
 
-/// The last position's logits `[rows, V]` in f32.
+/// The last position's logits `[rows, V]`, in f32 (f64 models stay f64; bf16/f16 are widened).
 pub fn last_logits(logits: &Tensor) -> Result<Tensor> {
     let p = logits.dim(1)?;
-    Ok(logits.i((.., p - 1, ..))?.to_dtype(DType::F32)?)
+    let last = logits.i((.., p - 1, ..))?;
+    Ok(match last.dtype() {
+        DType::F64 | DType::F32 => last,
+        _ => last.to_dtype(DType::F32)?,
+    })
 }
 
 /// A `[rows, V]` one-hot selector of `ids[r % n]` (differentiable selection by product).
@@ -53,8 +57,10 @@ fn one_hot(ids: &[u32], rows: usize, vocab: usize, device: &Device) -> Result<Te
 
 fn pick(last: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (rows, vocab) = last.dims2()?;
-    Ok((last * one_hot(ids, rows, vocab, last.device())?)?.sum(1)?)
+    let oh = one_hot(ids, rows, vocab, last.device())?.to_dtype(last.dtype())?;
+    Ok((last * oh)?.sum(1)?)
 }
+
 
 /// `logit[answer] - logit[wrong]` at the last position, per prompt (the IOI logit difference).
 #[derive(Debug, Clone)]

@@ -35,6 +35,7 @@ pub use error::{Error, Result};
 pub use hook::{HookPoint, NameFilter};
 pub use hooks::{HookFn, Hooks, Intervention, Patch};
 pub use loader::{load, load_gguf, load_hf_dir, load_hub, LoadOptions};
+pub use transformer::{AttnWeights, BlockWeights, MlpWeights, NormWeights};
 pub use lrp::LrpRules;
 pub use tokenizer::Tokenizer;
 pub use transformer::{GradRun, HookedTransformer, RunSpan, Weights};

@@ -1,0 +1,86 @@
+//! Task generators on the GPT-2 tokenizer (committed fixtures): single-token answers, equal
+//! lengths, correct position labels, reproducible seeds, and clear errors.
+
+use ferrolens_model::Tokenizer;
+use ferrolens_tasks::{colored, ioi, read_jsonl, PairBatch, Task};
+use std::path::PathBuf;
+
+fn gpt2() -> Tokenizer {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gpt2-tokenizer");
+    Tokenizer::gpt2(d.join("encoder.json"), d.join("vocab.bpe")).unwrap()
+}
+
+#[test]
+fn ioi_pairs_are_well_formed() {
+    let tok = gpt2();
+    let pairs = ioi::generate(&tok, &ioi::IoiConfig { n: 20, seed: 1, ..Default::default() }).unwrap();
+    assert_eq!(pairs, ioi::generate(&tok, &ioi::IoiConfig { n: 20, seed: 1, ..Default::default() }).unwrap());
+    let batch = PairBatch::new(&tok, pairs.clone(), "ioi").unwrap();
+    assert_eq!(batch.len(), 20);
+    for (i, p) in pairs.iter().enumerate() {
+        let ids = tok.encode(&p.clean).unwrap();
+        // Labels point at the names.
+        assert_eq!(tok.decode(&[ids[p.labels["IO"]]]).unwrap(), p.answer, "{p:?}");
+        assert_eq!(tok.decode(&[ids[p.labels["S1"]]]).unwrap(), p.wrong);
+        assert_eq!(tok.decode(&[ids[p.labels["S2"]]]).unwrap(), p.wrong);
+        assert_eq!(p.labels["end"], ids.len() - 1);
+        // ABC: the corrupt prompt names none of the clean names.
+        assert!(!p.corrupt.contains(p.answer.trim()) && !p.corrupt.contains(p.wrong.trim()), "{p:?}");
+        // Mixed: even pairs BABA (S first), odd ABBA (IO first).
+        assert_eq!(p.labels["IO"] < p.labels["S1"], i % 2 == 1);
+    }
+    let s2io = ioi::generate(&tok, &ioi::IoiConfig { n: 4, corruption: ioi::IoiCorruption::S2Io, ..Default::default() }).unwrap();
+    for p in &s2io {
+        let ids = tok.encode(&p.corrupt).unwrap();
+        assert_eq!(tok.decode(&[ids[p.labels["S2"]]]).unwrap(), p.answer);
+    }
+}
+
+#[test]
+fn colored_objects_pairs_are_well_formed() {
+    let tok = gpt2();
+    let cfg = colored::ColoredConfig { n: 12, seed: 2, n_objects: 3, shots: 1 };
+    let pairs = colored::generate(&tok, &cfg).unwrap();
+    let batch = PairBatch::new(&tok, pairs.clone(), "colored").unwrap();
+    assert_eq!(batch.len(), 12);
+    for p in &pairs {
+        assert!(p.clean.starts_with("Q: On the ") && p.clean.ends_with("?\nA:"), "{}", p.clean);
+        assert_eq!(p.clean.matches("Q: ").count(), 2, "one solved example");
+        assert_ne!(p.answer, p.wrong);
+        let query = p.clean.rsplit("What color is the ").next().unwrap().trim_end_matches("?\nA:");
+        let colour = p.answer.trim().to_lowercase();
+        let last_q = p.clean.rsplit("Q: ").next().unwrap();
+        assert!(last_q.contains(&format!("{colour} {query}")), "{last_q} / {colour} {query}");
+    }
+}
+
+#[test]
+fn bad_task_input_is_a_clear_error() {
+    let tok = gpt2();
+    let e = Task::parse("ioii").unwrap_err().to_string();
+    assert!(e.contains("unknown task `ioii`"), "{e}");
+    let dir = std::env::temp_dir().join(format!("ferrolens-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("empty.jsonl");
+    std::fs::write(&f, "\n").unwrap();
+    assert!(read_jsonl(&f).unwrap_err().to_string().contains("empty"));
+    std::fs::write(&f, "{\"clean\": \"a b\"}\n").unwrap();
+    assert!(read_jsonl(&f).unwrap_err().to_string().contains("line 1"));
+    let mk = |c: &str, k: &str, a: &str| ferrolens_tasks::PromptPair { clean: c.into(), corrupt: k.into(), answer: a.into(), wrong: " John".into(), labels: Default::default() };
+    let e = PairBatch::new(&tok, vec![mk("When Mary and John", "When Mary and Johnathan went", " Mary")], "f.jsonl").unwrap_err().to_string();
+    assert!(e.contains("pair 0") && e.contains("equal lengths"), "{e}");
+    let e = PairBatch::new(&tok, vec![mk("a b c", "a b d", " Mary"), mk("a b c d", "a b c e", " Mary")], "f.jsonl").unwrap_err().to_string();
+    assert!(e.contains("pair 1") && e.contains("one token length"), "{e}");
+    let e = PairBatch::new(&tok, vec![mk("a b c", "a b d", " Christopherson")], "f.jsonl").unwrap_err().to_string();
+    assert!(e.contains("not one"), "{e}");
+    // A tokenizer that splits every name (a byte-level BPE with no merges) cannot do IOI.
+    let d = dir.join("nomerge");
+    std::fs::create_dir_all(&d).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..256u32).map(|b| (tok.id_to_token(b).unwrap(), serde_json::json!(b))).collect();
+    std::fs::write(d.join("vocab.json"), serde_json::to_string(&vocab).unwrap()).unwrap();
+    std::fs::write(d.join("merges.txt"), "#version: 0.2\n").unwrap();
+    let bytes = Tokenizer::gpt2(d.join("vocab.json"), d.join("merges.txt")).unwrap();
+    let e = ioi::generate(&bytes, &ioi::IoiConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("single tokens"), "{e}");
+}
