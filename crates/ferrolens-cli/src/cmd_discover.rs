@@ -39,6 +39,12 @@ pub struct Args {
     /// Node-scoring method that ranks the circuit: act (exact), atp or relp.
     #[arg(long, default_value = "act")]
     method: String,
+    /// Node scores by noising (each node's clean activation replaced by its corrupt one in the
+    /// clean run; score = the drop it causes) or denoising (corrupt run, clean activation patched
+    /// in; score = the recovery). Noising measures necessity, which is what mean-ablation
+    /// faithfulness tests.
+    #[arg(long, default_value = "noising")]
+    direction: String,
     /// Faithfulness the circuit must reach (fraction of the full model's logit difference).
     #[arg(long, default_value_t = 0.8)]
     target: f64,
@@ -160,7 +166,12 @@ pub fn run(a: Args) -> Result<()> {
     if method == Method::Act || a.top_k.is_none() {
         methods.insert(0, Method::Act);
     }
-    let (grids, times) = run_node_methods(&model, &prep, &methods, &comps, a.quiet)?;
+    let direction = match a.direction.as_str() {
+        "noising" => Direction::Noise,
+        "denoising" => Direction::Denoise,
+        o => anyhow::bail!("unknown direction `{o}`; use noising or denoising"),
+    };
+    let (grids, times) = run_node_methods(&model, &prep, &methods, &comps, direction, a.quiet)?;
     let get = |m: &str, c: Component| grids.iter().find(|g| g.method == m && g.component == c).expect("grid");
     let scores = node_scores(get(method.name(), Component::HeadZ), get(method.name(), Component::MlpOut), &model);
     let t_scores = t0.elapsed().as_secs_f64();
@@ -263,7 +274,7 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn run_node_methods(model: &HookedTransformer, prep: &Prepared, methods: &[Method], comps: &[Component], quiet: bool) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
+fn run_node_methods(model: &HookedTransformer, prep: &Prepared, methods: &[Method], comps: &[Component], direction: Direction, quiet: bool) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
     // Heads and MLPs over all positions: one node per head / MLP.
     let mut grids = Vec::new();
     let mut times = Vec::new();
@@ -278,14 +289,20 @@ fn run_node_methods(model: &HookedTransformer, prep: &Prepared, methods: &[Metho
                         bar.set_position(d as u64);
                     };
                     let data = ferrolens_methods::PatchingData { clean: &prep.clean, corrupt: &prep.corrupt, metric: &prep.metric };
-                    let opts = ferrolens_methods::SweepOptions { direction: Direction::Denoise, progress: Some(&cb), ..Default::default() };
-                    grids.push(ferrolens_methods::activation_patching(model, &data, c, false, &opts)?);
+                    let opts = ferrolens_methods::SweepOptions { direction, progress: Some(&cb), ..Default::default() };
+                    let mut g = ferrolens_methods::activation_patching(model, &data, c, false, &opts)?;
+                    if direction == Direction::Noise {
+                        // The drop from the clean run (1 in normalised units): same sign as AtP at the clean run.
+                        g.values.iter_mut().for_each(|v| *v = 1.0 - *v);
+                    }
+                    grids.push(g);
                     bar.finish_and_clear();
                 }
             }
             _ => {
                 let rules = if m == Method::Atp { LrpRules::NONE } else { LrpRules::RELP };
-                let opts = ferrolens_methods::AttributionOptions { rules, at_clean: false, by_pos: false };
+                // Noising: the gradient at the clean run estimates the drop M(clean) - M(node corrupted).
+                let opts = ferrolens_methods::AttributionOptions { rules, at_clean: direction == Direction::Noise, by_pos: false };
                 grids.extend(ferrolens_methods::attribution(model, &prep.clean, &prep.corrupt, &prep.metric, comps, m.name(), &opts)?.grids);
             }
         }
@@ -333,7 +350,7 @@ fn figures(
     list.push((stem, "Faithfulness curve: top-k nodes kept, the rest mean-ablated".into()));
     // Circuit graph: nodes placed by layer, edges with the largest |EAP| scores.
     let stem = out.join("circuit_graph");
-    circuit_graph(model, circuit, edges, &stem)?;
+    circuit_graph(circuit, edges, &stem)?;
     list.push((stem, "Circuit graph: nodes by layer; edges are the 60 largest |EAP| scores among circuit nodes (red positive, blue negative)".into()));
     // Attention patterns of the top heads on the first clean prompt.
     let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
@@ -352,47 +369,41 @@ fn figures(
     Ok(Figs { list })
 }
 
-fn circuit_graph(model: &HookedTransformer, circuit: &[Node], edges: &[&ferrolens_methods::Edge], stem: &Path) -> Result<()> {
-    // A small hand-laid SVG: one row per layer (top = output), nodes left to right.
-    let n_layers = model.cfg.n_layers;
+fn circuit_graph(circuit: &[Node], edges: &[&ferrolens_methods::Edge], stem: &Path) -> Result<()> {
+    use ferrolens_methods::Receiver;
+    use ferrolens_report::GraphNode;
+    // One row per layer that has circuit nodes (output at the top), nodes left to right.
     let mut layers: BTreeMap<usize, Vec<Node>> = BTreeMap::new();
     for n in circuit {
         layers.entry(n.layer()).or_default().push(*n);
     }
-    let used: Vec<usize> = layers.keys().copied().collect();
-    let (w, row_h) = (900.0f64, 46.0f64);
-    let h = 80.0 + row_h * (used.len() as f64 + 1.0);
-    let mut pos: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" font-size=\"15\">Circuit ({} nodes of {} layers)</text>\n", circuit.len(), n_layers);
-    let logits_y = 45.0;
-    pos.insert("LOGITS".into(), (w / 2.0, logits_y));
-    for (i, l) in used.iter().rev().enumerate() {
-        let y = 45.0 + row_h * (i as f64 + 1.0);
+    let used: Vec<usize> = layers.keys().rev().copied().collect();
+    let rows = used.len() + 1;
+    let y_of = |row: usize| row as f64 / (rows.max(2) - 1) as f64;
+    let mut nodes = vec![GraphNode { x: 0.5, y: 0.0, label: "LOGITS".into(), fill: (220, 220, 220) }];
+    let mut index: BTreeMap<Node, usize> = BTreeMap::new();
+    let mut side = Vec::new();
+    for (row, l) in used.iter().enumerate() {
         let ns = &layers[l];
-        svg.push_str(&format!("<text x=\"8\" y=\"{:.1}\" fill=\"#888\">layer {l}</text>\n", y + 4.0));
+        side.push((y_of(row + 1), format!("layer {l}")));
         for (j, n) in ns.iter().enumerate() {
-            let x = 90.0 + (w - 120.0) * (j as f64 + 0.5) / ns.len() as f64;
-            pos.insert(n.label(), (x, y));
-            if let Node::Mlp(_) = n {
-                pos.insert(format!("MLP{l}@recv"), (x, y));
-            }
+            let fill = if matches!(n, Node::Mlp(_)) { (253, 226, 196) } else { (207, 227, 247) };
+            index.insert(*n, nodes.len());
+            nodes.push(GraphNode { x: (j as f64 + 0.5) / ns.len() as f64, y: y_of(row + 1), label: n.label(), fill });
         }
-        pos.insert(format!("ATTN{l}"), (90.0 + (w - 120.0) * 0.5, y));
     }
-    let max = edges.iter().map(|e| e.score.abs()).fold(1e-12, f64::max);
+    // An edge into a sublayer is drawn to each circuit node of that sublayer.
+    let mut lines = Vec::new();
     for e in edges.iter().take(60) {
-        let (Some(a), Some(b)) = (pos.get(&e.sender.label()), pos.get(&e.receiver.label())) else { continue };
-        let col = if e.score >= 0.0 { "#c33" } else { "#33c" };
-        let wdt = 0.5 + 3.5 * e.score.abs() / max;
-        svg.push_str(&format!("<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{col}\" stroke-width=\"{wdt:.2}\" opacity=\"0.6\"/>\n", a.0, a.1, b.0, b.1));
+        let Some(&a) = index.get(&e.sender) else { continue };
+        let targets: Vec<usize> = match e.receiver {
+            Receiver::Logits => vec![0],
+            Receiver::Mlp(l) => index.get(&Node::Mlp(l)).copied().into_iter().collect(),
+            Receiver::Attn(l) => index.iter().filter(|(n, _)| matches!(n, Node::Head(nl, _) if *nl == l)).map(|(_, i)| *i).collect(),
+        };
+        lines.extend(targets.into_iter().map(|b| (a, b, e.score)));
     }
-    for (label, (x, y)) in pos.iter().filter(|(k, _)| !k.starts_with("ATTN") && !k.ends_with("@recv")) {
-        let fill = if label.starts_with("MLP") { "#fde2c4" } else if label == "LOGITS" { "#ddd" } else { "#cfe3f7" };
-        svg.push_str(&format!("<rect x=\"{:.1}\" y=\"{:.1}\" width=\"58\" height=\"20\" rx=\"4\" fill=\"{fill}\" stroke=\"#555\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>\n", x - 29.0, y - 10.0, x, y + 4.0));
-    }
-    svg.push_str("</svg>\n");
-    std::fs::write(stem.with_extension("svg"), &svg)?;
-    Ok(())
+    ferrolens_report::graph(&format!("Circuit: {} nodes, strongest EAP edges", circuit.len()), &nodes, &lines, &side, stem)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -420,7 +431,7 @@ fn write_report(
         ("example corrupt", batch.pairs[0].corrupt.clone()),
         ("answer / wrong", format!("{:?} / {:?}", batch.pairs[0].answer, batch.pairs[0].wrong)),
         ("metric", "logit difference logit[answer] - logit[wrong] at the last position; patching scores are normalised: 0 = corrupt, 1 = clean".into()),
-        ("ranking method", a.method.clone()),
+        ("ranking method", format!("{} ({})", a.method, a.direction)),
         ("ablation", "mean ablation over the corrupt prompts, per position (ABC distribution for IOI)".into()),
     ]);
     r.heading("Model behaviour");

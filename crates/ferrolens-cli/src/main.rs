@@ -1,9 +1,11 @@
 //! The `ferrolens` command-line tool.
 
+mod cmd_bench;
 mod cmd_cache;
 mod cmd_data;
 mod cmd_discover;
 mod cmd_models;
+mod cmd_overlap;
 mod cmd_patch;
 mod cmd_run;
 mod study;
@@ -28,8 +30,12 @@ enum Cmd {
     Patch(cmd_patch::Args),
     /// A circuit-discovery study on a task, with an HTML report.
     Discover(cmd_discover::Args),
+    /// Heads shared by two circuits (circuit.json files of `discover`).
+    Overlap(cmd_overlap::Args),
     /// Write a built-in task's prompt pairs as JSONL.
     Data(cmd_data::Args),
+    /// Time forwards, sweeps and attribution (JSON, for docs/benchmarks.md).
+    Bench(cmd_bench::Args),
     /// List or fetch the named models.
     Models(cmd_models::Args),
     /// Print the devices and build features.
@@ -45,6 +51,8 @@ fn main() {
         Cmd::Patch(a) => cmd_patch::run(a),
         Cmd::Discover(a) => cmd_discover::run(a),
         Cmd::Data(a) => cmd_data::run(a),
+        Cmd::Overlap(a) => cmd_overlap::run(a),
+        Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Info => info(),
     };
     if let Err(e) = res {

@@ -214,3 +214,61 @@ pub fn bar_chart(title: &str, y_label: &str, bars: &[(String, f64)], stem: &Path
     root.present().map_err(|e| anyhow!("{e:?}"))?;
     Ok(())
 }
+
+/// A node of [`graph`]: position in `[0,1]^2` (y = 0 at the top), label, fill colour.
+#[derive(Debug, Clone)]
+pub struct GraphNode {
+    /// x in [0, 1].
+    pub x: f64,
+    /// y in [0, 1], 0 = top.
+    pub y: f64,
+    /// Label.
+    pub label: String,
+    /// Fill (r, g, b).
+    pub fill: (u8, u8, u8),
+}
+
+/// A node-link diagram: `edges` are `(from, to, weight)` indices into `nodes`; line width scales
+/// with |weight|, red for positive, blue for negative. Writes `stem.svg` and `stem.png`.
+pub fn graph(title: &str, nodes: &[GraphNode], edges: &[(usize, usize, f64)], side_labels: &[(f64, String)], stem: &Path) -> Result<()> {
+    register_font();
+    fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, title: &str, nodes: &[GraphNode], edges: &[(usize, usize, f64)], side: &[(f64, String)]) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let e = |x: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{x:?}");
+        root.fill(&WHITE).map_err(e)?;
+        let (w, h) = root.dim_in_pixel();
+        let (l, r, t, b) = (90.0, 30.0, 45.0, 20.0);
+        let px = |n: &GraphNode| ((l + n.x * (w as f64 - l - r)) as i32, (t + n.y * (h as f64 - t - b)) as i32);
+        root.draw(&Text::new(title.to_string(), (10, 10), ("sans-serif", 16).into_font())).map_err(e)?;
+        for (y, s) in side {
+            let yy = (t + y * (h as f64 - t - b)) as i32;
+            root.draw(&Text::new(s.clone(), (8, yy - 6), ("sans-serif", 11).into_font().color(&RGBColor(130, 130, 130)))).map_err(e)?;
+        }
+        let max = edges.iter().map(|x| x.2.abs()).fold(1e-12, f64::max);
+        for &(a, bb, wgt) in edges {
+            let c = if wgt >= 0.0 { RGBColor(200, 50, 50) } else { RGBColor(50, 50, 200) };
+            let width = (1.0 + 4.0 * wgt.abs() / max) as u32;
+            root.draw(&PathElement::new(vec![px(&nodes[a]), px(&nodes[bb])], c.mix(0.55).stroke_width(width))).map_err(e)?;
+        }
+        for n in nodes {
+            let (x, y) = px(n);
+            root.draw(&Rectangle::new([(x - 30, y - 10), (x + 30, y + 10)], RGBColor(n.fill.0, n.fill.1, n.fill.2).filled())).map_err(e)?;
+            root.draw(&Rectangle::new([(x - 30, y - 10), (x + 30, y + 10)], BLACK.stroke_width(1))).map_err(e)?;
+            let style = TextStyle::from(("sans-serif", 11).into_font()).pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Center,
+            ));
+            root.draw(&Text::new(n.label.clone(), (x, y), style)).map_err(e)?;
+        }
+        Ok(())
+    }
+    let h = (120.0 + 40.0 * side_labels.len().max(3) as f64) as u32;
+    draw(SVGBackend::new(&stem.with_extension("svg"), (960, h)).into_drawing_area(), title, nodes, edges, side_labels)?;
+    let png = stem.with_extension("png");
+    let root = BitMapBackend::new(&png, (960, h)).into_drawing_area();
+    draw(root.clone(), title, nodes, edges, side_labels)?;
+    root.present().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}

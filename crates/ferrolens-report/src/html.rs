@@ -65,11 +65,12 @@ impl Report {
     /// The whole page.
     pub fn render(&self) -> String {
         format!(
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\n<style>{css}</style></head>\n<body><h1>{t}</h1>\n{b}<footer>Made by ferrolens {v}.</footer></body></html>\n",
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\n<style>{css}</style></head>\n<body><h1>{t}</h1>\n{b}<footer>Made by ferrolens {v}.</footer>\n<script>{js}</script></body></html>\n",
             t = escape(&self.title),
             css = CSS,
             b = self.body,
-            v = env!("CARGO_PKG_VERSION")
+            v = env!("CARGO_PKG_VERSION"),
+            js = JS
         )
     }
 
@@ -78,6 +79,12 @@ impl Report {
         std::fs::write(path, self.render()).with_context(|| format!("writing {}", path.display()))
     }
 }
+
+/// Marks the page once laid out: `data-figures` = figures in the page, `data-figures-rendered` =
+/// those drawn with a non-empty box (a headless-browser test reads both).
+const JS: &str = "window.addEventListener('load',function(){var f=document.querySelectorAll('figure svg');\
+var n=0;f.forEach(function(s){var r=s.getBoundingClientRect();if(r.width>10&&r.height>10)n++;});\
+document.body.setAttribute('data-figures',f.length);document.body.setAttribute('data-figures-rendered',n);});";
 
 const CSS: &str = "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}\
 h1{border-bottom:2px solid #c33}h2{margin-top:2em;border-bottom:1px solid #ddd}\

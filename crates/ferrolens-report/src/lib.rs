@@ -8,6 +8,6 @@ pub mod figures;
 pub mod html;
 pub mod tables;
 
-pub use figures::{bar_chart, heatmap, line_chart, Heatmap};
+pub use figures::{bar_chart, graph, heatmap, line_chart, GraphNode, Heatmap};
 pub use html::Report;
 pub use tables::{write_table, Column, Table};

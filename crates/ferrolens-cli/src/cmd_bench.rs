@@ -1,0 +1,108 @@
+//! `ferrolens bench`: timings that docs/benchmarks.md reports (JSON on stdout).
+
+use crate::study::prepare;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, PatchingData, SweepOptions};
+use ferrolens_model::{Hooks, LrpRules};
+use ferrolens_tasks::{read_jsonl, PairBatch};
+use std::time::Instant;
+
+/// Arguments of `ferrolens bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model.
+    #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
+    model: String,
+    /// Pairs (JSONL); the clean prompts are the forward batch.
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// Repeats per timing (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// What to time: forward, heads, atp, relp, sgemm (comma-separated).
+    #[arg(long, default_value = "sgemm,forward,atp,relp,heads")]
+    what: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut() -> Result<()>>(n: usize, mut f: F) -> Result<f64> {
+    f()?; // warm-up
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(v))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let model = crate::load_model(&a.model)?;
+    let batch = PairBatch::new(model.tokenizer()?, read_jsonl(&a.data)?, &a.data.display().to_string())?;
+    let prep = prepare(&model, &batch)?;
+    let (b, p) = (batch.len(), batch.seq_len());
+    let flops = model.cfg.forward_flops(b, p);
+    let mut out = serde_json::Map::new();
+    out.insert("model".into(), model.cfg.name.clone().into());
+    out.insert("batch".into(), b.into());
+    out.insert("seq_len".into(), p.into());
+    out.insert("threads".into(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).into());
+    out.insert("forward_gflop".into(), (flops / 1e9).into());
+    for w in a.what.split(',') {
+        match w.trim() {
+            "sgemm" => {
+                let n = 1024;
+                let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+                let y = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+                let t = time(a.repeat.max(5), || {
+                    x.matmul(&y)?;
+                    Ok(())
+                })?;
+                out.insert("sgemm_1024_gflops".into(), (2.0 * (n as f64).powi(3) / t / 1e9).into());
+            }
+            "forward" => {
+                let t = time(a.repeat, || {
+                    model.forward(&prep.clean)?;
+                    Ok(())
+                })?;
+                out.insert("forward_s".into(), t.into());
+                out.insert("forward_gflops".into(), (flops / t / 1e9).into());
+                let t = time(a.repeat, || {
+                    let mut h = Hooks::new().cache("re:.*")?;
+                    model.run(&prep.clean, &mut h)?;
+                    Ok(())
+                })?;
+                out.insert("forward_full_cache_s".into(), t.into());
+                out.insert("forward_full_cache_gflops".into(), (flops / t / 1e9).into());
+            }
+            "atp" | "relp" => {
+                let rules = if w.trim() == "atp" { LrpRules::NONE } else { LrpRules::RELP };
+                let comps = [Component::HeadZ, Component::ResidPre, Component::AttnOut, Component::MlpOut];
+                let t = time(a.repeat, || {
+                    attribution(&model, &prep.clean, &prep.corrupt, &prep.metric, &comps, w.trim(), &AttributionOptions { rules, at_clean: false, by_pos: true })?;
+                    Ok(())
+                })?;
+                out.insert(format!("{}_s", w.trim()), t.into());
+            }
+            "heads" => {
+                let data = PatchingData { clean: &prep.clean, corrupt: &prep.corrupt, metric: &prep.metric };
+                let t0 = Instant::now();
+                activation_patching(&model, &data, Component::HeadZ, false, &SweepOptions::default())?;
+                let t = t0.elapsed().as_secs_f64();
+                // FLOPs actually done: each layer-L patch runs layers L.. for b rows.
+                let n = model.cfg.n_layers as f64;
+                let work: f64 = (0..model.cfg.n_layers).map(|l| (n - l as f64) / n).sum::<f64>() * model.cfg.n_heads as f64 * flops;
+                out.insert("heads_all_pos_s".into(), t.into());
+                out.insert("heads_all_pos_gflops".into(), (work / t / 1e9).into());
+            }
+            o => anyhow::bail!("unknown benchmark `{o}`"),
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(out))?);
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `ferrolens discover` end to end: the files it promises, and report.html opened in headless
+//! Chromium (no console errors, every figure laid out, a screenshot saved under the test's output).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn chromium() -> PathBuf {
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        if let Ok(o) = Command::new("which").arg(c).output() {
+            if o.status.success() {
+                return PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+            }
+        }
+    }
+    panic!("headless Chromium is needed for this test: `apt-get install chromium` (.ci/run does this)");
+}
+
+fn headless(extra: &[&str], url: &str, profile: &std::path::Path) -> std::process::Output {
+    Command::new(chromium())
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium runs")
+}
+
+#[test]
+fn discover_writes_a_report_that_renders_in_chromium() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("discover-report");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrolens"))
+        .args(["discover", "--task", "ioi", "--n", "8", "--method", "atp", "--top-k", "25", "--quiet", "--json", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["circuit_size"], 25);
+    let faith = summary["faithfulness"].as_f64().unwrap();
+    assert!(faith.is_finite() && faith > 0.0, "{faith}");
+    // Reference: the IOI logit difference of SmolLM2-135M is about 4 (TransformerLens on the
+    // 4-pair fixture: 4.066); 8 fresh pairs must land near it.
+    let ld = summary["clean_logit_diff"].as_f64().unwrap();
+    assert!((2.5..6.0).contains(&ld), "{ld}");
+    for f in ["report.html", "circuit.json", "summary.json", "scores.csv", "scores.parquet", "nodes.csv", "edges.csv",
+              "faithfulness.csv", "faithfulness_curve.svg", "faithfulness_curve.png", "heads_atp.svg", "heads_atp.png",
+              "circuit_graph.svg", "circuit_graph.png", "pairs.jsonl"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let circuit: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("circuit.json")).unwrap()).unwrap();
+    assert_eq!(circuit["nodes"].as_array().unwrap().len(), 25);
+
+    let profile = out.join("chromium-profile");
+    let url = format!("file://{}", out.join("report.html").display());
+    let dom = headless(&["--dump-dom", "--virtual-time-budget=3000"], &url, &profile);
+    let html = String::from_utf8_lossy(&dom.stdout);
+    let log = String::from_utf8_lossy(&dom.stderr);
+    let console_errors: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE") && (l.contains("Uncaught") || l.contains("ERROR") || l.contains("rror"))).collect();
+    assert!(console_errors.is_empty(), "console errors: {console_errors:?}");
+    let attr = |name: &str| -> usize {
+        let key = format!("{name}=\"");
+        let i = html.find(&key).unwrap_or_else(|| panic!("no {name} in the rendered DOM: the page script did not run"));
+        html[i + key.len()..].split('"').next().unwrap().parse().unwrap()
+    };
+    let (n, rendered) = (attr("data-figures"), attr("data-figures-rendered"));
+    assert!(n >= 5, "only {n} figures");
+    assert_eq!(rendered, n, "{rendered} of {n} figures rendered");
+    let shot = out.join("report-screenshot.png");
+    let s = headless(&["--window-size=1280,4000", &format!("--screenshot={}", shot.display())], &url, &profile);
+    assert!(s.status.success());
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 20_000).unwrap_or(false), "screenshot missing or blank");
+}
