@@ -4,6 +4,7 @@ mod cmd_bench;
 mod cmd_cache;
 mod cmd_data;
 mod cmd_discover;
+mod cmd_heads;
 mod cmd_models;
 mod cmd_overlap;
 mod cmd_patch;
@@ -30,6 +31,8 @@ enum Cmd {
     Patch(cmd_patch::Args),
     /// A circuit-discovery study on a task, with an HTML report.
     Discover(cmd_discover::Args),
+    /// Head scores: `heads detect` (previous-token, duplicate-token, induction).
+    Heads(cmd_heads::Args),
     /// Heads shared by two circuits (circuit.json files of `discover`).
     Overlap(cmd_overlap::Args),
     /// Write a built-in task's prompt pairs as JSONL.
@@ -52,6 +55,7 @@ fn main() {
         Cmd::Discover(a) => cmd_discover::run(a),
         Cmd::Data(a) => cmd_data::run(a),
         Cmd::Overlap(a) => cmd_overlap::run(a),
+        Cmd::Heads(a) => cmd_heads::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Info => info(),
     };
