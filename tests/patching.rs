@@ -200,3 +200,70 @@ fn relp_conservation() {
         assert!((rel - run.metric).abs() < 2e-3 * run.metric.abs().max(1.0), "{hp}: {rel} vs {}", run.metric);
     }
 }
+
+/// AtP*'s QK fix: the analytic per-key formula and the query recomputation equal
+/// `sum (A' - A) . dM/dA` with `A'` taken from a real forward with the patch applied.
+#[test]
+fn qk_fix_equals_recomputed_patterns() {
+    use ferrolens::methods::qk_fix;
+    let model = tiny_gpt2(DType::F64);
+    let r = reference("tiny-gpt2/reference.safetensors");
+    let p = 9;
+    let clean = ids(&r, "p4.input_ids").narrow(1, 0, p).unwrap();
+    let corrupt = ids(&r, "p6.input_ids").narrow(1, 0, p).unwrap();
+    let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
+    let kq = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadK, true).unwrap();
+    let qq = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadQ, true).unwrap();
+    let kall = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadK, false).unwrap();
+    // Gradient at the corrupt run's patterns and the corrupt patterns themselves.
+    let pats: Vec<HookPoint> = (0..2).map(HookPoint::Pattern).collect();
+    let mut hk = Hooks::new().grad(&pats).cache_hooks(&pats);
+    let run = model.run_with_grads(&corrupt, &mut hk, |l| Ok(metric.per_row(l)?.mean_all()?)).unwrap();
+    let mut hc = Hooks::new().cache_hooks(&[HookPoint::K(1), HookPoint::Q(1)]);
+    model.run(&clean, &mut hc).unwrap();
+    let brute = |patch: Patch, head: usize| -> f64 {
+        let mut h = Hooks::new().patch(patch).cache_hooks(&[HookPoint::Pattern(1)]);
+        model.run(&corrupt, &mut h).unwrap();
+        let a2 = h.cache_ref().get(HookPoint::Pattern(1)).unwrap().i((.., head)).unwrap();
+        let a = hk.cache_ref().get(HookPoint::Pattern(1)).unwrap().i((.., head)).unwrap();
+        let g = run.grads[&HookPoint::Pattern(1)].i((.., head)).unwrap();
+        ((a2 - a).unwrap() * g).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let kc = hc.cache_ref().get(HookPoint::K(1)).unwrap().clone();
+    let qc = hc.cache_ref().get(HookPoint::Q(1)).unwrap().clone();
+    for (head, pos) in [(0usize, 3usize), (2, 7), (3, 0)] {
+        let want = brute(Patch::new(HookPoint::K(1), Intervention::Replace(kc.clone())).positions(&[pos]).heads(&[head]), head);
+        assert!((kq.get(1, pos, head) - want).abs() < 1e-10, "key L1H{head}@{pos}: {} vs {want}", kq.get(1, pos, head));
+        let want = brute(Patch::new(HookPoint::Q(1), Intervention::Replace(qc.clone())).positions(&[pos]).heads(&[head]), head);
+        assert!((qq.get(1, pos, head) - want).abs() < 1e-10, "query L1H{head}@{pos}");
+    }
+    let want = brute(Patch::new(HookPoint::K(1), Intervention::Replace(kc)).heads(&[1]), 1);
+    assert!((kall.get(1, 0, 1) - want).abs() < 1e-10);
+    assert!(kq.values.iter().any(|v| v.abs() > 1e-4));
+}
+
+/// GradDrop: the mean over layers of |AtP| with that layer's residual writes stop-gradiented.
+#[test]
+fn grad_drop_is_the_mean_of_per_layer_absolute_atp() {
+    use ferrolens::methods::{attribution_with, grad_drop};
+    let model = tiny_gpt2(DType::F64);
+    let r = reference("tiny-gpt2/reference.safetensors");
+    let p = 9;
+    let clean = ids(&r, "p4.input_ids").narrow(1, 0, p).unwrap();
+    let corrupt = ids(&r, "p6.input_ids").narrow(1, 0, p).unwrap();
+    let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
+    let opts = AttributionOptions::default();
+    let gd = grad_drop(&model, &clean, &corrupt, &metric, &[Component::HeadZ], &opts).unwrap();
+    let plain = attribution(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "atp", &opts).unwrap();
+    // Layer 1's writes stopped: layer-0 heads reach the logits only through layer 1's attention,
+    // whose output write is stopped, and through the residual directly.
+    let stop = |h| Patch::new(h, Intervention::func(|x, _| Ok(x.detach())));
+    let l1 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(1)), stop(HookPoint::MlpOut(1))]).unwrap();
+    let l0 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(0)), stop(HookPoint::MlpOut(0))]).unwrap();
+    for (i, v) in gd[0].values.iter().enumerate() {
+        let want = (l0.grids[0].values[i].abs() + l1.grids[0].values[i].abs()) / 2.0;
+        assert!((v - want).abs() < 1e-12);
+    }
+    // Stopping a layer's write changes the layer-0 scores (the check is not vacuous).
+    assert!(l1.grids[0].values.iter().zip(&plain.grids[0].values).take(4).any(|(a, b)| (a - b).abs() > 1e-6));
+}

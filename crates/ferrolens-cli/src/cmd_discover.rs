@@ -55,7 +55,7 @@ pub struct Args {
     #[arg(long, default_value = "abc")]
     corruption: String,
     /// Colored Objects: objects per question.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     objects: usize,
     /// Colored Objects: solved examples before the query.
     #[arg(long, default_value_t = 1)]

@@ -14,7 +14,7 @@ pub struct Args {
     /// JSONL of {"clean","corrupt","answer","wrong"}; all prompts of one token length.
     #[arg(long)]
     data: std::path::PathBuf,
-    /// Methods: act, atp, relp (comma-separated).
+    /// Methods: act, atp, relp, atp_qk (AtP* QK fix), atp_graddrop (AtP* GradDrop), comma-separated.
     #[arg(long, default_value = "act,atp,relp")]
     method: String,
     /// Components: heads, resid_pre, resid_mid, attn_out, mlp_out, heads_q, heads_k, heads_v, heads_pattern.

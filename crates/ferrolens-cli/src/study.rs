@@ -45,6 +45,10 @@ pub enum Method {
     Act,
     Atp,
     Relp,
+    /// AtP* QK fix (heads_q / heads_k; plain AtP elsewhere).
+    AtpQk,
+    /// AtP* GradDrop.
+    AtpGd,
 }
 
 impl Method {
@@ -53,7 +57,9 @@ impl Method {
             "act" => Method::Act,
             "atp" => Method::Atp,
             "relp" => Method::Relp,
-            o => anyhow::bail!("unknown method `{o}`; use act, atp or relp"),
+            "atp_qk" | "atp-qk" => Method::AtpQk,
+            "atp_graddrop" | "atp-graddrop" | "atp_gd" => Method::AtpGd,
+            o => anyhow::bail!("unknown method `{o}`; use act, atp, relp, atp_qk (AtP* QK fix) or atp_graddrop (AtP* GradDrop)"),
         })
     }
     pub fn name(&self) -> &'static str {
@@ -61,6 +67,8 @@ impl Method {
             Method::Act => "act",
             Method::Atp => "atp",
             Method::Relp => "relp",
+            Method::AtpQk => "atp_qk",
+            Method::AtpGd => "atp_graddrop",
         }
     }
 }
@@ -107,6 +115,23 @@ pub fn run_methods(
                     let opts = SweepOptions { direction, progress: Some(&cb), ..Default::default() };
                     grids.push(activation_patching(model, &data, c, by_pos || !c.has_heads(), &opts)?);
                     bar.finish_and_clear();
+                }
+            }
+            Method::AtpQk | Method::AtpGd => {
+                let (heads, resid): (Vec<Component>, Vec<Component>) = components.iter().partition(|c| c.has_heads());
+                for (cs, bp) in [(heads, by_pos), (resid, true)] {
+                    let opts = AttributionOptions { rules: LrpRules::NONE, at_clean: false, by_pos: bp };
+                    for &c in &cs {
+                        let mut g = if m == Method::AtpQk && matches!(c, Component::HeadQ | Component::HeadK) {
+                            ferrolens_methods::qk_fix(model, &prep.clean, &prep.corrupt, &prep.metric, c, bp)?
+                        } else if m == Method::AtpGd {
+                            ferrolens_methods::grad_drop(model, &prep.clean, &prep.corrupt, &prep.metric, &[c], &opts)?.remove(0)
+                        } else {
+                            attribution(model, &prep.clean, &prep.corrupt, &prep.metric, &[c], m.name(), &opts)?.grids.remove(0)
+                        };
+                        g.method = m.name().to_string();
+                        grids.push(g);
+                    }
                 }
             }
             Method::Atp | Method::Relp => {

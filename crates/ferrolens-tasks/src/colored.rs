@@ -29,7 +29,8 @@ pub struct ColoredConfig {
     pub n: usize,
     /// RNG seed.
     pub seed: u64,
-    /// Objects listed per question (2 gives SmolLM2-135M a usable clean-corrupt gap; the paper used 3).
+    /// Objects listed per question (3, as the paper; SmolLM2-135M's clean logit difference is
+    /// about 0.5 with 3 objects and 1 shot, but below 0.15 with 2).
     pub n_objects: usize,
     /// Solved examples before the query.
     pub shots: usize,
@@ -37,7 +38,7 @@ pub struct ColoredConfig {
 
 impl Default for ColoredConfig {
     fn default() -> Self {
-        ColoredConfig { n: 32, seed: 0, n_objects: 2, shots: 1 }
+        ColoredConfig { n: 32, seed: 0, n_objects: 3, shots: 1 }
     }
 }
 

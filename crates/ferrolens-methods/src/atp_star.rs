@@ -1,0 +1,153 @@
+//! AtP* (Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM behaviour
+//! to components"): the QK fix and GradDrop.
+//!
+//! **QK fix.** Queries and keys act only through the attention pattern, where AtP's linearisation
+//! through the softmax is poor. For a query or key patch the patched pattern `A'` is recomputed
+//! exactly and the score is `sum (A' - A) . dM/dA` (gradient at `hook_pattern` of the corrupt run).
+//! Patching query positions changes their rows only, so one recomputation
+//! `A' = softmax(q_clean k^T / sqrt(d))` gives every query score. Patching the key at position `s`
+//! changes column `s` of every row: with `D = (q.k_clean[s] - q.k[s]) / sqrt(d)`,
+//! `r = 1 - A[q,s] + A[q,s] e^D` and `S_q = sum_k A[q,k] g[q,k]`, the row's term is
+//! `(1/r - 1) S_q + A[q,s] g[q,s] (e^D - 1) / r`. Keys of GQA models sum over the query heads
+//! that share them.
+//!
+//! **GradDrop.** For each layer `l`, a backward pass in which the gradient through layer `l`'s
+//! residual writes (`hook_attn_out` and `hook_mlp_out`) is stopped; the score is the mean over
+//! `l` of the absolute AtP scores, `(1/L) sum_l |AtP_l(n)|`, which counters cancellation between
+//! paths. (The paper leaves out the layer of the node itself; here every layer is used.)
+
+use crate::attribution::{attribution, AttributionOptions};
+use crate::metrics::Metric;
+use crate::scores::{Component, ScoreGrid};
+use candle_core::{DType, Tensor, D};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
+
+/// QK-fixed AtP scores for `HeadQ` or `HeadK`, by position or over all positions.
+pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric, component: Component, by_pos: bool) -> Result<ScoreGrid> {
+    if !matches!(component, Component::HeadQ | Component::HeadK) {
+        return Err(Error::Input(format!("the QK fix applies to heads_q and heads_k, not {}", component.name())));
+    }
+    let n = model.cfg.n_layers;
+    let (h, kvh, d) = (model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head);
+    let rep = h / kvh;
+    let rot = model.hook_points().contains(&HookPoint::RotQ(0));
+    let (qh, kh) = if rot { (HookPoint::RotQ as fn(usize) -> HookPoint, HookPoint::RotK as fn(usize) -> HookPoint) } else { (HookPoint::Q as fn(usize) -> HookPoint, HookPoint::K as fn(usize) -> HookPoint) };
+    let qk: Vec<HookPoint> = (0..n).flat_map(|l| [qh(l), kh(l)]).collect();
+    let span = RunSpan { last_logits_only: true, ..Default::default() };
+    let mut hc = Hooks::new().cache_hooks(&qk);
+    model.run_span(Some(clean), &span, &mut hc)?;
+    let hc = hc.take_cache();
+    let pats: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
+    let mut cache_pts = qk.clone();
+    cache_pts.extend(pats.iter().copied());
+    let mut hk = Hooks::new().cache_hooks(&cache_pts).grad(&pats);
+    let run = model.run_span_with_grads(Some(corrupt), &span, &mut hk, |l| Ok(metric.per_row(l)?.mean_all()?))?;
+    let hk = hk.take_cache();
+    let (_, p) = corrupt.dims2()?;
+    let nh = if component == Component::HeadQ { h } else { kvh };
+    let mut grid = ScoreGrid::zeros("atp_qk", component, by_pos, n, p, nh);
+    let scale = 1.0 / (d as f64).sqrt();
+    // [b,p,heads,d] -> [b,heads,p,d], repeating KV heads for the query heads.
+    let heads_first = |t: &Tensor, repeat: usize| -> Result<Tensor> {
+        let t = t.to_dtype(DType::F64)?;
+        let t = if repeat > 1 {
+            let (b, p, k, dd) = t.dims4()?;
+            t.unsqueeze(3)?.broadcast_as((b, p, k, repeat, dd))?.reshape((b, p, k * repeat, dd))?
+        } else {
+            t
+        };
+        Ok(t.transpose(1, 2)?.contiguous()?)
+    };
+    let mask: Vec<u8> = (0..p).flat_map(|i| (0..p).map(move |j| u8::from(j <= i))).collect();
+    let mask = Tensor::from_vec(mask, (p, p), model.device())?.to_dtype(DType::F64)?; // 1 = allowed
+    for l in 0..n {
+        let a = hk.get(HookPoint::Pattern(l))?.to_dtype(DType::F64)?; // [b,h,q,k]
+        let g = run.grads[&HookPoint::Pattern(l)].to_dtype(DType::F64)?;
+        let q = heads_first(hk.get(qh(l))?, 1)?;
+        let k = heads_first(hk.get(kh(l))?, rep)?;
+        // s[b, h, pos] for query heads, later summed into KV heads for keys.
+        let s = if component == Component::HeadQ {
+            let qc = heads_first(hc.get(qh(l))?, 1)?;
+            let scores = (qc.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+            let neg = Tensor::new(f64::NEG_INFINITY, model.device())?.broadcast_as(scores.shape())?;
+            let scores = mask.broadcast_as(scores.shape())?.ne(0.0)?.where_cond(&scores, &neg)?;
+            let a2 = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            ((a2 - &a)? * &g)?.sum(D::Minus1)? // [b,h,q]
+        } else {
+            let kc = heads_first(hc.get(kh(l))?, rep)?;
+            // D[b,h,q,s] = q . (k_clean[s] - k[s]) / sqrt(d), masked to s <= q.
+            let dk = (kc - &k)?;
+            let delta = (q.matmul(&dk.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_mul(&mask)?;
+            let e = (delta.exp()? - 1.0)?; // e^D - 1 (0 where masked)
+            let ag = (&a * &g)?;
+            let srow = ag.sum_keepdim(D::Minus1)?; // S_q [b,h,q,1]
+            let r = ((&a * &e)? + 1.0)?; // 1 - A + A e^D
+            let inv = r.recip()?;
+            let term = ((inv.clone() - 1.0)?.broadcast_mul(&srow)? + ((&ag * &e)? * &inv)?)?.broadcast_mul(&mask)?;
+            term.sum(2)? // over queries -> [b,h,s]
+        };
+        let s = s.sum(0)?; // [h, pos]
+        let s = if component == Component::HeadK && rep > 1 {
+            s.reshape((kvh, rep, p))?.sum(1)?
+        } else {
+            s
+        };
+        let v: Vec<Vec<f64>> = s.to_vec2()?;
+        for (hi, row) in v.iter().enumerate() {
+            if by_pos {
+                for (pi, x) in row.iter().enumerate() {
+                    let i = grid.idx(l, pi, hi);
+                    grid.values[i] = *x;
+                }
+            } else if component == Component::HeadQ {
+                let i = grid.idx(l, 0, hi);
+                grid.values[i] = row.iter().sum();
+            } else {
+                // All key positions at once is not the sum of single-key patches: recompute.
+                let kc = heads_first(hc.get(kh(l))?, rep)?;
+                let scores = (q.matmul(&kc.transpose(2, 3)?.contiguous()?)? * scale)?;
+                let neg = Tensor::new(f64::NEG_INFINITY, model.device())?.broadcast_as(scores.shape())?;
+                let scores = mask.broadcast_as(scores.shape())?.ne(0.0)?.where_cond(&scores, &neg)?;
+                let a2 = candle_nn::ops::softmax(&scores, D::Minus1)?;
+                // Only this KV head's query group changes.
+                let full = ((a2 - &a)? * &g)?.sum(D::Minus1)?.sum(D::Minus1)?.sum(0)?.to_vec1::<f64>()?; // [h]
+                let i = grid.idx(l, 0, hi);
+                grid.values[i] = full[hi * rep..(hi + 1) * rep].iter().sum();
+            }
+        }
+    }
+    Ok(grid)
+}
+
+/// GradDrop AtP scores: the mean over layers `l` of |AtP| with the gradient through layer `l`'s
+/// residual writes stopped. `components` and `opts` as in [`attribution`].
+pub fn grad_drop(
+    model: &HookedTransformer,
+    clean: &Tensor,
+    corrupt: &Tensor,
+    metric: &dyn Metric,
+    components: &[Component],
+    opts: &AttributionOptions,
+) -> Result<Vec<ScoreGrid>> {
+    let n = model.cfg.n_layers;
+    let mut acc: Option<Vec<ScoreGrid>> = None;
+    for l in 0..n {
+        let stop = |h: HookPoint| Patch::new(h, Intervention::func(|x, _| Ok(x.detach())));
+        let patches = vec![stop(HookPoint::AttnOut(l)), stop(HookPoint::MlpOut(l))];
+        let a = crate::attribution::attribution_with(model, clean, corrupt, metric, components, "atp_graddrop", opts, &patches)?;
+        match &mut acc {
+            None => {
+                let mut g = a.grids;
+                g.iter_mut().for_each(|g| g.values.iter_mut().for_each(|v| *v = v.abs() / n as f64));
+                acc = Some(g);
+            }
+            Some(acc) => {
+                for (t, g) in acc.iter_mut().zip(a.grids) {
+                    t.values.iter_mut().zip(g.values).for_each(|(t, v)| *t += v.abs() / n as f64);
+                }
+            }
+        }
+    }
+    let _ = attribution;
+    Ok(acc.unwrap_or_default())
+}
