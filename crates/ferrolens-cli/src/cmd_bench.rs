@@ -4,7 +4,7 @@ use crate::study::prepare;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, PatchingData, SweepOptions};
-use ferrolens_model::{Hooks, LrpRules};
+use ferrolens_model::{HookPoint, Hooks, LrpRules};
 use ferrolens_tasks::{read_jsonl, PairBatch};
 use std::time::Instant;
 
@@ -72,8 +72,11 @@ pub fn run(a: Args) -> Result<()> {
                 })?;
                 out.insert("forward_s".into(), t.into());
                 out.insert("forward_gflops".into(), (flops / t / 1e9).into());
+                // Every hook that TL's run_with_cache returns (TL computes hook_result only with
+                // use_attn_result=True, so it is left out here too).
+                let all: Vec<HookPoint> = model.hook_points().into_iter().filter(|h| !matches!(h, HookPoint::Result(_))).collect();
                 let t = time(a.repeat, || {
-                    let mut h = Hooks::new().cache("re:.*")?;
+                    let mut h = Hooks::new().cache_hooks(&all);
                     model.run(&prep.clean, &mut h)?;
                     Ok(())
                 })?;

@@ -21,7 +21,7 @@ pub struct Prepared {
     pub metric: Normalised,
     pub clean_value: f64,
     pub corrupt_value: f64,
-    /// Fraction of clean prompts where logit[answer] > logit[wrong].
+    /// Fraction of clean prompts where `logit[answer] > logit[wrong]`.
     pub clean_accuracy: f64,
 }
 

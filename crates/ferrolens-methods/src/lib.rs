@@ -1,7 +1,7 @@
 //! # ferrolens-methods
 //!
 //! Localisation methods on the ferrolens runtime: exact activation patching
-//! ([`patching`]), attribution patching and relevance patching ([`attribution`]), with the
+//! ([`patching`]), attribution patching and relevance patching ([`mod@attribution`]), with the
 //! metrics they score ([`metrics`]) and the score tables they produce ([`scores`]).
 #![warn(missing_docs)]
 

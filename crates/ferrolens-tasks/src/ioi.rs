@@ -47,9 +47,9 @@ pub const NAMES: &[&str] = &[
 /// Which template order to sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoiOrder {
-    /// "Then, [B] and [A] ..." (subject first).
+    /// `Then, [B] and [A] ...` (subject first).
     Baba,
-    /// "Then, [A] and [B] ..." (indirect object first).
+    /// `Then, [A] and [B] ...` (indirect object first).
     Abba,
     /// Half and half.
     Mixed,
