@@ -6,7 +6,7 @@
 //! 3. EAP edge scores between the circuit's nodes, 4. IOI head classes from attention at the
 //!    labelled positions, 5. tables, figures, circuit.json and report.html.
 
-use crate::study::{correlations, prepare, run_methods, scores_table, Method, Prepared};
+use crate::study::{correlations, prepare, run_methods, scores_table, Method, Prepared, RunOptions};
 use anyhow::{Context, Result};
 use candle_core::IndexOp;
 use ferrolens_methods::heads::attention_between;
@@ -171,7 +171,15 @@ pub fn run(a: Args) -> Result<()> {
         "denoising" => Direction::Denoise,
         o => anyhow::bail!("unknown direction `{o}`; use noising or denoising"),
     };
-    let (grids, times) = run_node_methods(&model, &prep, &methods, &comps, direction, a.quiet)?;
+    // One node per head and per MLP: every component over all positions. Noising: AtP/RelP
+    // gradients at the clean run estimate the drop M(clean) - M(node corrupted), and the act
+    // scores are turned into the same drop (1 - patched metric, in normalised units).
+    let noise = direction == Direction::Noise;
+    let opts = RunOptions { by_pos: false, resid_by_pos: false, rules: LrpRules::RELP, direction, at_clean: noise, quiet: a.quiet };
+    let (mut grids, times) = run_methods(&model, &prep, &methods, &comps, &opts)?;
+    if noise {
+        grids.iter_mut().filter(|g| g.method == "act").for_each(|g| g.values.iter_mut().for_each(|v| *v = 1.0 - *v));
+    }
     let get = |m: &str, c: Component| grids.iter().find(|g| g.method == m && g.component == c).expect("grid");
     let scores = node_scores(get(method.name(), Component::HeadZ), get(method.name(), Component::MlpOut), &model);
     let t_scores = t0.elapsed().as_secs_f64();
@@ -272,44 +280,6 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn run_node_methods(model: &HookedTransformer, prep: &Prepared, methods: &[Method], comps: &[Component], direction: Direction, quiet: bool) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
-    // Heads and MLPs over all positions: one node per head / MLP.
-    let mut grids = Vec::new();
-    let mut times = Vec::new();
-    for &m in methods {
-        let t0 = Instant::now();
-        match m {
-            Method::Act => {
-                for &c in comps {
-                    let bar = crate::progress_bar(quiet, &format!("act {}", c.name()));
-                    let cb = |d: usize, t: usize| {
-                        bar.set_length(t as u64);
-                        bar.set_position(d as u64);
-                    };
-                    let data = ferrolens_methods::PatchingData { clean: &prep.clean, corrupt: &prep.corrupt, metric: &prep.metric };
-                    let opts = ferrolens_methods::SweepOptions { direction, progress: Some(&cb), ..Default::default() };
-                    let mut g = ferrolens_methods::activation_patching(model, &data, c, false, &opts)?;
-                    if direction == Direction::Noise {
-                        // The drop from the clean run (1 in normalised units): same sign as AtP at the clean run.
-                        g.values.iter_mut().for_each(|v| *v = 1.0 - *v);
-                    }
-                    grids.push(g);
-                    bar.finish_and_clear();
-                }
-            }
-            _ => {
-                let rules = if m == Method::Atp { LrpRules::NONE } else { LrpRules::RELP };
-                // Noising: the gradient at the clean run estimates the drop M(clean) - M(node corrupted).
-                let opts = ferrolens_methods::AttributionOptions { rules, at_clean: direction == Direction::Noise, by_pos: false };
-                grids.extend(ferrolens_methods::attribution(model, &prep.clean, &prep.corrupt, &prep.metric, comps, m.name(), &opts)?.grids);
-            }
-        }
-        times.push((m.name().to_string(), t0.elapsed().as_secs_f64()));
-    }
-    let _ = run_methods;
-    Ok((grids, times))
 }
 
 struct Figs {

@@ -1,6 +1,6 @@
 //! `ferrolens patch`: activation patching, AtP and RelP on a JSONL file of pairs.
 
-use crate::study::{correlations, grid_heatmaps, parse_rules, prepare, run_methods, scores_table, Method};
+use crate::study::{correlations, grid_heatmaps, parse_rules, prepare, run_methods, scores_table, Method, RunOptions};
 use anyhow::{Context, Result};
 use ferrolens_methods::{Component, Direction};
 use ferrolens_tasks::{read_jsonl, PairBatch};
@@ -50,7 +50,9 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let prep = prepare(&model, &batch)?;
     let direction = if a.noising { Direction::Noise } else { Direction::Denoise };
-    let (grids, times) = run_methods(&model, &prep, &methods, &components, a.by_pos, rules, direction, a.quiet)?;
+    // Residual-like components by position, as TL's sweeps; gradients at the corrupt run.
+    let opts = RunOptions { by_pos: a.by_pos, resid_by_pos: true, rules, direction, at_clean: false, quiet: a.quiet };
+    let (grids, times) = run_methods(&model, &prep, &methods, &components, &opts)?;
     ferrolens_report::write_table(&scores_table(&grids), &a.out.join("scores"))?;
     let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
     grid_heatmaps(&grids, &tokens, &a.out)?;

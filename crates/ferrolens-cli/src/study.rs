@@ -88,17 +88,32 @@ pub fn parse_rules(s: &str) -> Result<LrpRules> {
     Ok(r)
 }
 
+/// How [`run_methods`] runs.
+pub struct RunOptions {
+    /// Head scores per position.
+    pub by_pos: bool,
+    /// Residual-like components per position (TL's sweeps) or over all positions (circuit nodes).
+    pub resid_by_pos: bool,
+    /// RelP rules.
+    pub rules: LrpRules,
+    /// Activation-patching direction.
+    pub direction: Direction,
+    /// Take AtP/RelP gradients at the clean run.
+    pub at_clean: bool,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
 /// Run `methods` x `components`; returns grids and (method, seconds) timings.
 pub fn run_methods(
     model: &HookedTransformer,
     prep: &Prepared,
     methods: &[Method],
     components: &[Component],
-    by_pos: bool,
-    rules: LrpRules,
-    direction: Direction,
-    quiet: bool,
+    o: &RunOptions,
 ) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
+    let (by_pos, rules, direction, quiet) = (o.by_pos, o.rules, o.direction, o.quiet);
+    let pos_of = |c: &Component| if c.has_heads() { by_pos } else { o.resid_by_pos };
     let mut grids = Vec::new();
     let mut times = Vec::new();
     for &m in methods {
@@ -113,14 +128,14 @@ pub fn run_methods(
                     };
                     let data = PatchingData { clean: &prep.clean, corrupt: &prep.corrupt, metric: &prep.metric };
                     let opts = SweepOptions { direction, progress: Some(&cb), ..Default::default() };
-                    grids.push(activation_patching(model, &data, c, by_pos || !c.has_heads(), &opts)?);
+                    grids.push(activation_patching(model, &data, c, pos_of(&c), &opts)?);
                     bar.finish_and_clear();
                 }
             }
             Method::AtpQk | Method::AtpGd => {
                 let (heads, resid): (Vec<Component>, Vec<Component>) = components.iter().partition(|c| c.has_heads());
-                for (cs, bp) in [(heads, by_pos), (resid, true)] {
-                    let opts = AttributionOptions { rules: LrpRules::NONE, at_clean: false, by_pos: bp };
+                for (cs, bp) in [(heads, by_pos), (resid, o.resid_by_pos)] {
+                    let opts = AttributionOptions { rules: LrpRules::NONE, at_clean: o.at_clean, by_pos: bp };
                     for &c in &cs {
                         let mut g = if m == Method::AtpQk && matches!(c, Component::HeadQ | Component::HeadK) {
                             ferrolens_methods::qk_fix(model, &prep.clean, &prep.corrupt, &prep.metric, c, bp)?
@@ -136,13 +151,12 @@ pub fn run_methods(
             }
             Method::Atp | Method::Relp => {
                 let r = if m == Method::Atp { LrpRules::NONE } else { rules };
-                // Residual-like components by position (as TL's sweeps), heads as asked.
                 let (heads, resid): (Vec<Component>, Vec<Component>) = components.iter().partition(|c| c.has_heads());
-                for (cs, bp) in [(heads, by_pos), (resid, true)] {
+                for (cs, bp) in [(heads, by_pos), (resid, o.resid_by_pos)] {
                     if cs.is_empty() {
                         continue;
                     }
-                    let opts = AttributionOptions { rules: r, at_clean: false, by_pos: bp };
+                    let opts = AttributionOptions { rules: r, at_clean: o.at_clean, by_pos: bp };
                     grids.extend(attribution(model, &prep.clean, &prep.corrupt, &prep.metric, &cs, m.name(), &opts)?.grids);
                 }
             }
