@@ -8,6 +8,7 @@ mod cmd_heads;
 mod cmd_models;
 mod cmd_overlap;
 mod cmd_patch;
+mod cmd_path;
 mod cmd_run;
 mod study;
 
@@ -33,6 +34,8 @@ enum Cmd {
     Discover(cmd_discover::Args),
     /// Head scores: `heads detect` (previous-token, duplicate-token, induction).
     Heads(cmd_heads::Args),
+    /// Path patching of a sender head into receiver head inputs.
+    PathPatch(cmd_path::Args),
     /// Heads shared by two circuits (circuit.json files of `discover`).
     Overlap(cmd_overlap::Args),
     /// Write a built-in task's prompt pairs as JSONL.
@@ -56,6 +59,7 @@ fn main() {
         Cmd::Data(a) => cmd_data::run(a),
         Cmd::Overlap(a) => cmd_overlap::run(a),
         Cmd::Heads(a) => cmd_heads::run(a),
+        Cmd::PathPatch(a) => cmd_path::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Info => info(),
     };

@@ -12,6 +12,7 @@ pub mod edges;
 pub mod heads;
 pub mod metrics;
 pub mod patching;
+pub mod path;
 pub mod scores;
 
 pub use atp_star::{grad_drop, qk_fix};
@@ -19,5 +20,6 @@ pub use attribution::{attribution, attribution_with, Attribution, AttributionOpt
 pub use circuit::{ablated_metric, faithfulness_curve, smallest_faithful, AblationMeans, CurvePoint, Node};
 pub use edges::{edge_attribution, Edge, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
+pub use path::{path_patch, HeadInput};
 pub use patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
 pub use scores::{pearson, Component, ScoreGrid, ScoreRow};
