@@ -20,6 +20,10 @@ pub use ferrolens_model as model;
 pub use ferrolens_report as report;
 pub use ferrolens_tasks as tasks;
 
+/// docs/getting-started.md, included so that its Rust snippet is compiled by `cargo test`.
+#[doc = include_str!("../docs/getting-started.md")]
+pub mod getting_started {}
+
 /// The names most probes need.
 pub mod prelude {
     pub use ferrolens_methods::{
