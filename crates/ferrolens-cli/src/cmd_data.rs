@@ -1,7 +1,7 @@
 //! `ferrolens data`: write a built-in task's prompt pairs as JSONL (the `patch --data` schema).
 
 use anyhow::Result;
-use ferrolens_tasks::{colored, ioi, write_jsonl, Task};
+use ferrolens_tasks::{write_jsonl, Task};
 
 /// Arguments of `ferrolens data`.
 #[derive(clap::Args)]
@@ -37,6 +37,5 @@ pub fn run(a: Args) -> Result<()> {
     let pairs = crate::cmd_discover::task_pairs(&model, Task::parse(&a.task)?, a.n, a.seed, &a.corruption, a.objects, a.shots)?;
     write_jsonl(&a.out, &pairs)?;
     eprintln!("wrote {} pairs to {}", pairs.len(), a.out.display());
-    let _ = (ioi::IoiOrder::Mixed, colored::COLORS);
     Ok(())
 }

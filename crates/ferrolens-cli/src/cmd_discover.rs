@@ -36,7 +36,8 @@ pub struct Args {
     /// Seed of the prompt sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Node-scoring method that ranks the circuit: act (exact), atp or relp.
+    /// Node-scoring method that ranks the circuit: act (exact), atp or relp. Activation patching
+    /// also runs with atp/relp (for the correlation table) unless --top-k is given.
     #[arg(long, default_value = "act")]
     method: String,
     /// Node scores by noising (each node's clean activation replaced by its corrupt one in the

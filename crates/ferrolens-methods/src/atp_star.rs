@@ -16,7 +16,7 @@
 //! `l` of the absolute AtP scores, `(1/L) sum_l |AtP_l(n)|`, which counters cancellation between
 //! paths. (The paper leaves out the layer of the node itself; here every layer is used.)
 
-use crate::attribution::{attribution, AttributionOptions};
+use crate::attribution::AttributionOptions;
 use crate::metrics::Metric;
 use crate::scores::{Component, ScoreGrid};
 use candle_core::{DType, Tensor, D};
@@ -148,6 +148,5 @@ pub fn grad_drop(
             }
         }
     }
-    let _ = attribution;
     Ok(acc.unwrap_or_default())
 }

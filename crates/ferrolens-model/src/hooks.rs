@@ -19,7 +19,7 @@ use crate::cache::ActivationCache;
 use crate::error::{Error, Result};
 use crate::hook::{HookPoint, NameFilter};
 use crate::lrp::LrpRules;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -320,8 +320,7 @@ impl Hooks {
             x = p.apply(&x)?;
         }
         if self.grad_points.contains(&hook) {
-            let dtype = x.dtype();
-            let var = Var::zeros(x.shape(), if dtype == DType::F64 { DType::F64 } else { dtype }, x.device())?;
+            let var = Var::zeros(x.shape(), x.dtype(), x.device())?;
             x = (x + var.as_tensor())?;
             self.grad_vars.insert(hook, var);
         }

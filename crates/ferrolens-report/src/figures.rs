@@ -80,7 +80,7 @@ where
         }))
         .map_err(|e| anyhow!("{e:?}"))?;
     // Colour legend.
-    let (lw, lh) = legend.dim_in_pixel();
+    let (_, lh) = legend.dim_in_pixel();
     let steps = 50;
     let top = 40i32;
     let bottom = lh as i32 - 60;
@@ -94,7 +94,6 @@ where
     legend.draw(&Text::new(format!("{max:.3}"), (34, top - 4), style.clone())).map_err(|e| anyhow!("{e:?}"))?;
     legend.draw(&Text::new("0", (34, (top + bottom) / 2 - 4), style.clone())).map_err(|e| anyhow!("{e:?}"))?;
     legend.draw(&Text::new(format!("{:.3}", -max), (34, bottom - 8), style)).map_err(|e| anyhow!("{e:?}"))?;
-    let _ = lw;
     Ok(())
 }
 
