@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--skip-heads", action="store_true")
     a = ap.parse_args()
     from transformer_lens import patching
-    tl, tok = load_tl(a.smollm2_gguf)
+    tl, tok, _ = load_tl(a.smollm2_gguf)
     pairs = [json.loads(l) for l in open(a.pairs) if l.strip()]
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     clean = torch.tensor([enc(p["clean"]) for p in pairs])

@@ -86,22 +86,9 @@ SMOL_PROMPTS = [
 
 
 def smollm2(gguf_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    d, f = os.path.dirname(gguf_path), os.path.basename(gguf_path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    tcfg = HookedTransformerConfig(d_model=576, d_head=64, n_heads=9, n_key_value_heads=3, d_mlp=1536, n_layers=30,
-                                   n_ctx=8192, d_vocab=49152, eps=1e-5, act_fn="silu", normalization_type="RMS",
-                                   positional_embedding_type="rotary", rotary_dim=64, rotary_base=100000,
-                                   rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True,
-                                   original_architecture="LlamaForCausalLM", use_attn_result=True,
-                                   default_prepend_bos=False)
-    tl = HookedTransformer(tcfg)
-    tl.load_and_process_state_dict(convert_llama_weights(hf, tcfg), fold_ln=False, center_writing_weights=False,
-                                   center_unembed=False, fold_value_biases=False)
-    tl.eval()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from patching_reference import load_tl
+    tl, tok, hf = load_tl(gguf_path, use_attn_result=True)
     cols = torch.arange(0, 49152, 97)
     ref = {"vocab_cols": cols.to(torch.int64)}
     for i, p in enumerate(SMOL_PROMPTS):

@@ -12,7 +12,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_tl(gguf_path):
+def load_tl(gguf_path, use_attn_result=False):
+    """(TransformerLens model, tokenizer, Hugging Face model) for the SmolLM2 GGUF, with the hand-made
+    TL config that reproduces Hugging Face's logits (no weight processing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
@@ -23,11 +25,12 @@ def load_tl(gguf_path):
                                   n_ctx=8192, d_vocab=49152, eps=1e-5, act_fn="silu", normalization_type="RMS",
                                   positional_embedding_type="rotary", rotary_dim=64, rotary_base=100000,
                                   rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True,
-                                  original_architecture="LlamaForCausalLM", default_prepend_bos=False)
+                                  original_architecture="LlamaForCausalLM", default_prepend_bos=False,
+                                  use_attn_result=use_attn_result)
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(convert_llama_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False)
-    return tl.eval(), tok
+    return tl.eval(), tok, hf
 
 
 def main():
@@ -39,7 +42,7 @@ def main():
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     from transformer_lens import patching
-    tl, tok = load_tl(a.smollm2_gguf)
+    tl, tok, _ = load_tl(a.smollm2_gguf)
     pairs = [json.loads(l) for l in open(a.pairs) if l.strip()]
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     clean = torch.tensor([enc(p["clean"]) for p in pairs])
