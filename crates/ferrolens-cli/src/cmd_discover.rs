@@ -18,24 +18,47 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// The prompt set of a built-in task (shared by `discover`, `data` and `path-patch`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct TaskArgs {
+    /// Task: ioi or colored-objects.
+    #[arg(long, default_value = "ioi")]
+    pub task: String,
+    /// Number of prompt pairs.
+    #[arg(long, default_value_t = 24)]
+    pub n: usize,
+    /// Seed of the prompt sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// IOI corruption: abc or s2io.
+    #[arg(long, default_value = "abc")]
+    pub corruption: String,
+    /// Colored Objects: objects per question.
+    #[arg(long, default_value_t = 3)]
+    pub objects: usize,
+    /// Colored Objects: solved examples before the query.
+    #[arg(long, default_value_t = 1)]
+    pub shots: usize,
+}
+
+impl TaskArgs {
+    /// The pairs of this task for `model`'s tokenizer.
+    pub fn pairs(&self, model: &HookedTransformer) -> Result<Vec<PromptPair>> {
+        task_pairs(model, Task::parse(&self.task)?, self.n, self.seed, &self.corruption, self.objects, self.shots)
+    }
+}
+
 /// Arguments of `ferrolens discover`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Task: ioi or colored-objects (ignored with --data).
-    #[arg(long, default_value = "ioi")]
-    task: String,
-    /// Your own pairs as JSONL instead of a built-in task.
+    #[command(flatten)]
+    task: TaskArgs,
+    /// Your own pairs as JSONL instead of a built-in task (--task is then ignored).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Model: a registry name, a .gguf file, a HF directory or a hub id.
     #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
     model: String,
-    /// Number of prompt pairs.
-    #[arg(long, default_value_t = 24)]
-    n: usize,
-    /// Seed of the prompt sampler.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Node-scoring method that ranks the circuit: act (exact), atp or relp. Activation patching
     /// also runs with atp/relp (for the correlation table) unless --top-k is given.
     #[arg(long, default_value = "act")]
@@ -52,15 +75,6 @@ pub struct Args {
     /// Fix the circuit size instead of searching for the smallest faithful one.
     #[arg(long)]
     top_k: Option<usize>,
-    /// IOI corruption: abc or s2io.
-    #[arg(long, default_value = "abc")]
-    corruption: String,
-    /// Colored Objects: objects per question.
-    #[arg(long, default_value_t = 3)]
-    objects: usize,
-    /// Colored Objects: solved examples before the query.
-    #[arg(long, default_value_t = 1)]
-    shots: usize,
     /// Output directory (default out/TASK).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -144,10 +158,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = crate::load_model(&a.model)?;
     let (task_name, pairs) = match &a.data {
         Some(p) => (format!("jsonl:{}", p.display()), read_jsonl(p)?),
-        None => {
-            let task = Task::parse(&a.task)?;
-            (task.name().to_string(), task_pairs(&model, task, a.n, a.seed, &a.corruption, a.objects, a.shots)?)
-        }
+        None => (Task::parse(&a.task.task)?.name().to_string(), a.task.pairs(&model)?),
     };
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("out").join(task_name.replace([':', '/'], "_")));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -397,7 +408,7 @@ fn write_report(
     r.kv(&[
         ("model", format!("{} ({:?}, {} layers, {} heads, {} KV heads, d_model {})", model.cfg.name, model.cfg.arch, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_model)),
         ("task", task.to_string()),
-        ("pairs", format!("{} pairs of {} tokens (seed {})", batch.len(), batch.seq_len(), a.seed)),
+        ("pairs", format!("{} pairs of {} tokens (seed {})", batch.len(), batch.seq_len(), a.task.seed)),
         ("example clean", batch.pairs[0].clean.clone()),
         ("example corrupt", batch.pairs[0].corrupt.clone()),
         ("answer / wrong", format!("{:?} / {:?}", batch.pairs[0].answer, batch.pairs[0].wrong)),

