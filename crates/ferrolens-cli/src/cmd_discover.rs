@@ -130,13 +130,9 @@ fn head_classes(model: &HookedTransformer, prep: &Prepared, pairs: &[PromptPair]
         ("S2", "S1", "duplicate-token"),
         ("S1+1", "S1", "previous-token"),
     ];
-    let mut maps = Vec::new();
-    for (q, k, name) in probes {
-        match attention_between(model, &prep.clean, &labels, q, k)? {
-            Some(m) => maps.push((name, m)),
-            None => return Ok(vec![]),
-        }
-    }
+    let pairs: Vec<(&str, &str)> = probes.iter().map(|(q, k, _)| (*q, *k)).collect();
+    let Some(scores_by_probe) = attention_between(model, &prep.clean, &labels, &pairs)? else { return Ok(vec![]) };
+    let maps: Vec<(&str, Vec<Vec<f64>>)> = probes.iter().map(|p| p.2).zip(scores_by_probe).collect();
     let mut out = Vec::new();
     for n in circuit {
         if let Node::Head(l, h) = *n {

@@ -65,26 +65,32 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
         let g = run.grads[&HookPoint::Pattern(l)].to_dtype(DType::F64)?;
         let q = heads_first(hk.get(qh(l))?, 1)?;
         let k = heads_first(hk.get(kh(l))?, rep)?;
-        // s[b, h, pos] for query heads, later summed into KV heads for keys.
-        let s = if component == Component::HeadQ {
-            let qc = heads_first(hc.get(qh(l))?, 1)?;
-            let scores = (qc.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+        // sum_k (A' - A) . g per query row, with A' the exact masked softmax of qq.kk^T: [b,h,q].
+        let exact = |qq: &Tensor, kk: &Tensor| -> Result<Tensor> {
+            let scores = (qq.matmul(&kk.transpose(2, 3)?.contiguous()?)? * scale)?;
             let neg = Tensor::new(f64::NEG_INFINITY, model.device())?.broadcast_as(scores.shape())?;
             let scores = mask.broadcast_as(scores.shape())?.ne(0.0)?.where_cond(&scores, &neg)?;
             let a2 = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            ((a2 - &a)? * &g)?.sum(D::Minus1)? // [b,h,q]
-        } else {
-            let kc = heads_first(hc.get(kh(l))?, rep)?;
-            // D[b,h,q,s] = q . (k_clean[s] - k[s]) / sqrt(d), masked to s <= q.
-            let dk = (kc - &k)?;
-            let delta = (q.matmul(&dk.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_mul(&mask)?;
-            let e = (delta.exp()? - 1.0)?; // e^D - 1 (0 where masked)
-            let ag = (&a * &g)?;
-            let srow = ag.sum_keepdim(D::Minus1)?; // S_q [b,h,q,1]
-            let r = ((&a * &e)? + 1.0)?; // 1 - A + A e^D
-            let inv = r.recip()?;
-            let term = ((inv.clone() - 1.0)?.broadcast_mul(&srow)? + ((&ag * &e)? * &inv)?)?.broadcast_mul(&mask)?;
-            term.sum(2)? // over queries -> [b,h,s]
+            Ok(((a2 - &a)? * &g)?.sum(D::Minus1)?)
+        };
+        // s[b, h, pos] for query heads, later summed into KV heads for keys.
+        let s = match (component, by_pos) {
+            (Component::HeadQ, _) => exact(&heads_first(hc.get(qh(l))?, 1)?, &k)?,
+            // Every key position patched at once is not the sum of single-key patches: recompute.
+            (_, false) => exact(&q, &heads_first(hc.get(kh(l))?, rep)?)?,
+            (_, true) => {
+                let kc = heads_first(hc.get(kh(l))?, rep)?;
+                // D[b,h,q,s] = q . (k_clean[s] - k[s]) / sqrt(d), masked to s <= q.
+                let dk = (kc - &k)?;
+                let delta = (q.matmul(&dk.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_mul(&mask)?;
+                let e = (delta.exp()? - 1.0)?; // e^D - 1 (0 where masked)
+                let ag = (&a * &g)?;
+                let srow = ag.sum_keepdim(D::Minus1)?; // S_q [b,h,q,1]
+                let r = ((&a * &e)? + 1.0)?; // 1 - A + A e^D
+                let inv = r.recip()?;
+                let term = ((inv.clone() - 1.0)?.broadcast_mul(&srow)? + ((&ag * &e)? * &inv)?)?.broadcast_mul(&mask)?;
+                term.sum(2)? // over queries -> [b,h,s]
+            }
         };
         let s = s.sum(0)?; // [h, pos]
         let s = if component == Component::HeadK && rep > 1 {
@@ -99,20 +105,9 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
                     let i = grid.idx(l, pi, hi);
                     grid.values[i] = *x;
                 }
-            } else if component == Component::HeadQ {
+            } else {
                 let i = grid.idx(l, 0, hi);
                 grid.values[i] = row.iter().sum();
-            } else {
-                // All key positions at once is not the sum of single-key patches: recompute.
-                let kc = heads_first(hc.get(kh(l))?, rep)?;
-                let scores = (q.matmul(&kc.transpose(2, 3)?.contiguous()?)? * scale)?;
-                let neg = Tensor::new(f64::NEG_INFINITY, model.device())?.broadcast_as(scores.shape())?;
-                let scores = mask.broadcast_as(scores.shape())?.ne(0.0)?.where_cond(&scores, &neg)?;
-                let a2 = candle_nn::ops::softmax(&scores, D::Minus1)?;
-                // Only this KV head's query group changes.
-                let full = ((a2 - &a)? * &g)?.sum(D::Minus1)?.sum(D::Minus1)?.sum(0)?.to_vec1::<f64>()?; // [h]
-                let i = grid.idx(l, 0, hi);
-                grid.values[i] = full[hi * rep..(hi + 1) * rep].iter().sum();
             }
         }
     }

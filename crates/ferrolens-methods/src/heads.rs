@@ -5,16 +5,16 @@ use candle_core::{DType, IndexOp, Tensor};
 use ferrolens_model::{HookPoint, HookedTransformer, Hooks, Result};
 use std::collections::BTreeMap;
 
-/// Mean attention (over prompts) from a query label to a key label, for every head:
-/// `[layer][head]`. `labels[i]` maps label names to token positions of prompt `i`.
+/// Mean attention (over prompts) from a query label to a key label, for every head and every
+/// `(query, key)` probe: `[probe][layer][head]`, from one forward pass. `labels[i]` maps label names
+/// to token positions of prompt `i`; `None` when some prompt lacks a label.
 pub fn attention_between(
     model: &HookedTransformer,
     tokens: &Tensor,
     labels: &[BTreeMap<String, usize>],
-    query: &str,
-    key: &str,
-) -> Result<Option<Vec<Vec<f64>>>> {
-    if labels.iter().any(|m| !m.contains_key(query) || !m.contains_key(key)) {
+    probes: &[(&str, &str)],
+) -> Result<Option<Vec<Vec<Vec<f64>>>>> {
+    if labels.iter().any(|m| probes.iter().any(|(q, k)| !m.contains_key(*q) || !m.contains_key(*k))) {
         return Ok(None);
     }
     let n = model.cfg.n_layers;
@@ -22,13 +22,15 @@ pub fn attention_between(
     let mut hooks = Hooks::new().cache_hooks(&pts);
     model.run(tokens, &mut hooks)?;
     let c = hooks.cache_ref();
-    let mut out = vec![vec![0f64; model.cfg.n_heads]; n];
-    for (l, row) in out.iter_mut().enumerate() {
+    let mut out = vec![vec![vec![0f64; model.cfg.n_heads]; n]; probes.len()];
+    for l in 0..n {
         let pat = c.get(HookPoint::Pattern(l))?.to_dtype(DType::F64)?; // [b,h,q,k]
-        for (i, m) in labels.iter().enumerate() {
-            let a = pat.i((i, .., m[query], m[key]))?.to_vec1::<f64>()?;
-            for (h, v) in a.into_iter().enumerate() {
-                row[h] += v / labels.len() as f64;
+        for (per_probe, (query, key)) in out.iter_mut().zip(probes) {
+            for (i, m) in labels.iter().enumerate() {
+                let a = pat.i((i, .., m[*query], m[*key]))?.to_vec1::<f64>()?;
+                for (h, v) in a.into_iter().enumerate() {
+                    per_probe[l][h] += v / labels.len() as f64;
+                }
             }
         }
     }
