@@ -10,7 +10,7 @@ import argparse, json, os, subprocess, sys, time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from patching_reference import load_tl  # noqa: E402
+from patching_reference import load_pairs, load_tl  # noqa: E402
 
 
 def med(f, n):
@@ -34,13 +34,8 @@ def main():
     a = ap.parse_args()
     from transformer_lens import patching
     tl, tok, _ = load_tl(a.smollm2_gguf)
-    pairs = [json.loads(l) for l in open(a.pairs) if l.strip()]
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
-    clean = torch.tensor([enc(p["clean"]) for p in pairs])
-    corrupt = torch.tensor([enc(p["corrupt"]) for p in pairs])
-    ans = torch.tensor([enc(p["answer"])[0] for p in pairs])
-    wrong = torch.tensor([enc(p["wrong"])[0] for p in pairs])
-    idx = torch.arange(len(pairs))
+    clean, corrupt, ans, wrong = load_pairs(tok, a.pairs)
+    idx = torch.arange(len(ans))
     ld = lambda lg: (lg[:, -1][idx, ans] - lg[:, -1][idx, wrong]).mean()
     r = {"torch_threads": torch.get_num_threads(), "batch": clean.shape[0], "seq_len": clean.shape[1]}
     x = torch.randn(1024, 1024)

@@ -33,6 +33,14 @@ def load_tl(gguf_path, use_attn_result=False):
     return tl.eval(), tok, hf
 
 
+def load_pairs(tok, path):
+    """Clean and corrupt ids [n, p] and answer / wrong ids [n] of a pairs JSONL file."""
+    pairs = [json.loads(l) for l in open(path) if l.strip()]
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    return (torch.tensor([enc(p["clean"]) for p in pairs]), torch.tensor([enc(p["corrupt"]) for p in pairs]),
+            torch.tensor([enc(p["answer"])[0] for p in pairs]), torch.tensor([enc(p["wrong"])[0] for p in pairs]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2-gguf", required=True)
@@ -43,13 +51,8 @@ def main():
     torch.set_grad_enabled(False)
     from transformer_lens import patching
     tl, tok, _ = load_tl(a.smollm2_gguf)
-    pairs = [json.loads(l) for l in open(a.pairs) if l.strip()]
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
-    clean = torch.tensor([enc(p["clean"]) for p in pairs])
-    corrupt = torch.tensor([enc(p["corrupt"]) for p in pairs])
-    ans = torch.tensor([enc(p["answer"])[0] for p in pairs])
-    wrong = torch.tensor([enc(p["wrong"])[0] for p in pairs])
-    idx = torch.arange(len(pairs))
+    clean, corrupt, ans, wrong = load_pairs(tok, a.pairs)
+    idx = torch.arange(len(ans))
 
     def ld(logits):
         last = logits[:, -1]
@@ -59,7 +62,7 @@ def main():
     ld_clean = ld(clean_logits).item()
     ld_corrupt = ld(tl(corrupt)).item()
     metric = lambda logits: (ld(logits) - ld_corrupt) / (ld_clean - ld_corrupt)
-    out = {"ld_clean": ld_clean, "ld_corrupt": ld_corrupt, "n_pairs": len(pairs), "seq_len": clean.shape[1]}
+    out = {"ld_clean": ld_clean, "ld_corrupt": ld_corrupt, "n_pairs": len(ans), "seq_len": clean.shape[1]}
     t0 = time.time()
     heads = patching.get_act_patch_attn_head_out_all_pos(tl, corrupt, clean_cache, metric)
     out["time_attn_head_out_all_pos_s"] = time.time() - t0

@@ -47,10 +47,7 @@ fn path_patching_identities() {
     use ferrolens::methods::{path_patch, HeadInput, Normalised};
     use std::sync::Arc;
     let model = tiny_gpt2(DType::F64);
-    let r = reference("tiny-gpt2/reference.safetensors");
-    let p = 9;
-    let clean = ids(&r, "p4.input_ids").narrow(1, 0, p).unwrap();
-    let corrupt = ids(&r, "p6.input_ids").narrow(1, 0, p).unwrap();
+    let (clean, corrupt) = tiny_pair();
     let raw: Arc<dyn Metric> = Arc::new(LogitDiff { answer: vec![17], wrong: vec![423] });
     let c = ferrolens::methods::metric_of(&model, &clean, raw.as_ref()).unwrap();
     let k = ferrolens::methods::metric_of(&model, &corrupt, raw.as_ref()).unwrap();

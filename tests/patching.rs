@@ -207,10 +207,7 @@ fn relp_conservation() {
 fn qk_fix_equals_recomputed_patterns() {
     use ferrolens::methods::qk_fix;
     let model = tiny_gpt2(DType::F64);
-    let r = reference("tiny-gpt2/reference.safetensors");
-    let p = 9;
-    let clean = ids(&r, "p4.input_ids").narrow(1, 0, p).unwrap();
-    let corrupt = ids(&r, "p6.input_ids").narrow(1, 0, p).unwrap();
+    let (clean, corrupt) = tiny_pair();
     let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
     let kq = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadK, true).unwrap();
     let qq = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadQ, true).unwrap();
@@ -247,10 +244,7 @@ fn qk_fix_equals_recomputed_patterns() {
 fn grad_drop_is_the_mean_of_per_layer_absolute_atp() {
     use ferrolens::methods::{attribution_with, grad_drop};
     let model = tiny_gpt2(DType::F64);
-    let r = reference("tiny-gpt2/reference.safetensors");
-    let p = 9;
-    let clean = ids(&r, "p4.input_ids").narrow(1, 0, p).unwrap();
-    let corrupt = ids(&r, "p6.input_ids").narrow(1, 0, p).unwrap();
+    let (clean, corrupt) = tiny_pair();
     let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
     let opts = AttributionOptions::default();
     let gd = grad_drop(&model, &clean, &corrupt, &metric, &[Component::HeadZ], &opts).unwrap();

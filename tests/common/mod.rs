@@ -49,3 +49,9 @@ pub fn smollm2() -> &'static HookedTransformer {
     static M: OnceLock<HookedTransformer> = OnceLock::new();
     M.get_or_init(|| load("smollm2-135m", &LoadOptions::default()).expect("smollm2-135m"))
 }
+
+/// A clean/corrupt pair for the tiny GPT-2: the first 9 tokens of reference prompts 4 and 6, `[1, 9]` each.
+pub fn tiny_pair() -> (Tensor, Tensor) {
+    let r = reference("tiny-gpt2/reference.safetensors");
+    (ids(&r, "p4.input_ids").narrow(1, 0, 9).unwrap(), ids(&r, "p6.input_ids").narrow(1, 0, 9).unwrap())
+}
