@@ -13,8 +13,8 @@ fn head_detectors_match_transformer_lens() {
     let tokens = repeated_random_tokens(4, 10, 1, 1000, 5, None);
     let want: Vec<Vec<u32>> = serde_json::from_value(r["tokens"].clone()).unwrap();
     assert_eq!(tokens, want, "the token generator must match the script's copy");
-    for d in Detector::ALL {
-        let got = detect_heads(&model, &tokens, d, false, false).unwrap();
+    let all = detect_heads(&model, &tokens, &Detector::ALL, false, false).unwrap();
+    for (d, got) in Detector::ALL.into_iter().zip(all) {
         for l in 0..2 {
             for h in 0..4 {
                 let w = r[d.name()][l][h].as_f64().unwrap();

@@ -46,8 +46,8 @@ pub fn run(a: Args) -> Result<()> {
     let tokens = repeated_random_tokens(n, half, lo, model.cfg.d_vocab as u32, seed, bos_id);
     let (mut det, mut layer, mut head, mut score) = (vec![], vec![], vec![], vec![]);
     let mut summary = serde_json::Map::new();
-    for d in Detector::ALL {
-        let s = detect_heads(&model, &tokens, d, bos, false)?;
+    let all = detect_heads(&model, &tokens, &Detector::ALL, bos, false)?;
+    for (d, s) in Detector::ALL.into_iter().zip(all) {
         for (l, row) in s.iter().enumerate() {
             for (h, v) in row.iter().enumerate() {
                 det.push(d.name().to_string());

@@ -90,42 +90,45 @@ impl Detector {
     }
 }
 
-/// TL `head_detector` scores with the `mul` measure: per prompt and head,
-/// `sum(A * P) / sum(A)`, averaged over prompts; `[layer][head]`. `exclude_bos` zeroes attention
-/// to position 0, `exclude_current` the diagonal, before scoring (both off in TL by default).
+/// TL `head_detector` scores with the `mul` measure for each of `detectors` (one forward per
+/// prompt serves them all): per prompt and head `sum(A * P) / sum(A)`, averaged over prompts;
+/// `[detector][layer][head]`. `exclude_bos` zeroes attention to position 0, `exclude_current` the
+/// diagonal, before scoring (both off in TL by default).
 pub fn detect_heads(
     model: &HookedTransformer,
     tokens: &[Vec<u32>],
-    detector: Detector,
+    detectors: &[Detector],
     exclude_bos: bool,
     exclude_current: bool,
-) -> Result<Vec<Vec<f64>>> {
+) -> Result<Vec<Vec<Vec<f64>>>> {
     let n = model.cfg.n_layers;
     let nh = model.cfg.n_heads;
-    let mut out = vec![vec![0f64; nh]; n];
+    let mut out = vec![vec![vec![0f64; nh]; n]; detectors.len()];
+    let pts: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
     for t in tokens {
         let p = t.len();
         let tt = model.tokens_tensor(std::slice::from_ref(t))?;
-        let pts: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
         let mut hooks = Hooks::new().cache_hooks(&pts);
         model.run(&tt, &mut hooks)?;
-        let refp = detector.pattern(t);
-        for (l, row) in out.iter_mut().enumerate() {
+        let refs: Vec<Vec<f64>> = detectors.iter().map(|d| d.pattern(t)).collect();
+        for l in 0..n {
             let pat = hooks.cache_ref().get(HookPoint::Pattern(l))?.to_dtype(DType::F64)?.i(0)?; // [h,q,k]
             let v: Vec<Vec<Vec<f64>>> = pat.to_vec3()?;
             for (h, a) in v.iter().enumerate() {
-                let (mut num, mut den) = (0.0, 0.0);
-                for i in 0..p {
-                    for j in 0..p {
-                        let mut x = a[i][j];
-                        if (exclude_bos && j == 0) || (exclude_current && i == j) {
-                            x = 0.0;
+                for (scores, refp) in out.iter_mut().zip(&refs) {
+                    let (mut num, mut den) = (0.0, 0.0);
+                    for i in 0..p {
+                        for j in 0..p {
+                            let mut x = a[i][j];
+                            if (exclude_bos && j == 0) || (exclude_current && i == j) {
+                                x = 0.0;
+                            }
+                            num += x * refp[i * p + j];
+                            den += x;
                         }
-                        num += x * refp[i * p + j];
-                        den += x;
                     }
+                    scores[l][h] += if den > 0.0 { num / den } else { 0.0 } / tokens.len() as f64;
                 }
-                row[h] += if den > 0.0 { num / den } else { 0.0 } / tokens.len() as f64;
             }
         }
     }
