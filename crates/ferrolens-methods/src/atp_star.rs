@@ -115,7 +115,7 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
 }
 
 /// GradDrop AtP scores: the mean over layers `l` of |AtP| with the gradient through layer `l`'s
-/// residual writes stopped. `components` and `opts` as in [`attribution`].
+/// residual writes stopped. `components` and `opts` as in [`crate::attribution::attribution`].
 pub fn grad_drop(
     model: &HookedTransformer,
     clean: &Tensor,
