@@ -13,6 +13,7 @@ pub mod heads;
 pub mod metrics;
 pub mod patching;
 pub mod path;
+pub mod retrieval;
 pub mod scores;
 
 pub use atp_star::{grad_drop, qk_fix};

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::hook::{HookPoint, NameFilter};
 use crate::lrp::LrpRules;
 use candle_core::{Tensor, Var};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 /// A user function applied at a hook point: `(activation, hook) -> new activation` of the same shape.
@@ -208,6 +208,7 @@ pub struct Hooks {
     cache: ActivationCache,
     grad_vars: HashMap<HookPoint, Var>,
     active: HashSet<HookPoint>,
+    uniform: BTreeMap<usize, Vec<usize>>,
 }
 
 impl Hooks {
@@ -245,6 +246,23 @@ impl Hooks {
     pub fn grad(mut self, hooks: &[HookPoint]) -> Self {
         self.grad_points.extend(hooks.iter().copied());
         self
+    }
+
+    /// Make these `(layer, head)` pairs attend uniformly to every position they may see (their
+    /// scores set to 0 before the causal mask), as in Wu et al.'s masking of retrieval heads.
+    pub fn uniform_attention(mut self, heads: &[(usize, usize)]) -> Self {
+        for &(l, h) in heads {
+            let hs = self.uniform.entry(l).or_default();
+            if !hs.contains(&h) {
+                hs.push(h);
+            }
+        }
+        self
+    }
+
+    /// Heads of layer `l` made to attend uniformly (see [`Hooks::uniform_attention`]).
+    pub fn uniform_heads(&self, l: usize) -> Option<&[usize]> {
+        self.uniform.get(&l).map(|v| v.as_slice())
     }
 
     /// Switch LRP rules on for this run.
@@ -287,6 +305,9 @@ impl Hooks {
                     why: "the layer is past the last block or the architecture has no such hook".into(),
                 });
             }
+        }
+        if let Some(l) = self.uniform.keys().find(|l| !valid_set.contains(&HookPoint::Pattern(**l))) {
+            return Err(Error::Input(format!("uniform attention asked for layer {l}, but the model has no such layer")));
         }
         self.active.clear();
         self.active.extend(self.patches.iter().map(|p| p.hook));

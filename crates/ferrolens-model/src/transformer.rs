@@ -8,6 +8,7 @@ use crate::config::{Activation, Config, NormKind, Positional};
 use crate::error::{Error, Result};
 use crate::hook::HookPoint;
 use crate::hooks::Hooks;
+use crate::kv::KvCache;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
@@ -259,6 +260,55 @@ impl HookedTransformer {
     /// Forward with a start/stop span. `tokens` may be `None` when `span.start` supplies the residual.
     /// Returns logits `[b,p,V]`, or the residual `[b,p,D]` when `span.stop_at_layer` is set.
     pub fn run_span(&self, tokens: Option<&Tensor>, span: &RunSpan, hooks: &mut Hooks) -> Result<Tensor> {
+        self.run_inner(tokens, span, None, hooks)
+    }
+
+    /// Feed `tokens` `[b,p]` after the positions already in `kv`, attending to all of them, and
+    /// append the new keys and values. Returns logits `[b,p,V]` (`[b,1,V]` when
+    /// `last_logits_only`). Hooks fire on this block only: `hook_k`/`hook_v` see `[b,p,kv,d]`,
+    /// `hook_attn_scores`/`hook_pattern` see `[b,h,p,T+p]`.
+    pub fn run_with_kv_cache(&self, tokens: &Tensor, kv: &mut KvCache, last_logits_only: bool, hooks: &mut Hooks) -> Result<Tensor> {
+        if kv.n_layers() != self.cfg.n_layers {
+            return Err(Error::Input(format!(
+                "the KV cache has {} layers but {} has {}; make it with KvCache::new(model.cfg.n_layers)",
+                kv.n_layers(),
+                self.cfg.name,
+                self.cfg.n_layers
+            )));
+        }
+        if let Some((k, _)) = kv.layer(0) {
+            let b = tokens.dim(0)?;
+            if k.dim(0)? != b {
+                return Err(Error::Input(format!("the KV cache holds {} rows but the tokens have {b}; use one cache per batch", k.dim(0)?)));
+            }
+        }
+        let span = RunSpan { pos_offset: kv.len(), last_logits_only, ..Default::default() };
+        self.run_inner(Some(tokens), &span, Some(kv), hooks)
+    }
+
+    /// Feed a long prompt `[b,p]` through `kv` in blocks of `chunk` positions, so that no score
+    /// matrix is larger than `[b,h,chunk,T]`. Returns the logits of the last position `[b,1,V]`.
+    /// Hooks fire once per block (a cache keeps the last block).
+    pub fn prefill(&self, tokens: &Tensor, kv: &mut KvCache, chunk: usize, hooks: &mut Hooks) -> Result<Tensor> {
+        let (_, p) = tokens.dims2().map_err(|_| Error::Input(format!("tokens must be [batch, pos], got {:?}", tokens.dims())))?;
+        if p == 0 {
+            return Err(Error::Input("nothing to prefill: the prompt has no tokens".into()));
+        }
+        self.check_len(p, kv.len())?;
+        let chunk = chunk.max(1);
+        let mut start = 0;
+        loop {
+            let n = chunk.min(p - start);
+            let last = start + n == p;
+            let logits = self.run_with_kv_cache(&tokens.narrow(1, start, n)?, kv, true, hooks)?;
+            if last {
+                return Ok(logits);
+            }
+            start += n;
+        }
+    }
+
+    fn run_inner(&self, tokens: Option<&Tensor>, span: &RunSpan, mut kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
         hooks.prepare(&self.hook_points())?;
         let cfg = &self.cfg;
         let (start_layer, mut resid) = match (&span.start, tokens) {
@@ -276,15 +326,18 @@ impl HookedTransformer {
             (None, Some(t)) => (0, self.embed(t, span.pos_offset, hooks)?),
             (None, None) => return Err(Error::Input("give tokens or a start residual".into())),
         };
+        let p = resid.dim(1)?;
         let stop = span.stop_at_layer.unwrap_or(cfg.n_layers).min(cfg.n_layers);
         for l in start_layer..stop {
-            resid = self.block(l, resid, span.pos_offset, hooks)?;
+            resid = self.block(l, resid, span.pos_offset, kv.as_deref_mut(), hooks)?;
+        }
+        if let Some(kv) = kv {
+            kv.advance(p);
         }
         if span.stop_at_layer.is_some() {
             return Ok(resid);
         }
         if span.last_logits_only {
-            let p = resid.dim(1)?;
             resid = resid.narrow(1, p - 1, 1)?;
         }
         self.unembed(resid, hooks)
@@ -416,11 +469,11 @@ impl HookedTransformer {
         }
     }
 
-    fn block(&self, l: usize, resid: Tensor, pos_offset: usize, hooks: &mut Hooks) -> Result<Tensor> {
+    fn block(&self, l: usize, resid: Tensor, pos_offset: usize, kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
         let bw = &self.w.blocks[l];
         let resid_pre = hooks.at(HookPoint::ResidPre(l), resid)?;
         let x = self.norm(&resid_pre, &bw.ln1, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l), hooks)?;
-        let attn_out = self.attention(l, &x, pos_offset, hooks)?;
+        let attn_out = self.attention(l, &x, pos_offset, kv, hooks)?;
         let attn_out = hooks.at(HookPoint::AttnOut(l), attn_out)?;
         let resid_mid = hooks.at(HookPoint::ResidMid(l), (resid_pre + attn_out)?)?;
         let x = self.norm(&resid_mid, &bw.ln2, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l), hooks)?;
@@ -429,7 +482,7 @@ impl HookedTransformer {
         hooks.at(HookPoint::ResidPost(l), (resid_mid + mlp_out)?)
     }
 
-    fn attention(&self, l: usize, x: &Tensor, pos_offset: usize, hooks: &mut Hooks) -> Result<Tensor> {
+    fn attention(&self, l: usize, x: &Tensor, pos_offset: usize, mut kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
         let cfg = &self.cfg;
         let aw = &self.w.blocks[l].attn;
         let (b, p, _) = x.dims3()?;
@@ -447,14 +500,36 @@ impl HookedTransformer {
         } else {
             (q, k)
         };
+        let (k, v) = match kv.as_deref_mut() {
+            Some(cache) => cache.append(l, k, v)?,
+            None => (k, v),
+        };
         let k = repeat_kv(&k, cfg.kv_repeat())?;
         let v = repeat_kv(&v, cfg.kv_repeat())?;
         let qt = q.transpose(1, 2)?.contiguous()?; // [b,h,p,d]
         let kt = k.transpose(1, 2)?.transpose(2, 3)?.contiguous()?; // [b,h,d,p]
         let vt = v.transpose(1, 2)?.contiguous()?; // [b,h,p,d]
         let scores = (qt.matmul(&kt)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = match hooks.uniform_heads(l) {
+            Some(heads) => {
+                if let Some(bad) = heads.iter().find(|&&x| x >= h) {
+                    return Err(Error::Input(format!("uniform attention asked for head {bad} of layer {l}, but layers have {h} heads")));
+                }
+                let keep: Vec<f32> = (0..h).map(|i| if heads.contains(&i) { 0.0 } else { 1.0 }).collect();
+                let keep = Tensor::from_vec(keep, (1, h, 1, 1), scores.device())?.to_dtype(scores.dtype())?;
+                scores.broadcast_mul(&keep)?
+            }
+            None => scores,
+        };
         let scores = causal_mask(&scores)?;
         let scores = hooks.at(HookPoint::AttnScores(l), scores)?;
+        if let Some(cache) = kv.as_deref_mut() {
+            if cache.tracks_argmax() {
+                // Argmax of the last query over keys: the pattern's argmax (softmax is monotone).
+                let last = scores.narrow(2, p - 1, 1)?.squeeze(2)?; // [b,h,T]
+                cache.set_argmax(l, last.argmax(D::Minus1)?);
+            }
+        }
         let pattern = candle_nn::ops::softmax(&scores, D::Minus1)?;
         // AH-rule: the weights are constants for the backward pass (detached before the hook, so
         // the gradient at hook_pattern itself is still available).

@@ -1,0 +1,118 @@
+//! Key/value cache for incremental decoding, with the per-head attention argmax that
+//! retrieval-head scoring reads (Wu et al. 2024).
+//!
+//! A [`KvCache`] holds, for every layer, the rotated keys and the values of every token seen so
+//! far (`[b, T, n_kv_heads, d_head]` each; GQA heads are not repeated in the cache). Feeding a
+//! block of `p` new tokens through [`HookedTransformer::run_with_kv_cache`] attends the new
+//! queries to all `T + p` keys and appends the block's keys and values, so nothing is recomputed.
+//! Long prompts are fed in chunks ([`HookedTransformer::prefill`]): the score matrix of one chunk
+//! is `[b, h, chunk, T]`, so memory grows linearly with the context, never with `T²`.
+//!
+//! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
+//! [`HookedTransformer::prefill`]: crate::HookedTransformer::prefill
+
+use crate::error::{Error, Result};
+use candle_core::Tensor;
+
+/// Keys and values of every layer for the tokens seen so far.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    track_argmax: bool,
+    argmax: Vec<Option<Tensor>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `n_layers` blocks.
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![None; n_layers], len: 0, track_argmax: false, argmax: vec![None; n_layers] }
+    }
+
+    /// Also record, at every forward, the argmax key position of the last query of each head
+    /// (see [`KvCache::argmax`]). The score matrix itself is never stored.
+    pub fn with_argmax(mut self) -> Self {
+        self.track_argmax = true;
+        self
+    }
+
+    /// Number of positions cached (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of layers the cache was made for.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether argmax tracking is on.
+    pub fn tracks_argmax(&self) -> bool {
+        self.track_argmax
+    }
+
+    /// Forget every cached token.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.argmax.iter_mut().for_each(|a| *a = None);
+        self.len = 0;
+    }
+
+    /// Rotated keys and values of layer `l`: `([b,T,n_kv,d_head], [b,T,n_kv,d_head])`.
+    pub fn layer(&self, l: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(l).and_then(|x| x.as_ref())
+    }
+
+    /// Argmax key position `[b, n_heads]` (u32) of the last query at layer `l` in the latest
+    /// forward; `None` before the first forward or when tracking is off.
+    pub fn argmax(&self, l: usize) -> Option<&Tensor> {
+        self.argmax.get(l).and_then(|x| x.as_ref())
+    }
+
+    /// Argmax positions of every layer for batch row `row`: `[n_layers][n_heads]`.
+    pub fn argmax_rows(&self, row: usize) -> Result<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(self.argmax.len());
+        for (l, a) in self.argmax.iter().enumerate() {
+            let a = a.as_ref().ok_or_else(|| {
+                Error::Input(format!("no attention argmax recorded at layer {l}: build the cache with KvCache::with_argmax and run a forward first"))
+            })?;
+            out.push(a.get(row)?.to_vec1::<u32>()?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Append a block's keys and values at layer `l`; returns the full keys and values.
+    pub(crate) fn append(&mut self, l: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let slot = self.layers.get_mut(l).ok_or_else(|| Error::Input(format!("the KV cache has no layer {l}")))?;
+        let (k, v) = match slot.take() {
+            Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 1)?, Tensor::cat(&[&v0, &v], 1)?),
+            None => (k, v),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    pub(crate) fn set_argmax(&mut self, l: usize, a: Tensor) {
+        if let Some(slot) = self.argmax.get_mut(l) {
+            *slot = Some(a);
+        }
+    }
+
+    pub(crate) fn advance(&mut self, p: usize) {
+        self.len += p;
+    }
+}
