@@ -1,0 +1,342 @@
+//! Retrieval heads: the KV-cache path against the full forward, a hand-built model whose copying
+//! head is known, the uniform-attention mask, ROUGE-1, prompt construction and a memory bound on
+//! the streaming path.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, D};
+use common::{max_abs, smollm2, tiny_gpt2};
+use ferrolens::methods::retrieval::{build_prompt, decode_with_copy_hits, default_needles, rouge1_recall, PromptFormat};
+use ferrolens::model::*;
+
+/// The full-forward pattern's argmax of the last query, per head: `[h]`.
+fn pattern_argmax(model: &HookedTransformer, tokens: &Tensor, l: usize, hooks: Hooks) -> Vec<u32> {
+    let mut hooks = hooks.cache_hooks(&[HookPoint::Pattern(l)]);
+    model.run(tokens, &mut hooks).unwrap();
+    let p = hooks.cache_ref().get(HookPoint::Pattern(l)).unwrap(); // [1,h,q,k]
+    let q = p.dim(2).unwrap();
+    p.narrow(2, q - 1, 1).unwrap().squeeze(2).unwrap().argmax(D::Minus1).unwrap().get(0).unwrap().to_vec1().unwrap()
+}
+
+/// Prefill in chunks, then decode token by token: every step's logits equal the full forward's
+/// at that position, and the argmax recorded in the cache equals the full pattern's.
+fn check_kv_against_full(model: &HookedTransformer, ids: &[u32], prefill_len: usize, chunk: usize, tol: f64, masked: &[(usize, usize)]) {
+    let dev = Device::Cpu;
+    let all = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+    let full = model.run(&all, &mut Hooks::new().uniform_attention(masked)).unwrap(); // [1,p,V]
+    let mut kv = KvCache::new(model.cfg.n_layers).with_argmax();
+    let mut hooks = Hooks::new().uniform_attention(masked);
+    let first = model.prefill(&all.narrow(1, 0, prefill_len).unwrap(), &mut kv, chunk, &mut hooks).unwrap();
+    let err = max_abs(&first, &full.narrow(1, prefill_len - 1, 1).unwrap());
+    assert!(err < tol, "prefill logits differ from the full forward by {err}");
+    for pos in prefill_len..ids.len() {
+        let t = all.narrow(1, pos, 1).unwrap();
+        let step = model.run_with_kv_cache(&t, &mut kv, true, &mut hooks).unwrap();
+        let err = max_abs(&step, &full.narrow(1, pos, 1).unwrap());
+        assert!(err < tol, "decode logits at position {pos} differ from the full forward by {err}");
+    }
+    assert_eq!(kv.len(), ids.len());
+    for l in [0, model.cfg.n_layers - 1] {
+        let cached = kv.argmax(l).unwrap().get(0).unwrap().to_vec1::<u32>().unwrap();
+        let want = pattern_argmax(model, &all, l, Hooks::new().uniform_attention(masked));
+        for (h, (a, b)) in cached.iter().zip(&want).enumerate() {
+            if masked.contains(&(l, h)) {
+                continue; // uniform: every key ties
+            }
+            assert_eq!(a, b, "layer {l} head {h}: cached argmax {a} vs pattern argmax {b}");
+        }
+    }
+}
+
+#[test]
+fn kv_cache_matches_full_forward_tiny_gpt2() {
+    let m = tiny_gpt2(DType::F64);
+    let ids: Vec<u32> = (0..23).map(|i| (i * 37 + 11) % m.cfg.d_vocab as u32).collect();
+    check_kv_against_full(&m, &ids, 17, 5, 1e-10, &[]);
+    check_kv_against_full(&m, &ids, 17, 4, 1e-10, &[(0, 1), (1, 0)]);
+}
+
+#[test]
+fn kv_cache_matches_full_forward_smollm2() {
+    let m = smollm2();
+    let ids = m.tokenizer().unwrap().encode("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid, and the capital of France is").unwrap();
+    assert!(ids.len() > 24, "{} tokens", ids.len());
+    let n = ids.len();
+    check_kv_against_full(m, &ids, n - 4, 7, 2e-4, &[]);
+    check_kv_against_full(m, &ids, n - 2, 9, 2e-4, &[(3, 2), (17, 0), (29, 8)]);
+}
+
+/// A masked head's pattern is uniform over the positions it may see: 1/(i+1) at query i.
+#[test]
+fn uniform_attention_is_uniform_and_causal() {
+    let m = tiny_gpt2(DType::F64);
+    let ids = Tensor::new(&[[5u32, 9, 2, 7, 1, 3]], &Device::Cpu).unwrap();
+    let mut hooks = Hooks::new().uniform_attention(&[(1, 2)]).cache_hooks(&[HookPoint::Pattern(1)]);
+    m.run(&ids, &mut hooks).unwrap();
+    let p = hooks.cache_ref().get(HookPoint::Pattern(1)).unwrap().get(0).unwrap(); // [h,q,k]
+    let rows: Vec<Vec<f64>> = p.get(2).unwrap().to_vec2().unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            let want = if j <= i { 1.0 / (i + 1) as f64 } else { 0.0 };
+            assert!((v - want).abs() < 1e-12, "query {i} key {j}: {v} vs {want}");
+        }
+    }
+    // Other heads are untouched.
+    let mut plain = Hooks::new().cache_hooks(&[HookPoint::Pattern(1)]);
+    m.run(&ids, &mut plain).unwrap();
+    let q = plain.cache_ref().get(HookPoint::Pattern(1)).unwrap().get(0).unwrap();
+    assert!(max_abs(&p.get(0).unwrap(), &q.get(0).unwrap()) == 0.0);
+    // Bad head / layer.
+    let e = m.run(&ids, &mut Hooks::new().uniform_attention(&[(0, 99)])).unwrap_err().to_string();
+    assert!(e.contains("head 99"), "{e}");
+    let e = m.run(&ids, &mut Hooks::new().uniform_attention(&[(7, 0)])).unwrap_err().to_string();
+    assert!(e.contains("layer 7"), "{e}");
+}
+
+/// A one-layer GPT-2-style model built by hand. Residual = one-hot token (first `V` coordinates)
+/// + one-hot position (next `N`). Head 0 attends from position `i` to `i - c` and writes that
+/// position's token to the residual, so the model predicts `tokens[i - c]` (a pure copier);
+/// head 1 attends to position 0 and writes nothing. MLP weights are zero.
+fn copy_model(v: usize, n: usize, c: usize) -> HookedTransformer {
+    let dev = Device::Cpu;
+    let d = v + n; // d_model
+    let dh = n.max(v); // d_head
+    let (h, dm) = (2usize, 4usize);
+    let t = |data: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(data, shape, &dev).unwrap();
+    let mut embed = vec![0f32; v * d];
+    (0..v).for_each(|i| embed[i * d + i] = 1.0);
+    let mut pos = vec![0f32; n * d];
+    (0..n).for_each(|i| pos[i * d + v + i] = 1.0);
+    let (mut wq, mut wk, mut wv, mut wo) = (vec![0f32; d * h * dh], vec![0f32; d * h * dh], vec![0f32; d * h * dh], vec![0f32; h * dh * d]);
+    let col = |head: usize, j: usize| head * dh + j;
+    for i in 0..n {
+        // head 0: query at i looks for key i - c; keys are their position.
+        if i >= c {
+            wq[(v + i) * h * dh + col(0, i - c)] = 4.0;
+        }
+        wk[(v + i) * h * dh + col(0, i)] = 1.0;
+        // head 1: every query has a positive weight on dim 0 after LayerNorm's centring; only
+        // position 0's key does.
+        wq[(v + i) * h * dh + col(1, 0)] = -4.0;
+    }
+    wk[v * h * dh + col(1, 0)] = 4.0;
+    for tkn in 0..v {
+        wv[tkn * h * dh + col(0, tkn)] = 1.0; // head 0 values: the token
+        wo[col(0, tkn) * d + tkn] = 1.0; // head 0 writes it back to the token coordinates
+    }
+    let ones = Tensor::ones(d, DType::F32, &dev).unwrap();
+    let zeros = Tensor::zeros(d, DType::F32, &dev).unwrap();
+    let ln = || NormWeights { w: ones.clone(), b: Some(zeros.clone()) };
+    let mut unembed = vec![0f32; d * v];
+    (0..v).for_each(|i| unembed[i * v + i] = 1.0);
+    let w = Weights {
+        embed: t(embed, (v, d)),
+        pos_embed: Some(t(pos, (n, d))),
+        blocks: vec![BlockWeights {
+            ln1: ln(),
+            attn: AttnWeights { w_q: t(wq, (d, h * dh)), b_q: None, w_k: t(wk, (d, h * dh)), b_k: None, w_v: t(wv, (d, h * dh)), b_v: None, w_o: t(wo, (h * dh, d)), b_o: None },
+            ln2: ln(),
+            mlp: MlpWeights { w_in: t(vec![0.0; d * dm], (d, dm)), b_in: None, w_gate: None, w_out: t(vec![0.0; dm * d], (dm, d)), b_out: None },
+        }],
+        ln_final: ln(),
+        unembed: t(unembed, (d, v)),
+        b_u: None,
+    };
+    let cfg = Config {
+        name: "copy-model".into(),
+        arch: Arch::Gpt2,
+        d_model: d,
+        n_layers: 1,
+        n_heads: h,
+        n_kv_heads: h,
+        d_head: dh,
+        d_mlp: dm,
+        d_vocab: v,
+        n_ctx: n,
+        eps: 1e-5,
+        norm: NormKind::LayerNorm,
+        act: Activation::GeluNew,
+        gated_mlp: false,
+        positional: Positional::Learned,
+        tied_embeddings: false,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    HookedTransformer::new(cfg, w).unwrap()
+}
+
+#[test]
+fn known_copy_head_gets_the_expected_score() {
+    let (v, n, c) = (16usize, 64usize, 8usize);
+    let m = copy_model(v, n, c);
+    let prompt: Vec<u32> = (0..40u32).map(|i| 1 + (i * 7 + 3) % 15).collect();
+    let p = prompt.len();
+    // The needle starts 2 tokens before the first copied position and is 6 tokens long: decode
+    // steps 0..3 copy from inside it (positions p-1-c .. p-1-c+3), later steps from outside.
+    let span = (p - 1 - c - 2)..(p - 1 - c + 4);
+    let run = decode_with_copy_hits(&m, &prompt, span.clone(), 8, &[], 5, &mut Hooks::new()).unwrap();
+    let want: Vec<u32> = (0..8).map(|s| if s <= c { prompt[p - 1 + s - c] } else { run.generated[s - c - 1] }).collect();
+    assert_eq!(run.generated, want, "the model must copy tokens[i - {c}]");
+    let score = |hits: f64| hits / span.len() as f64;
+    assert!((score(run.hits[0][0]) - 4.0 / 6.0).abs() < 1e-12, "copy head score {} (want 4/6)", score(run.hits[0][0]));
+    assert_eq!(run.hits[0][1], 0.0, "head 1 attends to position 0, outside the needle");
+    // Same prompt, needle moved elsewhere: no hits although the head still copies.
+    let run2 = decode_with_copy_hits(&m, &prompt, 2..10, 8, &[], 64, &mut Hooks::new()).unwrap();
+    assert_eq!(run2.generated, run.generated);
+    assert_eq!(run2.hits[0][0], 0.0);
+    // Masking the copy head (uniform attention) breaks the copy and its hits.
+    let masked = decode_with_copy_hits(&m, &prompt, span.clone(), 8, &[], 5, &mut Hooks::new().uniform_attention(&[(0, 0)])).unwrap();
+    assert_ne!(masked.generated, run.generated);
+    assert_eq!(masked.hits[0][0], 0.0);
+    // Masking the other head changes nothing.
+    let other = decode_with_copy_hits(&m, &prompt, span, 8, &[], 5, &mut Hooks::new().uniform_attention(&[(0, 1)])).unwrap();
+    assert_eq!(other.generated, run.generated);
+    assert_eq!(other.hits, run.hits);
+}
+
+#[test]
+fn decode_rejects_bad_requests() {
+    let m = copy_model(16, 64, 8);
+    let prompt: Vec<u32> = (0..40).map(|i| 1 + i % 15).collect();
+    let e = decode_with_copy_hits(&m, &prompt, 30..50, 4, &[], 8, &mut Hooks::new()).unwrap_err().to_string();
+    assert!(e.contains("outside the prompt"), "{e}");
+    let e = decode_with_copy_hits(&m, &prompt, 3..6, 30, &[], 8, &mut Hooks::new()).unwrap_err().to_string();
+    assert!(e.contains("context of 64 tokens"), "{e}");
+    let mut kv = KvCache::new(3);
+    let t = Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap();
+    let e = m.run_with_kv_cache(&t, &mut kv, true, &mut Hooks::new()).unwrap_err().to_string();
+    assert!(e.contains("KvCache::new"), "{e}");
+    let mut kv = KvCache::new(1);
+    m.run_with_kv_cache(&t, &mut kv, true, &mut Hooks::new()).unwrap();
+    let t2 = Tensor::new(&[[1u32], [2]], &Device::Cpu).unwrap();
+    let e = m.run_with_kv_cache(&t2, &mut kv, true, &mut Hooks::new()).unwrap_err().to_string();
+    assert!(e.contains("one cache per batch"), "{e}");
+    let long = Tensor::new(vec![1u32; 63], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let e = m.prefill(&long, &mut kv, 16, &mut Hooks::new()).unwrap_err().to_string();
+    assert!(e.contains("at most 64"), "{e}");
+}
+
+#[test]
+fn rouge1_recall_counts_words_with_multiplicity() {
+    assert_eq!(rouge1_recall("eat a sandwich", "I would eat a sandwich."), 1.0);
+    assert_eq!(rouge1_recall("Silver falcon seventeen", "silver FALCON"), 2.0 / 3.0);
+    // Repeated reference words need repeated candidate words.
+    assert_eq!(rouge1_recall("a b a b", "a b"), 0.5);
+    assert_eq!(rouge1_recall("smoked paprika", "nothing here"), 0.0);
+    assert_eq!(rouge1_recall("", "anything"), 0.0);
+}
+
+#[test]
+fn prompts_have_the_asked_length_and_the_needle_after_a_sentence() {
+    let m = smollm2();
+    let tok = m.tokenizer().unwrap();
+    let fmt = PromptFormat::for_tokenizer(tok);
+    assert!(fmt.prefix.starts_with("<|im_start|>"), "SmolLM2 is a ChatML model");
+    let hay_text = std::fs::read_to_string(common::fixtures().join("haystack/factbook-backgrounds.txt")).unwrap();
+    for n in default_needles() {
+        assert!(!hay_text.contains(&n.needle), "the haystack must not contain the needle");
+    }
+    let hay = tok.encode(&hay_text).unwrap();
+    assert!(hay.len() > 8192, "the haystack has {} tokens", hay.len());
+    let needle = &default_needles()[0];
+    for (len, depth) in [(300usize, 0.0f64), (600, 0.5), (1000, 1.0)] {
+        let p = build_prompt(tok, &fmt, &hay, needle, len, depth).unwrap();
+        assert_eq!(p.ids.len(), len);
+        let text = tok.decode(&p.ids[p.needle_span.clone()]).unwrap();
+        assert_eq!(text.trim(), needle.needle);
+        assert!(p.actual_depth <= depth + 1e-9 && p.actual_depth > depth - 0.2, "depth {depth} -> {}", p.actual_depth);
+        if p.needle_span.start > tok.encode(&fmt.prefix).unwrap().len() {
+            let before = tok.decode(&p.ids[p.needle_span.start - 1..p.needle_span.start]).unwrap();
+            assert!(before.trim_end().ends_with('.'), "needle inserted after {before:?}");
+        }
+    }
+    let e = build_prompt(tok, &fmt, &hay, needle, 40, 0.5).unwrap_err().to_string();
+    assert!(e.contains("no room"), "{e}");
+    let e = build_prompt(tok, &fmt, &hay[..100], needle, 1000, 0.5).unwrap_err().to_string();
+    assert!(e.contains("haystack has 100 tokens"), "{e}");
+    let e = build_prompt(tok, &fmt, &hay, needle, 1000, 1.5).unwrap_err().to_string();
+    assert!(e.contains("outside [0, 1]"), "{e}");
+}
+
+/// Peak and current resident memory of this process (Linux), in bytes.
+fn rss() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        let l = s.lines().find(|l| l.starts_with(name)).unwrap();
+        l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// The streaming path at an 8192-token context on a random 2-layer model: a full score matrix
+/// would be 4 heads x 8192² x 4 bytes = 1 GiB per layer; chunked prefill (128 positions) and
+/// decoding must stay within the KV cache plus 8 score blocks (`[4, 128, 8192]` f32 = 16 MiB each:
+/// scores, mask, softmax temporaries) plus 48 MiB. Runs in a child process so that other tests'
+/// memory does not count.
+#[test]
+fn streaming_memory_is_bounded() {
+    if std::env::var("FERROLENS_MEMORY_CHILD").is_ok() {
+        return memory_child();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", "streaming_memory_is_bounded", "--nocapture", "--test-threads=1"])
+        .env("FERROLENS_MEMORY_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{text}");
+    let at = text.find("MEMORY ").unwrap_or_else(|| panic!("no MEMORY line in:\n{text}"));
+    let v: Vec<f64> = text[at..].lines().next().unwrap().split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+    let (growth, kv, block) = (v[0], v[1], v[2]);
+    let mib = 1024.0 * 1024.0;
+    println!("peak growth {:.0} MiB, KV cache {:.1} MiB, score block {:.0} MiB", growth / mib, kv / mib, block / mib);
+    assert!(growth < kv + 8.0 * block + 48.0 * mib, "peak memory grew by {:.0} MiB (KV cache {:.1} MiB)", growth / mib, kv / mib);
+    assert!(growth < 1024.0 * mib, "a full score matrix would be 1 GiB; the streaming path used {:.0} MiB", growth / mib);
+}
+
+fn memory_child() {
+    let (t, d, h, dh, layers, v) = (8192usize, 64usize, 4usize, 16usize, 2usize, 256usize);
+    let dev = Device::Cpu;
+    let r = |shape: &[usize], s: f64| Tensor::randn(0f32, s as f32, shape, &dev).unwrap();
+    let norm = || NormWeights { w: Tensor::ones(d, DType::F32, &dev).unwrap(), b: None };
+    let blocks = (0..layers)
+        .map(|_| BlockWeights {
+            ln1: norm(),
+            attn: AttnWeights { w_q: r(&[d, h * dh], 0.3), b_q: None, w_k: r(&[d, h * dh], 0.3), b_k: None, w_v: r(&[d, h * dh], 0.1), b_v: None, w_o: r(&[h * dh, d], 0.1), b_o: None },
+            ln2: norm(),
+            mlp: MlpWeights { w_in: r(&[d, 4 * d], 0.1), b_in: None, w_gate: Some(r(&[d, 4 * d], 0.1)), w_out: r(&[4 * d, d], 0.1), b_out: None },
+        })
+        .collect();
+    let w = Weights { embed: r(&[v, d], 1.0), pos_embed: None, blocks, ln_final: norm(), unembed: r(&[d, v], 0.1), b_u: None };
+    let cfg = Config {
+        name: "random-llama".into(),
+        arch: Arch::Llama,
+        d_model: d,
+        n_layers: layers,
+        n_heads: h,
+        n_kv_heads: h,
+        d_head: dh,
+        d_mlp: 4 * d,
+        d_vocab: v,
+        n_ctx: t + 8,
+        eps: 1e-5,
+        norm: NormKind::RmsNorm,
+        act: Activation::Silu,
+        gated_mlp: true,
+        positional: Positional::Rotary { base: 10000.0, dim: dh },
+        tied_embeddings: false,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    let m = HookedTransformer::new(cfg, w).unwrap();
+    let prompt: Vec<u32> = (0..t as u32).map(|i| (i * 31 + 7) % v as u32).collect();
+    let (_, before) = rss();
+    let chunk = 128;
+    let run = decode_with_copy_hits(&m, &prompt, 100..120, 4, &[], chunk, &mut Hooks::new()).unwrap();
+    assert_eq!(run.generated.len(), 4);
+    let (peak, _) = rss();
+    let kv_bytes = (layers * 2 * (t + 4) * h * dh * 4) as f64;
+    let block = (h * chunk * t * 4) as f64;
+    println!("MEMORY {} {} {}", peak.saturating_sub(before), kv_bytes, block);
+}
