@@ -340,3 +340,74 @@ fn memory_child() {
     let block = (h * chunk * t * 4) as f64;
     println!("MEMORY {} {} {}", peak.saturating_sub(before), kv_bytes, block);
 }
+
+/// The fused decode step (CPU reference of the CUDA kernel) against the unfused formula:
+/// GQA (8 query heads on 2 KV heads), two heads made uniform.
+#[test]
+fn fused_decode_attention_matches_the_formula() {
+    let dev = Device::Cpu;
+    let (b, h, kvh, t, d) = (2usize, 8usize, 2usize, 37usize, 16usize);
+    let q = Tensor::randn(0f32, 1.0, (b, h, d), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (b, t, kvh, d), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (b, t, kvh, d), &dev).unwrap();
+    let scale = 0.25;
+    let (z, arg) = ferrolens::model::fused::decode_attention(&q, &k, &v, scale, &[1, 6]).unwrap();
+    assert_eq!(z.dims(), &[b, h, d]);
+    assert_eq!(arg.dims(), &[b, h]);
+    let qv: Vec<Vec<Vec<f32>>> = q.to_vec3().unwrap();
+    let kf: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+    let vf: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
+    let zv: Vec<Vec<Vec<f32>>> = z.to_vec3().unwrap();
+    let av: Vec<Vec<u32>> = arg.to_vec2().unwrap();
+    for bi in 0..b {
+        for head in 0..h {
+            let g = head / (h / kvh);
+            let at = |buf: &[f32], j: usize, c: usize| buf[((bi * t + j) * kvh + g) * d + c] as f64;
+            let uniform = head == 1 || head == 6;
+            let s: Vec<f64> = (0..t)
+                .map(|j| if uniform { 0.0 } else { (0..d).map(|c| qv[bi][head][c] as f64 * at(&kf, j, c)).sum::<f64>() * scale })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let want_arg = s.iter().position(|x| *x == m).unwrap();
+            assert_eq!(av[bi][head] as usize, want_arg, "row {bi} head {head}");
+            let den: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for c in 0..d {
+                let want: f64 = (0..t).map(|j| (s[j] - m).exp() / den * at(&vf, j, c)).sum();
+                assert!((zv[bi][head][c] as f64 - want).abs() < 1e-5, "row {bi} head {head} col {c}: {} vs {want}", zv[bi][head][c]);
+            }
+        }
+    }
+    let e = ferrolens::model::fused::decode_attention(&q, &k, &v, scale, &[8]).unwrap_err().to_string();
+    assert!(e.contains("head 8"), "{e}");
+}
+
+/// Decoding with the fused step and with the generic path gives the same logits and argmaxes.
+#[test]
+fn fused_and_generic_decoding_agree_on_smollm2() {
+    let m = smollm2();
+    let ids = m.tokenizer().unwrap().encode("The password to the lighthouse is silver falcon. Repeat it: the password to the lighthouse is").unwrap();
+    let all = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let n = ids.len();
+    let mut out = vec![];
+    for fused in [true, false] {
+        let mut kv = KvCache::new(m.cfg.n_layers).with_argmax().fused(fused);
+        let mut hooks = Hooks::new().uniform_attention(&[(5, 4)]);
+        m.prefill(&all.narrow(1, 0, n - 3).unwrap(), &mut kv, 8, &mut hooks).unwrap();
+        let mut steps = vec![];
+        for pos in n - 3..n {
+            let l = m.run_with_kv_cache(&all.narrow(1, pos, 1).unwrap(), &mut kv, true, &mut hooks).unwrap();
+            steps.push((l, kv.argmax_rows(0).unwrap()));
+        }
+        out.push(steps);
+    }
+    for ((lf, af), (lg, ag)) in out[0].iter().zip(&out[1]) {
+        assert!(max_abs(lf, lg) < 1e-4, "fused vs generic logits: {}", max_abs(lf, lg));
+        for (l, (rf, rg)) in af.iter().zip(ag).enumerate() {
+            for (hd, (x, y)) in rf.iter().zip(rg).enumerate() {
+                if (l, hd) != (5, 4) {
+                    assert_eq!(x, y, "argmax at layer {l} head {hd}");
+                }
+            }
+        }
+    }
+}

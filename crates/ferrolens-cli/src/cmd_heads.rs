@@ -83,6 +83,9 @@ pub struct RetrievalArgs {
     /// non-retrieval heads), comma-separated; 0 to skip.
     #[arg(long, value_delimiter = ',', default_values_t = [5usize, 20])]
     mask_k: Vec<usize>,
+    /// Context lengths of the masking runs (default: the scoring lengths).
+    #[arg(long, value_delimiter = ',')]
+    mask_lengths: Vec<usize>,
     /// Random draws per K for the random-heads baseline.
     #[arg(long, default_value_t = 1)]
     random_draws: usize,
@@ -175,18 +178,19 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         chunk: a.chunk,
         rouge_threshold: a.rouge_threshold,
     };
-    let sweep = |what: &str, masked: &[(usize, usize)]| -> Result<NiahSweep> {
+    let mask_opts = NiahOptions { lengths: if a.mask_lengths.is_empty() { a.lengths.clone() } else { a.mask_lengths.clone() }, ..opts.clone() };
+    let sweep = |what: &str, opts: &NiahOptions, masked: &[(usize, usize)]| -> Result<NiahSweep> {
         let bar = crate::progress_bar(a.quiet, what);
         let cb = |done: usize, total: usize| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         };
-        let s = niah_sweep(&model, &haystack, &needles, &opts, masked, &cb)?;
+        let s = niah_sweep(&model, &haystack, &needles, opts, masked, &cb)?;
         bar.finish_and_clear();
         Ok(s)
     };
     let t_score = std::time::Instant::now();
-    let base = sweep("retrieval scores", &[])?;
+    let base = sweep("retrieval scores", &opts, &[])?;
     let score_s = t_score.elapsed().as_secs_f64();
     let scores = base.head_scores();
     let ranked = ranked_heads(&scores);
@@ -222,18 +226,20 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
     )?;
 
     // Masking experiment: top-K retrieval heads vs K random heads scoring at most the threshold.
+    // The unmasked baseline on the masking grid (the scoring sweep itself when the grids agree).
+    let mask_base = if mask_opts.lengths == opts.lengths || a.mask_k.iter().all(|&k| k == 0) { base.clone() } else { sweep("masking baseline", &mask_opts, &[])? };
     let mut mask_rows: Vec<(String, usize, usize, f64, f64, String)> =
-        vec![("none".into(), 0, 0, base.accuracy(), base.mean_rouge(), String::new())];
+        vec![("none".into(), 0, 0, mask_base.accuracy(), mask_base.mean_rouge(), String::new())];
     for &k in a.mask_k.iter().filter(|&&k| k > 0) {
         let top: Vec<(usize, usize)> = ranked.iter().take(k).map(|x| (x.0, x.1)).collect();
-        let s = sweep(&format!("mask top {k}"), &top)?;
+        let s = sweep(&format!("mask top {k}"), &mask_opts, &top)?;
         mask_rows.push(("top".into(), k, 0, s.accuracy(), s.mean_rouge(), fmt_heads(&top)));
         for draw in 0..a.random_draws.max(1) {
             let rnd = random_heads(&scores, a.threshold, k, a.seed + draw as u64);
             if rnd.len() < k {
                 bail!("only {} heads score at most {} : cannot draw {k} random non-retrieval heads", rnd.len(), a.threshold);
             }
-            let s = sweep(&format!("mask random {k}"), &rnd)?;
+            let s = sweep(&format!("mask random {k}"), &mask_opts, &rnd)?;
             mask_rows.push(("random".into(), k, draw, s.accuracy(), s.mean_rouge(), fmt_heads(&rnd)));
         }
     }
@@ -252,6 +258,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         "n_layers": model.cfg.n_layers,
         "n_heads": n_heads,
         "lengths": a.lengths,
+        "mask_lengths": mask_opts.lengths,
         "depths": a.depths,
         "needles": needles,
         "runs": base.runs.len(),

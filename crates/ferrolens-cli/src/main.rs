@@ -20,7 +20,16 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Device for the model: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// Weight dtype: f32, bf16 or f16 (GPU; norms and softmax still run in f32), or f64.
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: String,
 }
+
+/// Where and in which dtype `load_model` puts the weights (from `--device` / `--dtype`).
+static LOAD_OPTIONS: std::sync::OnceLock<ferrolens_model::LoadOptions> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -50,6 +59,16 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    let opts = ferrolens_model::parse_device(&cli.device).and_then(|device| Ok(ferrolens_model::LoadOptions { device, dtype: ferrolens_model::parse_dtype(&cli.dtype)? }));
+    match opts {
+        Ok(o) => {
+            let _ = LOAD_OPTIONS.set(o);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
     let res = match cli.cmd {
         Cmd::Run(a) => cmd_run::run(a),
         Cmd::Cache(a) => cmd_cache::run(a),
@@ -71,7 +90,10 @@ fn main() {
 
 fn info() -> anyhow::Result<()> {
     println!("ferrolens {}", env!("CARGO_PKG_VERSION"));
-    println!("devices: cpu ({} threads)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let devices: Vec<String> =
+        ferrolens_model::available_devices().into_iter().map(|d| if d == "cpu" { format!("cpu ({threads} threads)") } else { d }).collect();
+    println!("devices: {}", devices.join(", "));
     println!("cuda: {}", if candle_core::utils::cuda_is_available() { "available" } else { "not built in (build with --features cuda)" });
     println!("models dir: {}", ferrolens_model::registry::models_dir().display());
     Ok(())
@@ -90,5 +112,6 @@ pub(crate) fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
 
 /// Load a model by name, path or hub id (shared by the subcommands).
 pub(crate) fn load_model(spec: &str) -> anyhow::Result<ferrolens_model::HookedTransformer> {
-    Ok(ferrolens_model::load(spec, &ferrolens_model::LoadOptions::default())?)
+    let opts = LOAD_OPTIONS.get().cloned().unwrap_or_default();
+    Ok(ferrolens_model::load(spec, &opts)?)
 }

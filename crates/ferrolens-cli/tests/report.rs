@@ -52,6 +52,13 @@ fn discover_writes_a_report_that_renders_in_chromium() {
     let circuit: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("circuit.json")).unwrap()).unwrap();
     assert_eq!(circuit["nodes"].as_array().unwrap().len(), 25);
 
+    renders_in_chromium(&out, 5);
+}
+
+
+/// Open `out/report.html` in headless Chromium: no console errors, at least `min_figures` figures,
+/// all laid out with a non-empty box, and a non-blank screenshot saved beside the report.
+fn renders_in_chromium(out: &std::path::Path, min_figures: usize) {
     let profile = out.join("chromium-profile");
     let url = format!("file://{}", out.join("report.html").display());
     let dom = headless(&["--dump-dom", "--virtual-time-budget=3000"], &url, &profile);
@@ -65,10 +72,43 @@ fn discover_writes_a_report_that_renders_in_chromium() {
         html[i + key.len()..].split('"').next().unwrap().parse().unwrap()
     };
     let (n, rendered) = (attr("data-figures"), attr("data-figures-rendered"));
-    assert!(n >= 5, "only {n} figures");
+    assert!(n >= min_figures, "only {n} figures");
     assert_eq!(rendered, n, "{rendered} of {n} figures rendered");
     let shot = out.join("report-screenshot.png");
     let s = headless(&["--window-size=1280,4000", &format!("--screenshot={}", shot.display())], &url, &profile);
     assert!(s.status.success());
     assert!(std::fs::metadata(&shot).map(|m| m.len() > 20_000).unwrap_or(false), "screenshot missing or blank");
+}
+
+#[test]
+fn heads_retrieval_writes_scores_masking_and_a_report() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("retrieval-report");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrolens"))
+        .args(["heads", "retrieval", "--lengths", "320", "--depths", "0.3", "--n-needles", "2", "--max-new-tokens", "28", "--mask-k", "3", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["report.html", "summary.json", "scores.csv", "scores.parquet", "runs.csv", "masking.csv", "retrieval_heatmap.svg", "retrieval_heatmap.png"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let scores = std::fs::read_to_string(out.join("scores.csv")).unwrap();
+    let mut lines = scores.lines();
+    assert_eq!(lines.next(), Some("layer,head,score"));
+    let rows: Vec<f64> = lines.map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect();
+    assert_eq!(rows.len(), 270, "30 layers x 9 heads");
+    assert!(rows.iter().all(|s| (0.0..=1.0).contains(s)), "scores are fractions of the needle");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    // SmolLM2-135M-Instruct copies both needles back word for word at this length.
+    assert_eq!(s["runs"], 2);
+    assert_eq!(s["runs_correct"], 2, "{s}");
+    let n = s["n_retrieval_heads"].as_u64().unwrap();
+    assert!((1..27).contains(&n), "{n} retrieval heads: expected a sparse set (Wu et al.: under 5%)");
+    let top = s["top_heads"][0]["score"].as_f64().unwrap();
+    assert!(top > 0.3, "the best head copies most of the needle ({top})");
+    let masking = std::fs::read_to_string(out.join("masking.csv")).unwrap();
+    let kinds: Vec<&str> = masking.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(kinds, ["none", "top", "random"]);
+    renders_in_chromium(&out, 1);
 }

@@ -70,7 +70,7 @@ impl Intervention {
 
     fn apply(&self, x: &Tensor, hook: HookPoint) -> Result<Tensor> {
         let fit = |t: &Tensor| -> Result<Tensor> {
-            let t = t.to_dtype(x.dtype())?;
+            let t = t.to_device(x.device())?.to_dtype(x.dtype())?;
             t.broadcast_as(x.shape()).map_err(|_| {
                 Error::Input(format!(
                     "intervention tensor of shape {:?} does not broadcast to `{hook}` of shape {:?}",
@@ -186,7 +186,7 @@ impl Patch {
             mask = mask.broadcast_mul(&m)?;
         }
         if let Some(m) = &self.mask {
-            let m = m.to_dtype(x.dtype())?;
+            let m = m.to_device(x.device())?.to_dtype(x.dtype())?;
             mask = mask.broadcast_mul(&m).map_err(|_| {
                 Error::Input(format!("patch mask of shape {:?} does not broadcast to `{}` of shape {:?}", m.dims(), self.hook, dims))
             })?;

@@ -20,13 +20,14 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
     track_argmax: bool,
+    fused: bool,
     argmax: Vec<Option<Tensor>>,
 }
 
 impl KvCache {
     /// An empty cache for a model with `n_layers` blocks.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers], len: 0, track_argmax: false, argmax: vec![None; n_layers] }
+        Self { layers: vec![None; n_layers], len: 0, track_argmax: false, fused: true, argmax: vec![None; n_layers] }
     }
 
     /// Also record, at every forward, the argmax key position of the last query of each head
@@ -34,6 +35,19 @@ impl KvCache {
     pub fn with_argmax(mut self) -> Self {
         self.track_argmax = true;
         self
+    }
+
+    /// Use the fused decode-attention step ([`crate::fused::decode_attention`]) for single-token
+    /// forwards where nothing needs the scores or the pattern (on by default; off gives the
+    /// generic path, which the fused one must match).
+    pub fn fused(mut self, on: bool) -> Self {
+        self.fused = on;
+        self
+    }
+
+    /// Whether the fused step may be used.
+    pub fn uses_fused(&self) -> bool {
+        self.fused
     }
 
     /// Number of positions cached (the next token's position).

@@ -18,7 +18,9 @@
 
 pub mod cache;
 pub mod config;
+pub mod device;
 pub mod error;
+pub mod fused;
 pub mod gpt2;
 pub mod hook;
 pub mod hooks;
@@ -32,6 +34,7 @@ pub mod transformer;
 
 pub use cache::ActivationCache;
 pub use config::{Activation, Arch, Config, NormKind, Positional};
+pub use device::{available_devices, device_name, parse_device, parse_dtype};
 pub use error::{Error, Result};
 pub use hook::{HookPoint, NameFilter};
 pub use hooks::{HookFn, Hooks, Intervention, Patch};

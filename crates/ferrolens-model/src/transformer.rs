@@ -423,17 +423,21 @@ impl HookedTransformer {
 
     fn norm(&self, x: &Tensor, nw: &NormWeights, scale_hook: HookPoint, norm_hook: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
         let eps = self.cfg.eps;
+        // bf16/f16 models normalise in f32 (the scale and normalized hooks then see f32).
+        let dtype = x.dtype();
+        let x = &widen(x)?;
+        let wide = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(x.dtype())?) };
         match self.cfg.norm {
             NormKind::LayerNorm => {
                 let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
                 let scale = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
                 let scale = hooks.at(scale_hook, scale)?;
                 let scale = if hooks.lrp.ln { scale.detach() } else { scale };
-                let mut y = xc.broadcast_div(&scale)?.broadcast_mul(&nw.w)?;
+                let mut y = xc.broadcast_div(&scale)?.broadcast_mul(&wide(&nw.w)?)?;
                 if let Some(b) = &nw.b {
-                    y = y.broadcast_add(b)?;
+                    y = y.broadcast_add(&wide(b)?)?;
                 }
-                hooks.at(norm_hook, y)
+                Ok(hooks.at(norm_hook, y)?.to_dtype(dtype)?)
             }
             NormKind::RmsNorm => {
                 let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
@@ -441,7 +445,7 @@ impl HookedTransformer {
                 let scale = if hooks.lrp.ln { scale.detach() } else { scale };
                 let n = x.broadcast_div(&scale)?;
                 let n = hooks.at(norm_hook, n)?;
-                Ok(n.broadcast_mul(&nw.w)?)
+                Ok(n.broadcast_mul(&wide(&nw.w)?)?.to_dtype(dtype)?)
             }
         }
     }
@@ -504,12 +508,38 @@ impl HookedTransformer {
             Some(cache) => cache.append(l, k, v)?,
             None => (k, v),
         };
+        let scale = 1.0 / (d as f64).sqrt();
+        let fused = match kv.as_deref() {
+            Some(cache) => {
+                cache.uses_fused()
+                    && p == 1
+                    && q.dtype() == DType::F32
+                    && h <= 64
+                    && d <= 256
+                    && !hooks.wants(HookPoint::AttnScores(l))
+                    && !hooks.wants(HookPoint::Pattern(l))
+                    && hooks.grad_point_set().is_empty()
+            }
+            None => false,
+        };
+        if fused {
+            // One decode step: scores, softmax, argmax and the weighted sum in one op.
+            let uniform = hooks.uniform_heads(l).unwrap_or(&[]).to_vec();
+            let (z, arg) = crate::fused::decode_attention(&q.squeeze(1)?, &k, &v, scale, &uniform)?;
+            if let Some(cache) = kv.as_deref_mut() {
+                if cache.tracks_argmax() {
+                    cache.set_argmax(l, arg);
+                }
+            }
+            let z = z.unsqueeze(1)?; // [b,1,h,d]
+            return self.attn_output(l, z, hooks);
+        }
         let k = repeat_kv(&k, cfg.kv_repeat())?;
         let v = repeat_kv(&v, cfg.kv_repeat())?;
         let qt = q.transpose(1, 2)?.contiguous()?; // [b,h,p,d]
         let kt = k.transpose(1, 2)?.transpose(2, 3)?.contiguous()?; // [b,h,d,p]
         let vt = v.transpose(1, 2)?.contiguous()?; // [b,h,p,d]
-        let scores = (qt.matmul(&kt)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = (qt.matmul(&kt)? * scale)?;
         let scores = match hooks.uniform_heads(l) {
             Some(heads) => {
                 if let Some(bad) = heads.iter().find(|&&x| x >= h) {
@@ -530,12 +560,21 @@ impl HookedTransformer {
                 cache.set_argmax(l, last.argmax(D::Minus1)?);
             }
         }
-        let pattern = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // Softmax in f32 for bf16/f16 models.
+        let pattern = candle_nn::ops::softmax(&widen(&scores)?, D::Minus1)?.to_dtype(scores.dtype())?;
         // AH-rule: the weights are constants for the backward pass (detached before the hook, so
         // the gradient at hook_pattern itself is still available).
         let pattern = if hooks.lrp.attn { pattern.detach() } else { pattern };
         let pattern = hooks.at(HookPoint::Pattern(l), pattern)?;
         let z = pattern.matmul(&vt)?.transpose(1, 2)?.contiguous()?; // [b,p,h,d]
+        self.attn_output(l, z, hooks)
+    }
+
+    /// `hook_z` `[b,p,h,d]`, then (optionally `hook_result`) the output projection to `[b,p,D]`.
+    fn attn_output(&self, l: usize, z: Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let aw = &self.w.blocks[l].attn;
+        let (b, p, h, d) = z.dims4()?;
         let z = hooks.at(HookPoint::Z(l), z)?;
         if hooks.wants(HookPoint::Result(l)) {
             // result[b,p,h,:] = z[b,p,h,:] @ W_O[h]   -> [b,p,h,D]
@@ -619,6 +658,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out = dims[..dims.len() - 1].to_vec();
     out.push(w.dim(1)?);
     Ok(y.reshape(out)?)
+}
+
+/// `x` in f32 when it is bf16/f16, else itself (no copy).
+fn widen(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::BF16 | DType::F16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    })
 }
 
 /// `[b,p,kv,d]` to `[b,p,kv*n,d]`, each kv head repeated `n` times consecutively (HF `repeat_kv`).
