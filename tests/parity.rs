@@ -78,3 +78,35 @@ fn smollm2_cache_matches_transformer_lens() {
     let n = check_cache(model, &r, 2);
     assert!(n >= 2 * 3 * 15, "only {n} activations checked");
 }
+
+/// bf16 weights (the GPU option): norms and softmax run in f32 (their hooks see f32), and the
+/// last-position logits stay close to HF's f32 reference with the same top-1 token.
+#[test]
+fn smollm2_bf16_tracks_f32() {
+    let model = ferrolens::model::load("smollm2-135m", &ferrolens::model::LoadOptions { dtype: DType::BF16, device: candle_core::Device::Cpu }).unwrap();
+    let r = reference("smollm2/reference.safetensors");
+    let mut worst = 0f64;
+    for i in 0..4 {
+        let tokens = ids(&r, &format!("p{i}.input_ids"));
+        let mut hooks = ferrolens::model::Hooks::new().cache("blocks.3.ln1.hook_scale,blocks.3.hook_resid_pre,blocks.3.attn.hook_pattern").unwrap();
+        let logits = model.run(&tokens, &mut hooks).unwrap().i(0).unwrap();
+        assert_eq!(logits.dtype(), DType::BF16);
+        let c = hooks.cache_ref();
+        assert_eq!(c.by_name("blocks.3.hook_resid_pre").unwrap().dtype(), DType::BF16);
+        assert_eq!(c.by_name("blocks.3.ln1.hook_scale").unwrap().dtype(), DType::F32, "norms run in f32");
+        // Softmax in f32: every pattern row sums to 1 within bf16 rounding of the stored values.
+        let rows = c.by_name("blocks.3.attn.hook_pattern").unwrap().to_dtype(DType::F64).unwrap().sum(candle_core::D::Minus1).unwrap();
+        let dev = rows.affine(1.0, -1.0).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(dev < 2e-2, "pattern rows sum to 1 +- {dev}");
+        let p = logits.dim(0).unwrap();
+        let last = logits.i(p - 1).unwrap().to_dtype(DType::F64).unwrap();
+        let want = r[&format!("p{i}.logits_last")].to_dtype(DType::F64).unwrap();
+        let centre = |t: &Tensor| t.broadcast_sub(&t.mean_keepdim(candle_core::D::Minus1).unwrap()).unwrap();
+        let d = max_abs(&centre(&last), &centre(&want));
+        worst = worst.max(d);
+        let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(top(&last), top(&want), "prompt {i}: bf16 changes the top-1 token");
+    }
+    eprintln!("bf16 vs f32 reference: max centred logit difference {worst:.3}");
+    assert!(worst < 1.5, "bf16 logits drift by {worst}");
+}

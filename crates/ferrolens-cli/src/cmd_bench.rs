@@ -4,7 +4,7 @@ use crate::study::prepare;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, PatchingData, SweepOptions};
-use ferrolens_model::{HookPoint, Hooks, LrpRules};
+use ferrolens_model::{HookPoint, Hooks, KvCache, LrpRules};
 use ferrolens_tasks::{read_jsonl, PairBatch};
 use std::time::Instant;
 
@@ -20,9 +20,15 @@ pub struct Args {
     /// Repeats per timing (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
-    /// What to time: forward, heads, atp, relp, sgemm (comma-separated).
+    /// What to time: sgemm, forward, atp, relp, heads, decode (comma-separated).
     #[arg(long, default_value = "sgemm,forward,atp,relp,heads")]
     what: String,
+    /// Context length of the `decode` benchmark (prefill, then greedy decoding with a KV cache).
+    #[arg(long, default_value_t = 2048)]
+    decode_context: usize,
+    /// Tokens decoded per `decode` timing.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -30,15 +36,42 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<F: FnMut() -> Result<()>>(n: usize, mut f: F) -> Result<f64> {
+/// Median wall time of `n` runs after a warm-up; waits for the device after each run.
+fn time<F: FnMut() -> Result<()>>(dev: &Device, n: usize, mut f: F) -> Result<f64> {
     f()?; // warm-up
+    dev.synchronize()?;
     let mut v = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
         f()?;
+        dev.synchronize()?;
         v.push(t.elapsed().as_secs_f64());
     }
     Ok(median(v))
+}
+
+/// Prefill `context` tokens of the haystack, then decode `n` tokens greedily; returns
+/// (prefill tokens/s, decode tokens/s).
+fn decode_speed(model: &ferrolens_model::HookedTransformer, context: usize, n: usize, fused: bool) -> Result<(f64, f64)> {
+    let tok = model.tokenizer()?;
+    let mut ids = tok.encode(crate::cmd_heads::HAYSTACK)?;
+    anyhow::ensure!(ids.len() >= context, "the haystack has {} tokens; ask for a shorter --decode-context", ids.len());
+    ids.truncate(context);
+    let dev = model.device();
+    let mut kv = KvCache::new(model.cfg.n_layers).with_argmax().fused(fused);
+    let mut hooks = Hooks::new();
+    let t0 = Instant::now();
+    let mut logits = model.prefill(&Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?, &mut kv, 512, &mut hooks)?;
+    dev.synchronize()?;
+    let prefill = context as f64 / t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 0..n {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        let _ = kv.argmax_rows(0)?;
+        logits = model.run_with_kv_cache(&Tensor::new(&[next], dev)?.unsqueeze(0)?, &mut kv, true, &mut hooks)?;
+    }
+    dev.synchronize()?;
+    Ok((prefill, n as f64 / t1.elapsed().as_secs_f64()))
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -47,8 +80,11 @@ pub fn run(a: Args) -> Result<()> {
     let prep = prepare(&model, &batch)?;
     let (b, p) = (batch.len(), batch.seq_len());
     let flops = model.cfg.forward_flops(b, p);
+    let dev = model.device();
     let mut out = serde_json::Map::new();
     out.insert("model".into(), model.cfg.name.clone().into());
+    out.insert("device".into(), ferrolens_model::device_name(model.device()).into());
+    out.insert("dtype".into(), format!("{:?}", model.dtype()).into());
     out.insert("batch".into(), b.into());
     out.insert("seq_len".into(), p.into());
     out.insert("threads".into(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).into());
@@ -57,16 +93,16 @@ pub fn run(a: Args) -> Result<()> {
         match w.trim() {
             "sgemm" => {
                 let n = 1024;
-                let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-                let y = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-                let t = time(a.repeat.max(5), || {
+                let x = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+                let y = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+                let t = time(dev, a.repeat.max(5), || {
                     x.matmul(&y)?;
                     Ok(())
                 })?;
                 out.insert("sgemm_1024_gflops".into(), (2.0 * (n as f64).powi(3) / t / 1e9).into());
             }
             "forward" => {
-                let t = time(a.repeat, || {
+                let t = time(dev, a.repeat, || {
                     model.forward(&prep.clean)?;
                     Ok(())
                 })?;
@@ -75,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
                 // Every hook that TL's run_with_cache returns (TL computes hook_result only with
                 // use_attn_result=True, so it is left out here too).
                 let all: Vec<HookPoint> = model.hook_points().into_iter().filter(|h| !matches!(h, HookPoint::Result(_))).collect();
-                let t = time(a.repeat, || {
+                let t = time(dev, a.repeat, || {
                     let mut h = Hooks::new().cache_hooks(&all);
                     model.run(&prep.clean, &mut h)?;
                     Ok(())
@@ -86,7 +122,7 @@ pub fn run(a: Args) -> Result<()> {
             "atp" | "relp" => {
                 let rules = if w.trim() == "atp" { LrpRules::NONE } else { LrpRules::RELP };
                 let comps = [Component::HeadZ, Component::ResidPre, Component::AttnOut, Component::MlpOut];
-                let t = time(a.repeat, || {
+                let t = time(dev, a.repeat, || {
                     attribution(&model, &prep.clean, &prep.corrupt, &prep.metric, &comps, w.trim(), &AttributionOptions { rules, at_clean: false, by_pos: true })?;
                     Ok(())
                 })?;
@@ -96,12 +132,21 @@ pub fn run(a: Args) -> Result<()> {
                 let data = PatchingData { clean: &prep.clean, corrupt: &prep.corrupt, metric: &prep.metric };
                 let t0 = Instant::now();
                 activation_patching(&model, &data, Component::HeadZ, false, &SweepOptions::default())?;
+                dev.synchronize()?;
                 let t = t0.elapsed().as_secs_f64();
                 // FLOPs actually done: each layer-L patch runs layers L.. for b rows.
                 let n = model.cfg.n_layers as f64;
                 let work: f64 = (0..model.cfg.n_layers).map(|l| (n - l as f64) / n).sum::<f64>() * model.cfg.n_heads as f64 * flops;
                 out.insert("heads_all_pos_s".into(), t.into());
                 out.insert("heads_all_pos_gflops".into(), (work / t / 1e9).into());
+            }
+            "decode" => {
+                for fused in [true, false] {
+                    let (pre, dec) = decode_speed(&model, a.decode_context, a.decode_tokens, fused)?;
+                    let tag = if fused { "fused" } else { "generic" };
+                    out.insert(format!("prefill_{}_tokens_per_s", a.decode_context), pre.into());
+                    out.insert(format!("decode_{}_{tag}_tokens_per_s", a.decode_context), dec.into());
+                }
             }
             o => anyhow::bail!("unknown benchmark `{o}`"),
         }

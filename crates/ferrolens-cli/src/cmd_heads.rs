@@ -9,7 +9,7 @@ use ferrolens_report::{heatmap, write_table, Column, Heatmap, Report, Table};
 use std::path::{Path, PathBuf};
 
 /// The haystack shipped with ferrolens: World Factbook backgrounds (public domain).
-const HAYSTACK: &str = include_str!("../../../fixtures/haystack/factbook-backgrounds.txt");
+pub(crate) const HAYSTACK: &str = include_str!("../../../fixtures/haystack/factbook-backgrounds.txt");
 
 /// Arguments of `ferrolens heads`.
 #[derive(clap::Args)]

@@ -3,6 +3,7 @@
 mod cmd_bench;
 mod cmd_cache;
 mod cmd_data;
+mod cmd_device;
 mod cmd_discover;
 mod cmd_heads;
 mod cmd_models;
@@ -29,7 +30,7 @@ struct Cli {
 }
 
 /// Where and in which dtype `load_model` puts the weights (from `--device` / `--dtype`).
-static LOAD_OPTIONS: std::sync::OnceLock<ferrolens_model::LoadOptions> = std::sync::OnceLock::new();
+pub(crate) static LOAD_OPTIONS: std::sync::OnceLock<ferrolens_model::LoadOptions> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -53,6 +54,8 @@ enum Cmd {
     Bench(cmd_bench::Args),
     /// List or fetch the named models.
     Models(cmd_models::Args),
+    /// Compare --device/--dtype against the CPU in f32: logits, caches, patching, AtP/RelP, decoding.
+    DeviceCheck(cmd_device::Args),
     /// Print the devices and build features.
     Info,
 }
@@ -80,6 +83,7 @@ fn main() {
         Cmd::Heads(a) => cmd_heads::run(a),
         Cmd::PathPatch(a) => cmd_path::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::DeviceCheck(a) => cmd_device::run(a),
         Cmd::Info => info(),
     };
     if let Err(e) = res {
@@ -94,7 +98,10 @@ fn info() -> anyhow::Result<()> {
     let devices: Vec<String> =
         ferrolens_model::available_devices().into_iter().map(|d| if d == "cpu" { format!("cpu ({threads} threads)") } else { d }).collect();
     println!("devices: {}", devices.join(", "));
-    println!("cuda: {}", if candle_core::utils::cuda_is_available() { "available" } else { "not built in (build with --features cuda)" });
+    println!(
+        "cuda: {}",
+        if ferrolens_model::device::CUDA_BUILT { "built in" } else { "not built in (scripts/cuda-env.sh cargo build --release --features cuda)" }
+    );
     println!("models dir: {}", ferrolens_model::registry::models_dir().display());
     Ok(())
 }
