@@ -89,3 +89,30 @@ fn study_commands_reject_bad_input_clearly() {
     assert!(e.contains("unknown component `headz`"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `device-check` in bf16 on the CPU (the path a GPU run takes with `--dtype bf16`): every check
+/// reports a finite difference from f32, small enough that the methods still agree.
+#[test]
+fn device_check_reports_bf16_against_f32() {
+    let out = ferrolens()
+        .args(["device-check", "--dtype", "bf16", "--n", "2", "--what", "logits,cache,atp,decode", "--context", "200"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["dtype"], "BF16");
+    assert_eq!(j["device"], "cpu");
+    let diff = |k: &str| j["checks"][k]["max_abs_diff"].as_f64().unwrap_or_else(|| panic!("no {k} in {j}"));
+    let logits = diff("logits");
+    assert!(logits > 0.0 && logits < 1.5, "bf16 logits differ by {logits} (0 would mean bf16 was not used)");
+    assert!(diff("resid_post_cache_relative") < 0.05);
+    assert!(diff("atp_scores") < 0.1, "{}", diff("atp_scores"));
+    assert!(j["checks"]["retrieval_decode"]["device_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Unknown devices and checks are refused with a hint.
+    let bad = ferrolens().args(["device-check", "--device", "tpu"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("use cpu, cuda or cuda:N"));
+    let bad = ferrolens().args(["info", "--device", "cuda:0"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--features cuda"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
