@@ -15,11 +15,11 @@ cd "$(dirname "$0")/.."
 BUNDLE=target/gpu-bundle
 case "${1:-}" in
   build)
-    CARGO_TARGET_DIR=target/cuda scripts/cuda-env.sh cargo build --release -p ferrolens-cli --features cuda
+    CARGO_TARGET_DIR=target/cuda-check scripts/cuda-env.sh cargo build --release -p ferrolens-cli --features cuda
     rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/lib" "$BUNDLE/models"
-    cp target/cuda/release/ferrolens "$BUNDLE/"
+    cp target/cuda-check/release/ferrolens "$BUNDLE/"
     cp -L target/cuda-toolkit/lib/libcudart.so.13 "$BUNDLE/lib/"
-    ./target/cuda/release/ferrolens models pull smollm2-135m >/dev/null
+    ./target/cuda-check/release/ferrolens models pull smollm2-135m >/dev/null
     cp -r "${FERROLENS_HOME:-$HOME/.cache/ferrolens}/models/smollm2-135m" "$BUNDLE/models/"
     du -sh "$BUNDLE"
     ;;

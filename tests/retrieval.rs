@@ -211,6 +211,9 @@ fn decode_rejects_bad_requests() {
     let t2 = Tensor::new(&[[1u32], [2]], &Device::Cpu).unwrap();
     let e = m.run_with_kv_cache(&t2, &mut kv, true, &mut Hooks::new()).unwrap_err().to_string();
     assert!(e.contains("one cache per batch"), "{e}");
+    let empty = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
+    assert!(m.run_with_kv_cache(&empty, &mut KvCache::new(1), true, &mut Hooks::new()).is_err());
+    assert!(m.prefill(&empty, &mut KvCache::new(1), 8, &mut Hooks::new()).is_err());
     let long = Tensor::new(vec![1u32; 63], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let e = m.prefill(&long, &mut kv, 16, &mut Hooks::new()).unwrap_err().to_string();
     assert!(e.contains("at most 64"), "{e}");

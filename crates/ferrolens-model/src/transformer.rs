@@ -327,6 +327,9 @@ impl HookedTransformer {
             (None, None) => return Err(Error::Input("give tokens or a start residual".into())),
         };
         let p = resid.dim(1)?;
+        if p == 0 {
+            return Err(Error::Input("the input has no positions: give at least one token".into()));
+        }
         let stop = span.stop_at_layer.unwrap_or(cfg.n_layers).min(cfg.n_layers);
         for l in start_layer..stop {
             resid = self.block(l, resid, span.pos_offset, kv.as_deref_mut(), hooks)?;
