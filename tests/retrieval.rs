@@ -220,6 +220,22 @@ fn decode_rejects_bad_requests() {
 }
 
 #[test]
+fn answer_window_finds_the_best_matching_span() {
+    use ferrolens::methods::retrieval::answer_window;
+    assert_eq!(answer_window(&[1, 2, 3, 4, 5, 6], &[3, 4, 5]), Some(2..5));
+    // One token differs (tokenized differently in context): still the best window.
+    assert_eq!(answer_window(&[1, 2, 3, 9, 5, 6], &[3, 4, 5]), Some(2..5));
+    assert_eq!(answer_window(&[1, 2, 3], &[7, 8]), None);
+    assert_eq!(answer_window(&[1, 2], &[1, 2, 3]), None);
+    let tok = smollm2().tokenizer().unwrap();
+    let mut bad = default_needles()[0].clone();
+    bad.answer = "an unrelated reply about bicycles".into();
+    let hay = tok.encode(&"The quick brown fox jumps over the lazy dog. ".repeat(60)).unwrap();
+    let e = build_prompt(tok, &PromptFormat::for_tokenizer(tok), &hay, &bad, 300, 0.5).unwrap_err().to_string();
+    assert!(e.contains("does not occur in the needle"), "{e}");
+}
+
+#[test]
 fn rouge1_recall_counts_words_with_multiplicity() {
     assert_eq!(rouge1_recall("eat a sandwich", "I would eat a sandwich."), 1.0);
     assert_eq!(rouge1_recall("Silver falcon seventeen", "silver FALCON"), 2.0 / 3.0);
@@ -247,6 +263,9 @@ fn prompts_have_the_asked_length_and_the_needle_after_a_sentence() {
         assert_eq!(p.ids.len(), len);
         let text = tok.decode(&p.ids[p.needle_span.clone()]).unwrap();
         assert_eq!(text.trim(), needle.needle);
+        // Copy hits count in the answer's tokens, inside the needle.
+        assert!(p.needle_span.start <= p.answer_span.start && p.answer_span.end <= p.needle_span.end);
+        assert_eq!(tok.decode(&p.ids[p.answer_span.clone()]).unwrap().trim(), needle.answer);
         assert!(p.actual_depth <= depth + 1e-9 && p.actual_depth > depth - 0.2, "depth {depth} -> {}", p.actual_depth);
         if p.needle_span.start > tok.encode(&fmt.prefix).unwrap().len() {
             let before = tok.decode(&p.ids[p.needle_span.start - 1..p.needle_span.start]).unwrap();

@@ -223,7 +223,7 @@ pub fn run(a: Args) -> Result<()> {
             Ok(decode_with_copy_hits(
                 m,
                 &p.ids,
-                p.needle_span.clone(),
+                p.answer_span.clone(),
                 24,
                 &stop,
                 512,

@@ -55,9 +55,12 @@ pub struct RetrievalArgs {
     /// Context lengths in tokens (whole prompt), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048])]
     lengths: Vec<usize>,
-    /// Needle depths in [0, 1], comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [0.0f64, 0.25, 0.5, 0.75, 1.0])]
+    /// Needle depths in [0, 1], comma-separated (default: --n-depths evenly spaced from 0 to 1).
+    #[arg(long, value_delimiter = ',')]
     depths: Vec<f64>,
+    /// Number of evenly spaced depths when --depths is not given (Wu et al. use 10).
+    #[arg(long, default_value_t = 5)]
+    n_depths: usize,
     /// Needles as JSONL ({"needle", "question", "answer"} per line); default: three built-in ones.
     #[arg(long)]
     needles: Option<PathBuf>,
@@ -171,9 +174,15 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading the haystack {}", p.display()))?,
         None => HAYSTACK.to_string(),
     };
+    let depths: Vec<f64> = if a.depths.is_empty() {
+        let n = a.n_depths.max(1);
+        (0..n).map(|i| if n == 1 { 0.5 } else { i as f64 / (n - 1) as f64 }).collect()
+    } else {
+        a.depths.clone()
+    };
     let opts = NiahOptions {
         lengths: a.lengths.clone(),
-        depths: a.depths.clone(),
+        depths: depths.clone(),
         max_new_tokens: a.max_new_tokens,
         chunk: a.chunk,
         rouge_threshold: a.rouge_threshold,
@@ -214,6 +223,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
             .col("depth", Column::F64(s.runs.iter().map(|r| r.depth).collect()))
             .col("actual_depth", Column::F64(s.runs.iter().map(|r| r.actual_depth).collect()))
             .col("needle_tokens", Column::OptU64(s.runs.iter().map(|r| Some(r.needle_tokens as u64)).collect()))
+            .col("answer_tokens", Column::OptU64(s.runs.iter().map(|r| Some(r.answer_tokens as u64)).collect()))
             .col("rouge1", Column::F64(s.runs.iter().map(|r| r.rouge1).collect()))
             .col("correct", Column::Str(s.runs.iter().map(|r| r.correct.to_string()).collect()))
             .col("answer", Column::Str(s.runs.iter().map(|r| r.answer.clone()).collect()))
@@ -259,7 +269,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         "n_heads": n_heads,
         "lengths": a.lengths,
         "mask_lengths": mask_opts.lengths,
-        "depths": a.depths,
+        "depths": depths,
         "needles": needles,
         "runs": base.runs.len(),
         "runs_correct": base.runs.iter().filter(|r| r.correct).count(),
@@ -276,11 +286,11 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
     std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
 
     let mut r = Report::new(&format!("ferrolens retrieval heads: {}", model.cfg.name));
-    r.para("Needle-in-a-haystack decoding with a KV cache; at each generated token, a head scores a copy hit when its most-attended key lies in the needle and holds the token just generated (Wu et al. 2024). Score = hits / needle length, averaged over the runs answered correctly (ROUGE-1 recall above the threshold).");
+    r.para("Needle-in-a-haystack decoding with a KV cache; at each generated token, a head scores a copy hit when its most-attended key lies in the answer's span inside the needle and holds the token just generated (Wu et al. 2024). Score = hits / span length, averaged over the runs answered correctly (ROUGE-1 recall above the threshold).");
     r.kv(&[
         ("model", model.cfg.name.clone()),
         ("context lengths", format!("{:?}", a.lengths)),
-        ("depths", format!("{:?}", a.depths)),
+        ("depths", format!("{:?}", depths)),
         ("needles", needles.len().to_string()),
         ("runs correct", format!("{} of {} ({:.1}%)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len(), 100.0 * base.accuracy())),
         ("retrieval heads (score > threshold)", format!("{} of {} ({:.2}%)", retrieval_heads.len(), n_heads, 100.0 * retrieval_heads.len() as f64 / n_heads.max(1) as f64)),

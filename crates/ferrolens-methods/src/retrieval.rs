@@ -4,8 +4,8 @@
 //! A needle sentence is inserted at depth `d` of a haystack cut to `L` tokens (backing up to a
 //! sentence boundary), the question is appended and the model decodes greedily with a KV cache.
 //! At each decode step `t`, for every head, let `i*` be the key position its last query attends
-//! to most. If `i*` lies in the needle span and the token just generated equals `prompt[i*]`,
-//! the head scores a copy hit. The score of a run is `hits / needle length`; runs whose answer
+//! to most. If `i*` lies in the answer's span inside the needle and the token just generated
+//! equals `prompt[i*]`, the head scores a copy hit. The score of a run is `hits / span length`; runs whose answer
 //! is wrong (ROUGE-1 recall of the answer below 0.5) are dropped, and a head's retrieval score is
 //! the mean over the kept runs. Heads scoring above 0.1 are retrieval heads.
 //!
@@ -23,7 +23,8 @@ pub struct Needle {
     pub needle: String,
     /// The question appended after the haystack.
     pub question: String,
-    /// The reference answer (ROUGE-1 recall is measured against it).
+    /// The reference answer, a part of the needle: ROUGE-1 recall is measured against it, and
+    /// its tokens in the prompt are the span where copy hits count.
     pub answer: String,
 }
 
@@ -87,6 +88,9 @@ pub struct NiahPrompt {
     pub ids: Vec<u32>,
     /// Where the needle's tokens are in `ids`.
     pub needle_span: Range<usize>,
+    /// Where the answer's tokens are in `ids` (inside the needle): the span copy hits count in
+    /// (Wu et al.: the token window best matching the answer).
+    pub answer_span: Range<usize>,
     /// Requested depth in `[0, 1]` (fraction of the haystack before the needle).
     pub depth: f64,
     /// Actual depth after backing up to a sentence boundary.
@@ -134,7 +138,36 @@ pub fn build_prompt(tok: &Tokenizer, fmt: &PromptFormat, haystack: &[u32], needl
     let end = ids.len();
     ids.extend_from_slice(&hay[at..]);
     ids.extend_from_slice(&question);
-    Ok(NiahPrompt { ids, needle_span: start..end, depth, actual_depth: at as f64 / budget as f64 })
+    let answer = answer_window(&needle_ids, &tok.encode(&format!(" {}", needle.answer.trim()))?).ok_or_else(|| {
+        Error::Input(format!("the answer {:?} does not occur in the needle {:?}; the answer must be a part of the needle", needle.answer, needle.needle))
+    })?;
+    Ok(NiahPrompt {
+        ids,
+        needle_span: start..end,
+        answer_span: start + answer.start..start + answer.end,
+        depth,
+        actual_depth: at as f64 / budget as f64,
+    })
+}
+
+/// The window of `needle` (token ids) that best matches `answer`, as Wu et al.'s
+/// `find_needle_idx`: windows of the answer's length, scored by the fraction of the answer's
+/// distinct tokens they contain; the first best window, if it holds more than half of them.
+pub fn answer_window(needle: &[u32], answer: &[u32]) -> Option<Range<usize>> {
+    use std::collections::HashSet;
+    let want: HashSet<u32> = answer.iter().copied().collect();
+    if want.is_empty() || answer.len() > needle.len() {
+        return None;
+    }
+    let mut best: Option<(f64, usize)> = None;
+    for i in 0..=needle.len() - answer.len() {
+        let have: HashSet<u32> = needle[i..i + answer.len()].iter().copied().collect();
+        let overlap = have.intersection(&want).count() as f64 / want.len() as f64;
+        if best.is_none_or(|(b, _)| overlap > b) {
+            best = Some((overlap, i));
+        }
+    }
+    best.filter(|(o, _)| *o > 0.5).map(|(_, i)| i..i + answer.len())
 }
 
 /// The outcome of one greedy decode with copy-hit counting.
@@ -148,7 +181,8 @@ pub struct DecodeRun {
 
 /// Greedy decoding of up to `max_new` tokens after `prompt` with a KV cache (prefilled in
 /// blocks of `chunk`), counting for every head the steps where its argmax key lies in
-/// `needle_span` and holds the token generated at that step. Stops after a token in `stop`.
+/// `needle_span` (the answer's tokens, [`NiahPrompt::answer_span`]) and holds the token
+/// generated at that step. Stops after a token in `stop`.
 /// `hooks` apply to every forward (e.g. [`Hooks::uniform_attention`] for masking).
 pub fn decode_with_copy_hits(
     model: &HookedTransformer,
@@ -260,6 +294,8 @@ pub struct NiahRun {
     pub actual_depth: f64,
     /// Needle length in tokens.
     pub needle_tokens: usize,
+    /// Answer span length in tokens (the score's denominator).
+    pub answer_tokens: usize,
     /// The decoded answer.
     pub answer: String,
     /// ROUGE-1 recall of the reference answer.
@@ -353,17 +389,18 @@ pub fn niah_sweep(
             for (ni, needle) in needles.iter().enumerate() {
                 let p = build_prompt(tok, &fmt, &hay, needle, length, depth)?;
                 let mut hooks = Hooks::new().uniform_attention(masked);
-                let run = decode_with_copy_hits(model, &p.ids, p.needle_span.clone(), opts.max_new_tokens, &stop, opts.chunk, &mut hooks)?;
+                let run = decode_with_copy_hits(model, &p.ids, p.answer_span.clone(), opts.max_new_tokens, &stop, opts.chunk, &mut hooks)?;
                 let text_ids: Vec<u32> = run.generated.iter().copied().filter(|t| !stop.contains(t)).collect();
                 let answer = tok.decode(&text_ids)?;
                 let rouge1 = rouge1_recall(&needle.answer, &answer);
-                let n = p.needle_span.len() as f64;
+                let n = p.answer_span.len() as f64;
                 runs.push(NiahRun {
                     needle: ni,
                     length: p.ids.len(),
                     depth,
                     actual_depth: p.actual_depth,
                     needle_tokens: p.needle_span.len(),
+                    answer_tokens: p.answer_span.len(),
                     answer: answer.trim().to_string(),
                     rouge1,
                     correct: rouge1 > opts.rouge_threshold,
