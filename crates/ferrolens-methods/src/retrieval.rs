@@ -63,7 +63,8 @@ pub struct PromptFormat {
 
 impl PromptFormat {
     /// ChatML (`<|im_start|>user ... <|im_start|>assistant`) when the tokenizer knows
-    /// `<|im_start|>` (SmolLM2, Qwen), else a plain "Question: ... Answer:" layout.
+    /// `<|im_start|>` (SmolLM2, Qwen), else Wu et al.'s "... Based on the content of the book,
+    /// Question: {q}\nAnswer:" layout.
     pub fn for_tokenizer(tok: &Tokenizer) -> Self {
         if tok.token_to_id("<|im_start|>").is_some() && tok.token_to_id("<|im_end|>").is_some() {
             PromptFormat {
@@ -72,9 +73,10 @@ impl PromptFormat {
                 suffix: " Answer in one sentence, using the document.<|im_end|>\n<|im_start|>assistant\n".into(),
             }
         } else {
+            // Wu et al.'s layout.
             PromptFormat {
-                prefix: "This is a long document:\n".into(),
-                before_question: "\nBased on the document, answer the question.\nQuestion: ".into(),
+                prefix: "This is a very long story book: <book> ".into(),
+                before_question: " </book>.\nBased on the content of the book, Question: ".into(),
                 suffix: "\nAnswer:".into(),
             }
         }
