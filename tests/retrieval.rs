@@ -433,3 +433,37 @@ fn fused_and_generic_decoding_agree_on_smollm2() {
         }
     }
 }
+
+/// Against Hugging Face transformers (scripts/retrieval_reference.py: eager attention, greedy
+/// decoding with past_key_values, argmax of `output_attentions` per head): the same prompt ids
+/// and spans from `build_prompt`, the same 24 generated tokens and the same copy hits per head.
+#[test]
+fn copy_hits_match_hugging_face() {
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("smollm2/retrieval_reference.json")).unwrap()).unwrap();
+    let v = |k: &str| -> Vec<u32> { r[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let (ids, generated) = (v("ids"), v("generated"));
+    let span = |k: &str| -> std::ops::Range<usize> {
+        let s = v(k);
+        s[0] as usize..s[1] as usize
+    };
+    let m = smollm2();
+    let tok = m.tokenizer().unwrap();
+    let hay = tok.encode(&std::fs::read_to_string(common::fixtures().join("haystack/factbook-backgrounds.txt")).unwrap()).unwrap();
+    let p = build_prompt(tok, &PromptFormat::for_tokenizer(tok), &hay, &default_needles()[0], ids.len(), 0.5).unwrap();
+    assert_eq!(p.ids, ids, "prompt ids differ from the reference script's");
+    assert_eq!(p.needle_span, span("needle_span"));
+    assert_eq!(p.answer_span, span("answer_span"));
+    let run = decode_with_copy_hits(m, &ids, p.answer_span.clone(), generated.len(), &[], 128, &mut Hooks::new()).unwrap();
+    assert_eq!(run.generated, generated, "greedy tokens differ from HF");
+    let want: Vec<Vec<f64>> = r["hits"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
+    let (mut same, mut total, mut hit_heads) = (0, 0, 0);
+    for (a, b) in run.hits.iter().flatten().zip(want.iter().flatten()) {
+        total += 1;
+        same += usize::from(a == b);
+        hit_heads += usize::from(*b > 0.0);
+    }
+    eprintln!("copy hits equal to HF for {same} of {total} heads ({hit_heads} heads with hits)");
+    assert!(hit_heads >= 10, "the reference must exercise the scorer");
+    // Argmax ties broken differently by a 1e-6 score difference may flip a rare hit; allow 1%.
+    assert!(same * 100 >= total * 99, "copy hits differ from HF on {} of {total} heads", total - same);
+}

@@ -375,6 +375,12 @@ pub fn niah_sweep(
     if needles.is_empty() || opts.lengths.is_empty() || opts.depths.is_empty() {
         return Err(Error::Input("the sweep needs at least one needle, one length and one depth".into()));
     }
+    if let Some(l) = opts.lengths.iter().find(|&&l| l + opts.max_new_tokens > model.cfg.n_ctx) {
+        return Err(Error::Input(format!(
+            "length {l} plus {} new tokens exceeds {}'s context of {} tokens; use shorter lengths",
+            opts.max_new_tokens, model.cfg.name, model.cfg.n_ctx
+        )));
+    }
     let tok = model.tokenizer()?;
     for n in needles {
         if haystack.contains(n.needle.trim()) {
