@@ -7,6 +7,14 @@
 #
 # `build` compiles `ferrolens` with the cuda feature (toolkit from PyPI through cuda-env.sh),
 # then puts the binary, libcudart.so.13 and the default model's GGUF in target/gpu-bundle/.
+#
+# KNOWN GAP (2026-11-27): candle 0.11 links cudarc with `dynamic-linking`, so the final link needs
+# libcuda.so (the driver; NVIDIA ships only a stub of it in the full toolkit), libcublas,
+# libcublasLt, libcurand and libnvrtc. cuda-env.sh installs nvcc, headers and libcudart only, which
+# is all `cargo check --features cuda` (what CI runs) needs; the link step of `build` fails with
+# "unable to find library -lcuda". To finish it: pip-install nvidia-cublas, nvidia-curand and
+# nvidia-cuda-nvrtc 13.0.x into the toolkit's lib/, and provide a libcuda.so stub with soname
+# libcuda.so.1 (or build on a machine with the driver installed).
 # `run` prints the devices, runs `device-check` (CPU f32 vs cuda:0 f32 must agree within 1e-3:
 # logits, a residual cache, the exact head sweep, AtP, RelP, retrieval decoding), the same in
 # bf16 (reported), and `bench` on both devices; results land in $OUT (or target/gpu-results).
