@@ -236,8 +236,14 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
     )?;
 
     // Masking experiment: top-K retrieval heads vs K random heads scoring at most the threshold.
-    // The unmasked baseline on the masking grid (the scoring sweep itself when the grids agree).
-    let mask_base = if mask_opts.lengths == opts.lengths || a.mask_k.iter().all(|&k| k == 0) { base.clone() } else { sweep("masking baseline", &mask_opts, &[])? };
+    // The unmasked runs at the masking lengths: taken from the scoring sweep when it has them.
+    let mask_base = if a.mask_k.iter().all(|&k| k == 0) {
+        base.clone()
+    } else if mask_opts.lengths.iter().all(|l| opts.lengths.contains(l)) {
+        NiahSweep { runs: base.runs.iter().filter(|r| mask_opts.lengths.contains(&r.length)).cloned().collect() }
+    } else {
+        sweep("masking baseline", &mask_opts, &[])?
+    };
     let mut mask_rows: Vec<(String, usize, usize, f64, f64, String)> =
         vec![("none".into(), 0, 0, mask_base.accuracy(), mask_base.mean_rouge(), String::new())];
     for &k in a.mask_k.iter().filter(|&&k| k > 0) {
