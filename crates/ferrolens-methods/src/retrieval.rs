@@ -183,21 +183,21 @@ pub struct DecodeRun {
 
 /// Greedy decoding of up to `max_new` tokens after `prompt` with a KV cache (prefilled in
 /// blocks of `chunk`), counting for every head the steps where its argmax key lies in
-/// `needle_span` (the answer's tokens, [`NiahPrompt::answer_span`]) and holds the token
+/// `span` (the answer's tokens, [`NiahPrompt::answer_span`]) and holds the token
 /// generated at that step. Stops after a token in `stop`.
 /// `hooks` apply to every forward (e.g. [`Hooks::uniform_attention`] for masking).
 pub fn decode_with_copy_hits(
     model: &HookedTransformer,
     prompt: &[u32],
-    needle_span: Range<usize>,
+    span: Range<usize>,
     max_new: usize,
     stop: &[u32],
     chunk: usize,
     hooks: &mut Hooks,
 ) -> Result<DecodeRun> {
     let cfg = &model.cfg;
-    if needle_span.end > prompt.len() || needle_span.is_empty() {
-        return Err(Error::Input(format!("needle span {needle_span:?} is empty or outside the prompt of {} tokens", prompt.len())));
+    if span.end > prompt.len() || span.is_empty() {
+        return Err(Error::Input(format!("span {span:?} is empty or outside the prompt of {} tokens", prompt.len())));
     }
     if prompt.len() + max_new > cfg.n_ctx {
         return Err(Error::Input(format!(
@@ -219,7 +219,7 @@ pub fn decode_with_copy_hits(
         for (l, row) in am.iter().enumerate() {
             for (h, &i) in row.iter().enumerate() {
                 let i = i as usize;
-                if needle_span.contains(&i) && prompt[i] == next {
+                if span.contains(&i) && prompt[i] == next {
                     hits[l][h] += 1.0;
                 }
             }
