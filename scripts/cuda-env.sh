@@ -33,11 +33,26 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
         [ -e "$so" ] && ln -sf "$(basename "$so")" "$CUDA_HOME/lib/libcudart.so" && break
     done
 fi
+# FERROLENS_CUDA_LINK=1: also the libraries a full link needs (candle links cudarc with
+# `dynamic-linking`): cuBLAS, cuRAND, NVRTC from PyPI. libcuda.so (the driver) has no wheel;
+# scripts/gpu-check.sh makes a link-time stub of it in $CUDA_HOME/lib/stubs.
+if [ "${FERROLENS_CUDA_LINK:-0}" = 1 ] && [ ! -e "$CUDA_HOME/lib/libcublas.so" ]; then
+    echo "cuda-env: installing cuBLAS, cuRAND and NVRTC for linking" >&2
+    _py="$CUDA_HOME.link"
+    rm -rf "$_py"
+    python3 -m pip install --quiet --no-deps --target "$_py" "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35" "nvidia-cuda-nvrtc==$_v"
+    cp -a "$_py"/nvidia/cu13/lib/. "$CUDA_HOME/lib/"
+    rm -rf "$_py"
+    for so in "$CUDA_HOME"/lib/lib*.so.[0-9]*; do
+        base="${so%%.so.*}.so"
+        [ -e "$base" ] || ln -s "$(basename "$so")" "$base"
+    done
+fi
 export NVCC="$CUDA_HOME/bin/nvcc"
 export PATH="$CUDA_HOME/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
-export LIBRARY_PATH="$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export LIBRARY_PATH="$CUDA_HOME/lib:$CUDA_HOME/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$CUDA_HOME/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ "${BASH_SOURCE[0]}" = "$0" ] && [ $# -gt 0 ]; then
     exec "$@"
