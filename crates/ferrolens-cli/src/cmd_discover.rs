@@ -294,6 +294,19 @@ struct Figs {
     list: Vec<(PathBuf, String)>,
 }
 
+impl Figs {
+    /// Inline into `r`, in list order, the figures whose file name starts with one of `prefixes`.
+    fn add_to(&self, r: &mut Report, prefixes: &[&str]) -> Result<()> {
+        for (stem, cap) in &self.list {
+            let name = stem.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+            if prefixes.iter().any(|p| name.starts_with(p)) {
+                r.figure(&stem.with_extension("svg"), cap)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn figures(
     model: &HookedTransformer,
@@ -423,11 +436,7 @@ fn write_report(
         ("size", format!("{} nodes: {} heads, {} MLPs", summary["circuit_size"], summary["n_heads"], summary["n_mlps"])),
         ("faithfulness", format!("{:.1}% of the full model's logit difference (target {:.0}%)", 100.0 * summary["faithfulness"].as_f64().unwrap_or(f64::NAN), 100.0 * a.target)),
     ]);
-    for (stem, cap) in &figs.list {
-        if stem.file_name().map(|f| f.to_string_lossy().starts_with("faithfulness") || f.to_string_lossy().starts_with("circuit")).unwrap_or(false) {
-            r.figure(&stem.with_extension("svg"), cap)?;
-        }
-    }
+    figs.add_to(&mut r, &["faithfulness", "circuit"])?;
     if !classes.is_empty() {
         r.heading("Head classes (Wang et al. 2022 terms)");
         r.para("Each circuit head gets the class whose probe it attends along most (mean over prompts): name mover end->IO, S-inhibition end->S2, induction S2->S1+1, duplicate-token S2->S1, previous-token S1+1->S1; below 0.2 it stays unclassified.");
@@ -439,12 +448,7 @@ fn write_report(
     }
     r.heading("Node scores");
     r.html(&nodes.to_html(40));
-    for (stem, cap) in &figs.list {
-        let f = stem.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
-        if f.starts_with("heads_") || f.starts_with("mlps") {
-            r.figure(&stem.with_extension("svg"), cap)?;
-        }
-    }
+    figs.add_to(&mut r, &["heads_", "mlps"])?;
     if !corr.is_empty() {
         r.heading("Agreement of the gradient methods with activation patching");
         let t = Table::new()
@@ -456,11 +460,7 @@ fn write_report(
     r.heading("Edges (EAP) among circuit nodes");
     r.html(&edges.to_html(30));
     r.heading("Attention patterns of the top heads");
-    for (stem, cap) in &figs.list {
-        if stem.file_name().map(|f| f.to_string_lossy().starts_with("pattern_")).unwrap_or(false) {
-            r.figure(&stem.with_extension("svg"), cap)?;
-        }
-    }
+    figs.add_to(&mut r, &["pattern_"])?;
     r.heading("Timings");
     r.html(&format!("<pre>{}</pre>", ferrolens_report::html::escape(&serde_json::to_string_pretty(&summary["timings_s"])?)));
     r.para("Files: scores.csv/.parquet (every method and component), nodes.csv, edges.csv, faithfulness.csv, circuit.json, summary.json, pairs.jsonl, figures as SVG and PNG.");

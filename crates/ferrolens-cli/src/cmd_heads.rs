@@ -126,8 +126,7 @@ pub fn run(a: Args) -> Result<()> {
                 score.push(*v);
             }
         }
-        let mut best: Vec<(usize, usize, f64)> = s.iter().enumerate().flat_map(|(l, r)| r.iter().enumerate().map(move |(h, v)| (l, h, *v))).collect();
-        best.sort_by(|x, y| y.2.total_cmp(&x.2));
+        let best = ranked_heads(&s);
         summary.insert(d.name().into(), serde_json::json!(best.iter().take(5).map(|(l, h, v)| format!("L{l}H{h}={v:.3}")).collect::<Vec<_>>()));
         heatmap(&Heatmap { title: format!("{} score", d.name()), values: s, row_label: "layer".into(), col_label: "head".into(), col_ticks: vec![] }, &out.join(format!("{}", d.name())))?;
     }

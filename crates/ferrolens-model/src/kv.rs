@@ -89,15 +89,16 @@ impl KvCache {
     }
 
     /// Argmax positions of every layer for batch row `row`: `[n_layers][n_heads]`.
+    /// One device-to-host copy for all layers (decoding reads this at every step).
     pub fn argmax_rows(&self, row: usize) -> Result<Vec<Vec<u32>>> {
-        let mut out = Vec::with_capacity(self.argmax.len());
+        let mut rows = Vec::with_capacity(self.argmax.len());
         for (l, a) in self.argmax.iter().enumerate() {
             let a = a.as_ref().ok_or_else(|| {
                 Error::Input(format!("no attention argmax recorded at layer {l}: build the cache with KvCache::with_argmax and run a forward first"))
             })?;
-            out.push(a.get(row)?.to_vec1::<u32>()?);
+            rows.push(a.get(row)?);
         }
-        Ok(out)
+        Ok(Tensor::stack(&rows, 0)?.to_vec2::<u32>()?)
     }
 
     /// Bytes held by the cached keys and values.

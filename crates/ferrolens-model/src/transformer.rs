@@ -311,6 +311,12 @@ impl HookedTransformer {
     fn run_inner(&self, tokens: Option<&Tensor>, span: &RunSpan, mut kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
         hooks.prepare(&self.hook_points())?;
         let cfg = &self.cfg;
+        // Checked before any work, so that a bad request leaves a KV cache untouched.
+        for l in 0..cfg.n_layers {
+            if let Some(bad) = hooks.uniform_heads(l).and_then(|hs| hs.iter().find(|&&x| x >= cfg.n_heads)) {
+                return Err(Error::Input(format!("uniform attention asked for head {bad} of layer {l}, but layers have {} heads", cfg.n_heads)));
+            }
+        }
         let (start_layer, mut resid) = match (&span.start, tokens) {
             (Some((l, r)), _) => {
                 if *l > cfg.n_layers {
@@ -545,9 +551,6 @@ impl HookedTransformer {
         let scores = (qt.matmul(&kt)? * scale)?;
         let scores = match hooks.uniform_heads(l) {
             Some(heads) => {
-                if let Some(bad) = heads.iter().find(|&&x| x >= h) {
-                    return Err(Error::Input(format!("uniform attention asked for head {bad} of layer {l}, but layers have {h} heads")));
-                }
                 let keep: Vec<f32> = (0..h).map(|i| if heads.contains(&i) { 0.0 } else { 1.0 }).collect();
                 let keep = Tensor::from_vec(keep, (1, h, 1, 1), scores.device())?.to_dtype(scores.dtype())?;
                 scores.broadcast_mul(&keep)?
