@@ -9,6 +9,9 @@
 // q   [b, h, d]        one query per head
 // k,v [b, T, kvh, d]   the KV cache (GQA heads not repeated)
 // out [b, h, d + 1]
+//
+// kernels/emulate/ runs this file on the CPU (one OS thread per CUDA thread) so that
+// tests/kernel_emulation.rs checks it against the Rust reference on machines without a GPU.
 #include <math.h>
 
 #define MAX_PER_LANE 8   // d_head <= 256
@@ -82,6 +85,7 @@ extern "C" __global__ void ferrolens_decode_attn_f32(
         for (int w = 0; w < nwarps; ++w) {
             if (sbest[w] > B || (sbest[w] == B && sbi[w] < I)) { B = sbest[w]; I = sbi[w]; }
         }
+        if (I == 0x7fffffff) I = 0;  // no finite score (NaN query): key 0, as the CPU reference
         out[(size_t)bh * (d + 1) + d] = (float)I;
     }
 }
