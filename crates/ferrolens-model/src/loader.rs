@@ -175,8 +175,12 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<HookedTransformer> 
     let name = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     let src = open_safetensors(dir)?;
     let (cfg, w) = from_hf_parts(&j, &name, &src, opts)?;
+    let bos = cfg.bos_token_id;
     let model = HookedTransformer::new(cfg, w)?;
-    Ok(model.with_tokenizer(find_tokenizer(|f| Some(dir.join(f)).filter(|p| p.is_file()))?))
+    // A tokenizer.json does not say which token is the BOS: config.json does.
+    let tok = find_tokenizer(|f| Some(dir.join(f)).filter(|p| p.is_file()))?
+        .map(|t| if t.bos_id().is_none() { t.with_bos(bos) } else { t });
+    Ok(model.with_tokenizer(tok))
 }
 
 /// Build config and weights from a parsed `config.json` and a tensor source.

@@ -135,6 +135,21 @@ impl Tokenizer {
         self.bos
     }
 
+    /// The same tokenizer with `bos` as its BOS token (e.g. `config.json`'s `bos_token_id` for
+    /// a `tokenizer.json`, which does not say which token is the BOS).
+    pub fn with_bos(mut self, bos: Option<u32>) -> Self {
+        self.bos = bos;
+        self
+    }
+
+    /// Write a `tokenizer.json` that `tokenizers` (Rust or Python) and [`Tokenizer::from_file`] read.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        self.inner
+            .save(path, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot write {}: {e}", path.display())))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
