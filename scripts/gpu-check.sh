@@ -1,66 +1,222 @@
 #!/usr/bin/env bash
-# GPU parity and benchmarks (issue 6), in two halves because GPU machines here have no Rust
-# toolchain and no network:
+# GPU parity and benchmarks (issue 6). GPU machines here have no Rust toolchain and no network,
+# and take at most 64 MiB of untracked files per call (the repository itself is ~13 MB of it),
+# so the work is split:
 #
-#   scripts/gpu-check.sh build     # on the build machine: CUDA build + bundle in target/gpu-bundle
-#   scripts/gpu-check.sh run       # on the GPU machine (repo root, bundle carried along)
+#   scripts/gpu-check.sh pack            # here: CUDA build, packed into .gpu/ and .gpu-model/
+#   scripts/gpu-check.sh run synthetic   # there: parity + timings on stand-in checkpoints
+#   scripts/gpu-check.sh run real        # there: the same on SmolLM2's real GGUF, if carried
+#   scripts/gpu-check.sh table DIR       # here: docs/benchmarks.md rows from the results
 #
-# `build` compiles `ferrolens` with the cuda feature (toolkit from PyPI through cuda-env.sh),
-# then puts the binary, libcudart.so.13 and the default model's GGUF in target/gpu-bundle/.
+# pack writes (both ignored by git):
+#   .gpu/ferrolens.xz        the CUDA binary, stripped and xz-compressed (~13 MB)
+#   .gpu/smollm2/            SmolLM2's config.json + tokenizer.json (`models export --weights none`)
+#   .gpu/smollm2.gguf.sha256 the real GGUF's checksum
+#   .gpu-model/part.NN       the real GGUF in parts that fit a call (98 MB: three calls)
 #
-# Linking: candle 0.11 links cudarc with `dynamic-linking`, so the link needs libcublas,
-# libcublasLt, libcurand, libnvrtc (installed from PyPI by cuda-env.sh with FERROLENS_CUDA_LINK=1)
-# and libcuda.so, the driver, which has no wheel: `build` makes a link-time stub of it (every cu*
-# symbol cudarc references, soname libcuda.so.1) in target/cuda-toolkit/lib/stubs. The stub is not
-# bundled; on the GPU machine the driver's libcuda.so.1 is loaded. The bundle needs the GPU
-# machine's libstdc++ and a driver >= 580 (CUDA 13.0).
+# On the GPU machine (the device tool; each call's command runs in the repo root, $OUT comes back):
+#   call 1: carry [".gpu", ".gpu-model/part.00"], command "scripts/gpu-check.sh run synthetic"
+#   call 2: carry [".gpu-model/part.01"], command "true"     (within 30 s, while the machine is warm:
+#   call 3: carry [".gpu-model/part.02"], command "scripts/gpu-check.sh run real"  parts accumulate)
+#
+# `run synthetic` checks two stand-ins made there by scripts/synthetic_checkpoint.py (no weights
+# travel): SmolLM2-shaped, matrices drawn with the real tensors' mean/std and the real norm gains
+# (fixtures/smollm2/synthetic_spec.json), and GPT-2 small at initialisation. Parity compares the GPU
+# with the same machine's CPU on the same file, so stand-ins check the kernels and their timings
+# equal the real model's (same shapes). `run real` does the same on the real GGUF.
+#
+# Run libraries: the binary links libcublas/libcublasLt/libcudart .so.13, libcurand.so.10,
+# libnvrtc.so.13 (CUDA 13.0) and the driver's libcuda.so.1 (driver >= 580). The GPU image's
+# PyTorch (cu130) ships the first five as nvidia-* wheels; `run` finds them there or in a CUDA
+# install. A dry run on this machine: GPU_CHECK_DEVICE=cpu FERROLENS_BIN=target/release/ferrolens
+# (GPU_CHECK_BENCH=0 skips the timings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE=target/gpu-bundle
-case "${1:-}" in
-  build)
-    export FERROLENS_CUDA_LINK=1 CARGO_TARGET_DIR=target/cuda-check
-    build() { scripts/cuda-env.sh cargo build --release -p ferrolens-cli --features cuda; }
-    STUB=target/cuda-toolkit/lib/stubs/libcuda.so
-    if [ ! -e "$STUB" ]; then
-      # First pass compiles everything (its link fails without libcuda); then stub the driver API
-      # from the undefined cu* symbols of the compiled cudarc and link again.
-      build || true
-      mkdir -p "$(dirname "$STUB")"
-      nm -u "$CARGO_TARGET_DIR"/release/deps/libcudarc-*.rlib 2>/dev/null | awk '$1=="U" && $2 ~ /^cu[A-Z]/ {print "void " $2 "(void) {}"}' | sort -u > target/libcuda-stub.c
-      [ -s target/libcuda-stub.c ] || { echo "no cudarc symbols found for the libcuda stub" >&2; exit 1; }
-      cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB" target/libcuda-stub.c
+ROOT=$PWD
+
+pack() {
+  export FERROLENS_CUDA_LINK=1 CARGO_TARGET_DIR=target/cuda-check
+  build() { scripts/cuda-env.sh cargo build --release -p ferrolens-cli --features cuda; }
+  STUB=target/cuda-toolkit/lib/stubs/libcuda.so
+  if [ ! -e "$STUB" ]; then
+    # candle links cudarc with `dynamic-linking`; the driver's libcuda has no wheel. First pass
+    # compiles everything (its link fails); then stub the driver API from the undefined cu*
+    # symbols of the compiled cudarc (soname libcuda.so.1, never shipped) and link again.
+    build || true
+    mkdir -p "$(dirname "$STUB")"
+    nm -u "$CARGO_TARGET_DIR"/release/deps/libcudarc-*.rlib 2>/dev/null | awk '$1=="U" && $2 ~ /^cu[A-Z]/ {print "void " $2 "(void) {}"}' | sort -u > target/libcuda-stub.c
+    [ -s target/libcuda-stub.c ] || { echo "no cudarc symbols found for the libcuda stub" >&2; exit 1; }
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB" target/libcuda-stub.c
+  fi
+  build
+  unset CARGO_TARGET_DIR
+  rm -rf .gpu .gpu-model && mkdir -p .gpu .gpu-model
+  strip -o target/ferrolens-cuda-stripped target/cuda-check/release/ferrolens
+  xz -T0 -6 -c target/ferrolens-cuda-stripped > .gpu/ferrolens.xz
+  # Config and tokenizer of the default model (the CPU build fetches it).
+  cargo build --release -q -p ferrolens-cli
+  target/release/ferrolens models export smollm2-135m --weights none --out .gpu/smollm2 >/dev/null
+  local gguf
+  gguf=$(ls "${FERROLENS_HOME:-$HOME/.cache/ferrolens}"/models/smollm2-135m/*.gguf)
+  (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .gpu/smollm2.gguf.sha256
+  # Parts sized to what a call can carry beside the repository (64 MiB a call, 1 MB spare):
+  # part.00 travels with .gpu, every later part alone.
+  local tree gpu budget first
+  tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb | tail -1 | cut -f1)
+  gpu=$(du -sb .gpu | cut -f1)
+  budget=$((64 * 1048576 - tree - 1000000))
+  first=$((budget - gpu))
+  [ "$first" -gt 0 ] || { echo "gpu-check: .gpu ($gpu B) and the repository ($tree B) leave no room for a model part" >&2; exit 1; }
+  head -c "$first" "$gguf" > .gpu-model/part.00
+  tail -c +"$((first + 1))" "$gguf" | split -b "$budget" -d -a 2 --numeric-suffixes=1 - .gpu-model/part.
+  echo "repository: $tree B, .gpu: $gpu B, 64 MiB a call; carry per call:"
+  local i=1 f
+  for f in .gpu-model/part.*; do
+    if [ "$i" = 1 ]; then echo "  call $i: .gpu + $f ($((tree + gpu + $(stat -c %s "$f"))) B)"; else echo "  call $i: $f ($((tree + $(stat -c %s "$f"))) B)"; fi
+    i=$((i + 1))
+  done
+}
+
+# Directories holding the CUDA 13 runtime libraries the binary links, for LD_LIBRARY_PATH.
+cuda_lib_dirs() {
+  local roots=() lib p dirs=()
+  for p in $(python3 -c 'import site, sysconfig; print(" ".join(site.getsitepackages() + [sysconfig.get_paths()["purelib"]]))' 2>/dev/null) \
+           /opt /usr/local/cuda /usr/local/cuda-13.0 /usr/local/nvidia /usr/lib/x86_64-linux-gnu; do
+    [ -d "$p" ] && roots+=("$p")
+  done
+  for lib in libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libcurand.so.10 libnvrtc.so.13; do
+    p=$(find "${roots[@]}" -name "$lib" -print -quit 2>/dev/null || true)
+    if [ -n "$p" ]; then dirs+=("$(dirname "$p")"); else echo "gpu-check: $lib not found under ${roots[*]}" >&2; fi
+  done
+  # The driver's libcuda.so.1, when the loader's cache does not know it (never a toolkit stub).
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+    p=$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/lib64 -name libcuda.so.1 -not -path '*stubs*' -print -quit 2>/dev/null || true)
+    [ -n "$p" ] && dirs+=("$(dirname "$p")")
+  fi
+  printf '%s\n' "${dirs[@]}" | sort -u | paste -sd:
+}
+
+run_checks() {
+  local mode=$1 dev=${GPU_CHECK_DEVICE:-cuda:0}
+  local res=/tmp/gpu-results/$mode work=/tmp/ferrolens-gpu
+  rm -rf "$res" && mkdir -p "$res" "$work"
+  exec > >(tee "$res/run.log") 2>&1
+  local F=${FERROLENS_BIN:-}
+  if [ -z "$F" ]; then
+    F=$work/ferrolens
+    [ -s .gpu/ferrolens.xz ] || { echo "gpu-check: .gpu/ferrolens.xz is missing: run 'scripts/gpu-check.sh pack' here and carry .gpu" >&2; exit 2; }
+    if [ ! -x "$F" ] || [ .gpu/ferrolens.xz -nt "$F" ]; then
+      xz -dc .gpu/ferrolens.xz > "$F" 2>/dev/null || python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(".gpu/ferrolens.xz").read())' > "$F"
+      chmod +x "$F"
     fi
-    build
-    rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/lib" "$BUNDLE/models"
-    cp target/cuda-check/release/ferrolens "$BUNDLE/"
-    for l in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnvrtc-builtins.so.13.0; do
-      if [ -e "target/cuda-toolkit/lib/$l" ]; then cp -L "target/cuda-toolkit/lib/$l" "$BUNDLE/lib/"; fi
-    done
-    # The CUDA binary needs the driver to start; fetch the model with the CPU build.
-    cargo run --release -q -p ferrolens-cli -- models pull smollm2-135m >/dev/null
-    cp -r "${FERROLENS_HOME:-$HOME/.cache/ferrolens}/models/smollm2-135m" "$BUNDLE/models/"
-    du -sh "$BUNDLE"
-    ;;
-  run)
-    OUT="${OUT:-target/gpu-results}"
-    mkdir -p "$OUT"
-    export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export FERROLENS_HOME="$PWD/$BUNDLE"
-    F="$BUNDLE/ferrolens"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.csv"
-    "$F" info | tee "$OUT/info.txt"
-    "$F" device-check --device cuda:0 --n 8 --out "$OUT/f32" | tail -5
-    "$F" device-check --device cuda:0 --dtype bf16 --n 8 --out "$OUT/bf16" | tail -5 || true
-    "$F" data --task ioi --n 16 --out "$OUT/ioi16.jsonl"
-    for d in cuda:0 cpu; do
-      "$F" bench --device "$d" --data "$OUT/ioi16.jsonl" --what sgemm,forward,atp,relp,heads,decode --decode-context 4096 \
-        > "$OUT/bench-${d/:/}.json"
-    done
-    ls -la "$OUT"
-    ;;
-  *)
-    echo "usage: scripts/gpu-check.sh build|run" >&2
-    exit 2
-    ;;
+    local libs
+    libs=$(cuda_lib_dirs)
+    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    if ldd "$F" | grep -q "not found"; then
+      ldd "$F" | grep "not found" >&2
+      echo "gpu-check: the CUDA binary misses the libraries above; install CUDA 13 (or torch cu130) there" >&2
+      exit 2
+    fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu.csv"
+  fi
+  "$F" info | tee "$res/info.txt"
+  local models=()
+  case $mode in
+    synthetic)
+      [ -s .gpu/smollm2/tokenizer.json ] || { echo "gpu-check: .gpu/smollm2/tokenizer.json is missing: run pack, carry .gpu" >&2; exit 2; }
+      python3 scripts/synthetic_checkpoint.py make fixtures/smollm2/synthetic_spec.json "$work/smollm2-synthetic" --tokenizer .gpu/smollm2/tokenizer.json
+      python3 scripts/synthetic_checkpoint.py gpt2-small-spec "$work/gpt2-small.spec.json"
+      python3 scripts/synthetic_checkpoint.py make "$work/gpt2-small.spec.json" "$work/gpt2-small-synthetic" \
+        --tokenizer fixtures/gpt2-tokenizer/encoder.json --tokenizer fixtures/gpt2-tokenizer/vocab.bpe
+      models=("$work/smollm2-synthetic" "$work/gpt2-small-synthetic")
+      ;;
+    real)
+      local parts=(.gpu-model/part.*)
+      [ -e "${parts[0]}" ] || { echo "gpu-check: no .gpu-model/part.* here: carry them (see the header of this script)" >&2; exit 2; }
+      local name
+      name=$(awk '{print $2}' .gpu/smollm2.gguf.sha256)
+      cat "${parts[@]}" > "$work/$name"
+      if ! (cd "$work" && sha256sum -c "$ROOT/.gpu/smollm2.gguf.sha256"); then
+        echo "gpu-check: the GGUF assembled from ${parts[*]} does not match its checksum: a part is missing (the machine went back between calls?)" >&2
+        exit 2
+      fi
+      models=("$work/$name")
+      ;;
+    *) echo "usage: scripts/gpu-check.sh run synthetic|real" >&2; exit 2 ;;
+  esac
+  local failed=0 m tag
+  for m in "${models[@]}"; do
+    tag=$(basename "$m" .gguf)
+    echo "== $tag: device-check f32 (must agree with the CPU to 1e-3)"
+    "$F" device-check --model "$m" --device "$dev" --n 8 --out "$res/$tag-f32" > /dev/null || failed=1
+    if [ "$dev" != cpu ]; then
+      echo "== $tag: device-check bf16 (differences reported)"
+      "$F" device-check --model "$m" --device "$dev" --dtype bf16 --n 8 --what logits,cache,atp,decode --out "$res/$tag-bf16" > /dev/null || true
+    fi
+  done
+  # Timings on the first model (the real one in `real` mode), GPU against the same machine's CPU.
+  m=${models[0]}
+  tag=$(basename "$m" .gguf)
+  "$F" data --task ioi --n 16 --model "$m" --out "$res/ioi16.jsonl"
+  local d devices=("$dev")
+  [ "$dev" = cpu ] || devices+=(cpu)
+  [ "${GPU_CHECK_BENCH:-1}" = 1 ] || devices=()
+  for d in "${devices[@]}"; do
+    echo "== $tag: bench on $d"
+    "$F" bench --model "$m" --device "$d" --data "$res/ioi16.jsonl" --what sgemm,forward,atp,relp,heads,decode \
+      --decode-context 4096 > "$res/$tag-bench-${d/:/}.json" || failed=1
+    if [ "$d" != cpu ]; then
+      "$F" bench --model "$m" --device "$d" --dtype bf16 --data "$res/ioi16.jsonl" --what forward,heads \
+        > "$res/$tag-bench-${d/:/}-bf16.json" || true
+    fi
+  done
+  for f in "$res"/*/device_check.json; do
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split("/")[-2], j["dtype"], "failures:", j["failures"] or "none"); [print("  ", k, v) for k, v in j["checks"].items()]' "$f"
+  done
+  local out=${OUT:-$ROOT/target/gpu-results}
+  mkdir -p "$out"
+  tar -C /tmp/gpu-results -czf "$out/gpu-results-$mode.tgz" "$mode"
+  cp "$res/run.log" "$out/run-$mode.log"
+  echo "results: $out/gpu-results-$mode.tgz (failed=$failed)"
+  return $failed
+}
+
+# Markdown rows for docs/benchmarks.md from an unpacked results folder (DIR/<model>-bench-*.json).
+table() {
+  python3 - "$1" <<'EOF'
+import glob, json, os, sys
+d = sys.argv[1]
+rows = {}
+for f in sorted(glob.glob(os.path.join(d, "*-bench-*.json"))):
+    j = json.load(open(f))
+    rows[(j["model"], j["device"], j["dtype"])] = j
+keys = ["sgemm_1024_gflops", "forward_s", "forward_full_cache_s", "atp_s", "relp_s", "heads_all_pos_s",
+        "prefill_4096_tokens_per_s", "decode_4096_fused_tokens_per_s", "decode_4096_generic_tokens_per_s"]
+print("| model | device | dtype | " + " | ".join(keys) + " |")
+print("|" + "---|" * (3 + len(keys)))
+for (m, dev, dt), j in rows.items():
+    cells = [f"{j[k]:.4g}" if k in j else "" for k in keys]
+    print(f"| {m} | {dev} | {dt} | " + " | ".join(cells) + " |")
+# Speed-ups of each GPU row over the same model's CPU row (times: cpu/gpu; rates: gpu/cpu).
+for (m, dev, dt), j in rows.items():
+    c = rows.get((m, "cpu", "F32"))
+    if dev == "cpu" or c is None:
+        continue
+    cells = []
+    for k in keys:
+        if k in j and k in c and j[k] > 0 and c[k] > 0:
+            r = c[k] / j[k] if k.endswith("_s") else j[k] / c[k]
+            cells.append(f"{r:.3g}x")
+        else:
+            cells.append("")
+    print(f"| {m} | {dev} / cpu | {dt} | " + " | ".join(cells) + " |")
+EOF
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  run) run_checks "${2:-synthetic}" ;;
+  table) table "${2:?usage: scripts/gpu-check.sh table DIR}" ;;
+  *) echo "usage: scripts/gpu-check.sh pack | run synthetic|real | table DIR" >&2; exit 2 ;;
 esac

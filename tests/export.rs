@@ -94,3 +94,36 @@ fn bf16_export_rounds_the_weights() {
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(j["torch_dtype"], "bfloat16");
 }
+
+/// fixtures/smollm2/synthetic_spec.json (the stand-in that scripts/gpu-check.sh builds on GPU
+/// machines, which cannot take the 98 MB GGUF) describes SmolLM2 as exported: the same config,
+/// tensor names and shapes, the norm gains exactly, each matrix's mean and std.
+#[test]
+fn synthetic_spec_matches_smollm2() {
+    let m = smollm2();
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/synthetic_spec.json")).unwrap()).unwrap();
+    assert_eq!(spec["config"], ferrolens::model::export::hf_config(m, DType::F32).unwrap());
+    let tensors = ferrolens::model::export::hf_tensors(m, DType::F32).unwrap();
+    let st = spec["tensors"].as_object().unwrap();
+    let mut names: Vec<_> = st.keys().cloned().collect();
+    names.sort();
+    let mut want: Vec<_> = tensors.keys().cloned().collect();
+    want.sort();
+    assert_eq!(names, want);
+    for (name, t) in &tensors {
+        let s = &st[name];
+        let shape: Vec<usize> = s["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        assert_eq!(shape, t.dims(), "{name}");
+        let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        if let Some(vals) = s["values"].as_array() {
+            let vals: Vec<f64> = vals.iter().map(|x| x.as_f64().unwrap()).collect();
+            assert_eq!(vals, v, "{name}: norm gains");
+        } else {
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            assert!((mean - s["mean"].as_f64().unwrap()).abs() < 1e-9, "{name}: mean");
+            assert!((std / s["std"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{name}: std");
+        }
+    }
+}

@@ -52,7 +52,7 @@ enum Cmd {
     Data(cmd_data::Args),
     /// Time forwards, sweeps and attribution (JSON, for docs/benchmarks.md).
     Bench(cmd_bench::Args),
-    /// List or fetch the named models.
+    /// List, fetch or export models (as Hugging Face directories).
     Models(cmd_models::Args),
     /// Compare --device/--dtype against the CPU in f32: logits, caches, patching, AtP/RelP, decoding.
     DeviceCheck(cmd_device::Args),
@@ -98,10 +98,18 @@ fn info() -> anyhow::Result<()> {
     let devices: Vec<String> =
         ferrolens_model::available_devices().into_iter().map(|d| if d == "cpu" { format!("cpu ({threads} threads)") } else { d }).collect();
     println!("devices: {}", devices.join(", "));
-    println!(
-        "cuda: {}",
-        if ferrolens_model::device::CUDA_BUILT { "built in" } else { "not built in (scripts/cuda-env.sh cargo build --release --features cuda)" }
-    );
+    if !ferrolens_model::device::CUDA_BUILT {
+        println!("cuda: not built in (scripts/cuda-env.sh cargo build --release --features cuda)");
+    } else if devices.len() > 1 {
+        println!("cuda: built in");
+    } else {
+        // Say why no GPU opened (no driver, no device, a library mismatch).
+        let why = match ferrolens_model::Device::new_cuda(0) {
+            Err(e) => e.to_string(),
+            Ok(_) => "cuda:0 opened on a second try".into(),
+        };
+        println!("cuda: built in, but no GPU opened: {}", why.lines().next().unwrap_or(""));
+    }
     println!("models dir: {}", ferrolens_model::registry::models_dir().display());
     Ok(())
 }
