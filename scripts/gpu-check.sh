@@ -100,7 +100,6 @@ run_checks() {
   local mode=$1 dev=${GPU_CHECK_DEVICE:-cuda:0}
   local res=/tmp/gpu-results/$mode work=/tmp/ferrolens-gpu
   rm -rf "$res" && mkdir -p "$res" "$work"
-  exec > >(tee "$res/run.log") 2>&1
   local F=${FERROLENS_BIN:-}
   if [ -z "$F" ]; then
     F=$work/ferrolens
@@ -177,7 +176,6 @@ run_checks() {
   local out=${OUT:-$ROOT/target/gpu-results}
   mkdir -p "$out"
   tar -C /tmp/gpu-results -czf "$out/gpu-results-$mode.tgz" "$mode"
-  cp "$res/run.log" "$out/run-$mode.log"
   echo "results: $out/gpu-results-$mode.tgz (failed=$failed)"
   return $failed
 }
@@ -216,7 +214,14 @@ EOF
 
 case "${1:-}" in
   pack) pack ;;
-  run) run_checks "${2:-synthetic}" ;;
+  run)
+    # The log comes back beside the results ($OUT keeps at most 8 files).
+    mkdir -p "${OUT:-$ROOT/target/gpu-results}"
+    log="${OUT:-$ROOT/target/gpu-results}/run-${2:-synthetic}.log"
+    rc=0
+    run_checks "${2:-synthetic}" 2>&1 | tee "$log" || rc=$?
+    exit $rc
+    ;;
   table) table "${2:?usage: scripts/gpu-check.sh table DIR}" ;;
   *) echo "usage: scripts/gpu-check.sh pack | run synthetic|real | table DIR" >&2; exit 2 ;;
 esac
