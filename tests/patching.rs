@@ -261,3 +261,43 @@ fn grad_drop_is_the_mean_of_per_layer_absolute_atp() {
     // Stopping a layer's write changes the layer-0 scores (the check is not vacuous).
     assert!(l1.grids[0].values.iter().zip(&plain.grids[0].values).take(4).any(|(a, b)| (a - b).abs() > 1e-6));
 }
+
+/// AtP and RelP against the official RelP code (TransformerLens fork FarnoushRJ/RelP, default
+/// rules LN + identity + half; scripts/relp_reference.py): every head, and resid_pre, attn_out,
+/// mlp_out at every layer and position, on the 4 IOI pairs.
+#[test]
+fn atp_and_relp_match_the_official_relp_code() {
+    let s = smol_ioi();
+    let model = smollm2();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/relp_reference.json")).unwrap()).unwrap();
+    for (name, rules) in [("atp", LrpRules::NONE), ("relp", LrpRules::RELP)] {
+        let heads = attribution(model, &s.clean, &s.corrupt, &s.metric, &[Component::HeadZ], name,
+            &AttributionOptions { rules, at_clean: false, by_pos: false }).unwrap();
+        let comps = [Component::ResidPre, Component::AttnOut, Component::MlpOut];
+        let res = attribution(model, &s.clean, &s.corrupt, &s.metric, &comps, name,
+            &AttributionOptions { rules, at_clean: false, by_pos: true }).unwrap();
+        let mut worst = 0f64;
+        for l in 0..30 {
+            for h in 0..9 {
+                worst = worst.max((heads.grids[0].get(l, 0, h) - r[name]["heads"][l][h].as_f64().unwrap()).abs());
+            }
+        }
+        eprintln!("{name} heads: max |ferrolens - fork| = {worst:e}");
+        assert!(worst < 5e-5, "{name} heads: {worst}");
+        for (g, key) in res.grids.iter().zip(["resid_pre", "attn_out", "mlp_out"]) {
+            let mut worst = 0f64;
+            for l in 0..30 {
+                for p in 0..g.n_pos {
+                    worst = worst.max((g.get(l, p, 0) - r[name][key][l][p].as_f64().unwrap()).abs());
+                }
+            }
+            eprintln!("{name} {key}: max |ferrolens - fork| = {worst:e}");
+            assert!(worst < 5e-5, "{name} {key}: {worst}");
+        }
+    }
+    // RelP differs from AtP where the rules act (a test that could not tell them apart would pass above).
+    let d = (r["relp"]["mlp_out"][20][14].as_f64().unwrap() - r["atp"]["mlp_out"][20][14].as_f64().unwrap()).abs()
+        + (r["relp"]["resid_pre"][10][14].as_f64().unwrap() - r["atp"]["resid_pre"][10][14].as_f64().unwrap()).abs();
+    assert!(d > 1e-3, "reference RelP equals AtP: {d}");
+}
