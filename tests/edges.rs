@@ -76,3 +76,98 @@ fn path_patching_identities() {
     // A receiver upstream of the sender is an error.
     assert!(path_patch(&model, &clean, &corrupt, &metric, (1, 0), &[(0, 0, HeadInput::Q)]).is_err());
 }
+
+/// Per-head receivers (EdgeOptions::head_inputs): a sender's scores into every head's query and
+/// every KV head's key and value inputs of a layer add up to its score into that attention
+/// block; MLP and logit receivers are unchanged. GPT-2 (LayerNorm, f64) and SmolLM2 (RMSNorm,
+/// grouped-query attention, f32).
+#[test]
+fn head_receivers_add_up_to_the_block() {
+    use ferrolens::methods::{edge_attribution_with, EdgeOptions, HeadInput};
+    use std::collections::HashMap;
+    let check = |model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric, rel: f64| {
+        let blocks = edge_attribution(model, clean, corrupt, metric).unwrap();
+        let heads = edge_attribution_with(model, clean, corrupt, metric, &EdgeOptions { head_inputs: true }).unwrap();
+        let (n, nh, nkv) = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads);
+        let per_block: usize = nh + 2 * nkv;
+        assert_eq!(heads.iter().filter(|e| e.sender == Node::Head(0, 0) && matches!(e.receiver, Receiver::Head(1, ..))).count(), per_block);
+        let mut sum: HashMap<(Node, Receiver), f64> = HashMap::new();
+        for e in &heads {
+            let r = match e.receiver {
+                Receiver::Head(l, _, _) => Receiver::Attn(l),
+                r => r,
+            };
+            *sum.entry((e.sender, r)).or_default() += e.score;
+        }
+        let scale = blocks.iter().map(|e| e.score.abs()).fold(0.0, f64::max);
+        let mut worst = 0f64;
+        for e in &blocks {
+            worst = worst.max((sum[&(e.sender, e.receiver)] - e.score).abs());
+        }
+        eprintln!("{}: max |sum of head receivers - block| = {worst:e} (largest score {scale:e}, {} edges)", model.cfg.name, heads.len());
+        assert!(worst <= rel * scale, "{worst} vs {scale}");
+        assert!(scale > 1e-3);
+        assert_eq!(sum.len(), blocks.len());
+        // KV receivers carry the key/value paths (not zero) and a query receiver is a single head.
+        assert!(heads.iter().any(|e| matches!(e.receiver, Receiver::Head(_, _, HeadInput::K)) && e.score.abs() > 1e-6 * scale));
+        assert!(heads.iter().any(|e| matches!(e.receiver, Receiver::Head(_, _, HeadInput::V)) && e.score.abs() > 1e-3 * scale));
+        let _ = n;
+    };
+    let model = tiny_gpt2(DType::F64);
+    let (clean, corrupt) = tiny_pair();
+    check(&model, &clean, &corrupt, &LogitDiff { answer: vec![17], wrong: vec![423] }, 1e-10);
+    let smol = smollm2();
+    let pairs = ferrolens::tasks::read_jsonl(&fixtures().join("smollm2/ioi4.jsonl")).unwrap();
+    let batch = PairBatch::new(smol.tokenizer().unwrap(), pairs[..2].to_vec(), "ioi4").unwrap();
+    let (c, k) = (smol.tokens_tensor(&batch.clean).unwrap(), smol.tokens_tensor(&batch.corrupt).unwrap());
+    check(smol, &c, &k, &LogitDiff { answer: batch.answer.clone(), wrong: batch.wrong.clone() }, 1e-4);
+}
+
+/// A per-head receiver's score is the derivative of the metric when the sender's output
+/// difference is added to the residual stream as that one head's query / key / value input
+/// alone: central finite differences on the tiny GPT-2 in f64, with the head's q, k or v
+/// recomputed by hand from `ln1(resid_pre + eps * delta)` and patched in.
+#[test]
+fn head_receiver_scores_are_directional_derivatives() {
+    use ferrolens::methods::{edge_attribution_with, EdgeOptions, HeadInput};
+    let model = tiny_gpt2(DType::F64);
+    let (clean, corrupt) = tiny_pair();
+    let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
+    let edges = edge_attribution_with(&model, &clean, &corrupt, &metric, &EdgeOptions { head_inputs: true }).unwrap();
+    let (sl, sh, rl) = (0usize, 2usize, 1usize);
+    let mut hc = Hooks::new().cache_hooks(&[HookPoint::Result(sl)]);
+    model.run(&clean, &mut hc).unwrap();
+    let mut hk = Hooks::new().cache_hooks(&[HookPoint::Result(sl), HookPoint::ResidPre(rl)]);
+    model.run(&corrupt, &mut hk).unwrap();
+    let head_out = |c: &ActivationCache| c.get(HookPoint::Result(sl)).unwrap().narrow(2, sh, 1).unwrap().squeeze(2).unwrap();
+    let delta = (head_out(hc.cache_ref()) - head_out(hk.cache_ref())).unwrap(); // [1,p,D]
+    let x = hk.cache_ref().get(HookPoint::ResidPre(rl)).unwrap().clone();
+    let bw = &model.w.blocks[rl];
+    let d = model.cfg.d_head;
+    let ln1 = |x: &Tensor| -> Tensor {
+        let xc = x.broadcast_sub(&x.mean_keepdim(2).unwrap()).unwrap();
+        let s = (xc.sqr().unwrap().mean_keepdim(2).unwrap() + model.cfg.eps).unwrap().sqrt().unwrap();
+        xc.broadcast_div(&s).unwrap().broadcast_mul(&bw.ln1.w).unwrap().broadcast_add(bw.ln1.b.as_ref().unwrap()).unwrap()
+    };
+    for (input, hook, w, b, h) in [
+        (HeadInput::Q, HookPoint::Q(rl), &bw.attn.w_q, &bw.attn.b_q, 1usize),
+        (HeadInput::K, HookPoint::K(rl), &bw.attn.w_k, &bw.attn.b_k, 3),
+        (HeadInput::V, HookPoint::V(rl), &bw.attn.w_v, &bw.attn.b_v, 0),
+    ] {
+        let m_at = |eps: f64| -> f64 {
+            let xe = (&x + (&delta * eps).unwrap()).unwrap();
+            let full = ln1(&xe).broadcast_matmul(w).unwrap().broadcast_add(b.as_ref().unwrap()).unwrap();
+            let (bb, p, _) = full.dims3().unwrap();
+            let heads = full.reshape((bb, p, model.cfg.n_heads, d)).unwrap();
+            let mut hooks = Hooks::new().patch(Patch::new(hook, Intervention::Replace(heads)).heads(&[h]));
+            let logits = model.run(&corrupt, &mut hooks).unwrap();
+            metric.per_row(&logits).unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let eps = 1e-4;
+        let fd = (m_at(eps) - m_at(-eps)) / (2.0 * eps);
+        let score = edges.iter().find(|e| e.sender == Node::Head(sl, sh) && e.receiver == Receiver::Head(rl, h, input)).unwrap().score;
+        eprintln!("{input:?} head {h}: EAP {score:.10} finite difference {fd:.10}");
+        assert!((score - fd).abs() < 1e-6 * fd.abs().max(1e-3), "{input:?}: {score} vs {fd}");
+        assert!(fd.abs() > 1e-5, "{input:?}: the path carries nothing");
+    }
+}

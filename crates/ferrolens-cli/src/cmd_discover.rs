@@ -10,7 +10,7 @@ use crate::study::{correlations, prepare, run_methods, scores_table, Method, Pre
 use anyhow::{Context, Result};
 use candle_core::IndexOp;
 use ferrolens_methods::heads::attention_between;
-use ferrolens_methods::{edge_attribution, smallest_faithful, AblationMeans, Component, CurvePoint, Direction, Node, ScoreGrid};
+use ferrolens_methods::{edge_attribution_with, smallest_faithful, EdgeOptions, Receiver, AblationMeans, Component, CurvePoint, Direction, Node, ScoreGrid};
 use ferrolens_model::{HookPoint, HookedTransformer, Hooks, LrpRules};
 use ferrolens_report::{bar_chart, heatmap, line_chart, write_table, Column, Heatmap, Report, Table};
 use ferrolens_tasks::{colored, ioi, read_jsonl, PairBatch, PromptPair, Task};
@@ -84,6 +84,10 @@ pub struct Args {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// EAP edge receivers: `heads` (each head's query input, each KV head's key and value
+    /// inputs, as TransformerLens's split-qkv receivers) or `blocks` (one per attention block).
+    #[arg(long, default_value = "heads")]
+    edge_receivers: String,
 }
 
 /// Pairs of a built-in task for `model`'s tokenizer.
@@ -218,13 +222,14 @@ pub fn run(a: Args) -> Result<()> {
 
     // 3. Edges between circuit nodes (EAP).
     let t0 = Instant::now();
-    let edges = edge_attribution(&model, &prep.clean, &prep.corrupt, &prep.metric)?;
-    let in_circ = |n: &Node| circuit.contains(n);
-    let recv_in = |r: &ferrolens_methods::Receiver| match r {
-        ferrolens_methods::Receiver::Attn(l) => circuit.iter().any(|n| matches!(n, Node::Head(nl, _) if nl == l)),
-        ferrolens_methods::Receiver::Mlp(l) => circuit.contains(&Node::Mlp(*l)),
-        ferrolens_methods::Receiver::Logits => true,
+    let head_inputs = match a.edge_receivers.as_str() {
+        "heads" => true,
+        "blocks" => false,
+        other => anyhow::bail!("--edge-receivers `{other}`: use heads or blocks"),
     };
+    let edges = edge_attribution_with(&model, &prep.clean, &prep.corrupt, &prep.metric, &EdgeOptions { head_inputs })?;
+    let in_circ = |n: &Node| circuit.contains(n);
+    let recv_in = |r: &Receiver| receiver_targets(r, &model, |n| circuit.contains(n)).is_some_and(|t| !t.is_empty());
     let mut circ_edges: Vec<&ferrolens_methods::Edge> = edges.iter().filter(|e| in_circ(&e.sender) && recv_in(&e.receiver)).collect();
     circ_edges.sort_by(|x, y| y.score.abs().total_cmp(&x.score.abs()));
     let t_edges = t0.elapsed().as_secs_f64();
@@ -341,7 +346,7 @@ fn figures(
     list.push((stem, "Faithfulness curve: top-k nodes kept, the rest mean-ablated".into()));
     // Circuit graph: nodes placed by layer, edges with the largest |EAP| scores.
     let stem = out.join("circuit_graph");
-    circuit_graph(circuit, edges, &stem)?;
+    circuit_graph(model, circuit, edges, &stem)?;
     list.push((stem, "Circuit graph: nodes by layer; edges are the 60 largest |EAP| scores among circuit nodes (red positive, blue negative)".into()));
     // Attention patterns of the top heads on the first clean prompt.
     let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
@@ -360,8 +365,20 @@ fn figures(
     Ok(Figs { list })
 }
 
-fn circuit_graph(circuit: &[Node], edges: &[&ferrolens_methods::Edge], stem: &Path) -> Result<()> {
-    use ferrolens_methods::Receiver;
+/// The circuit nodes an edge into `r` lands on (`None` for the logits): the MLP, or the circuit
+/// heads whose query, key or value input (or whole block) the receiver is.
+fn receiver_targets(r: &Receiver, model: &HookedTransformer, in_circuit: impl Fn(&Node) -> bool) -> Option<Vec<Node>> {
+    let group = model.cfg.n_heads / model.cfg.n_kv_heads;
+    match r {
+        Receiver::Logits => None,
+        Receiver::Mlp(l) => Some([Node::Mlp(*l)].into_iter().filter(|n| in_circuit(n)).collect()),
+        Receiver::Attn(l) | Receiver::Head(l, _, _) => {
+            Some(r.heads(model.cfg.n_heads, group).into_iter().map(|h| Node::Head(*l, h)).filter(|n| in_circuit(n)).collect())
+        }
+    }
+}
+
+fn circuit_graph(model: &HookedTransformer, circuit: &[Node], edges: &[&ferrolens_methods::Edge], stem: &Path) -> Result<()> {
     use ferrolens_report::GraphNode;
     // One row per layer that has circuit nodes (output at the top), nodes left to right.
     let mut layers: BTreeMap<usize, Vec<Node>> = BTreeMap::new();
@@ -387,10 +404,9 @@ fn circuit_graph(circuit: &[Node], edges: &[&ferrolens_methods::Edge], stem: &Pa
     let mut lines = Vec::new();
     for e in edges.iter().take(60) {
         let Some(&a) = index.get(&e.sender) else { continue };
-        let targets: Vec<usize> = match e.receiver {
-            Receiver::Logits => vec![0],
-            Receiver::Mlp(l) => index.get(&Node::Mlp(l)).copied().into_iter().collect(),
-            Receiver::Attn(l) => index.iter().filter(|(n, _)| matches!(n, Node::Head(nl, _) if *nl == l)).map(|(_, i)| *i).collect(),
+        let targets: Vec<usize> = match receiver_targets(&e.receiver, model, |n| index.contains_key(n)) {
+            None => vec![0],
+            Some(ns) => ns.iter().map(|n| index[n]).collect(),
         };
         lines.extend(targets.into_iter().map(|b| (a, b, e.score)));
     }

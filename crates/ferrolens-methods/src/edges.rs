@@ -4,12 +4,18 @@
 //! where `out_s` is what sender `s` writes to the residual stream (a head's `hook_result`, an
 //! MLP's `hook_mlp_out`) and `in_r` is receiver `r`'s residual input. Receivers are sublayers:
 //! the attention block of layer L (input `resid_pre(L)`, gradient taken through `ln1` only), the
-//! MLP of layer L (`resid_mid(L)` through `ln2` only), and the logits (`ln_final`). The gradient
-//! through a norm is computed exactly from the gradient at its `hook_normalized`, so the skip
-//! path around the receiver is excluded. One clean forward, one corrupt forward and backward.
+//! MLP of layer L (`resid_mid(L)` through `ln2` only), and the logits (`ln_final`); with
+//! [`EdgeOptions::head_inputs`] the attention block is split into the query input of every head
+//! and the key and value inputs of every KV head (the gradient of one path only: `hook_q`'s
+//! gradient for that head times `W_Q`'s columns of that head, then through `ln1`), as
+//! TransformerLens's `use_split_qkv_input` receivers. The gradient through a norm is computed
+//! exactly from the gradient at its `hook_normalized`, so the skip path around the receiver is
+//! excluded. One clean forward, one corrupt forward and backward; the scores of one sender layer
+//! into one receiver layer are one matrix product.
 
 use crate::circuit::Node;
 use crate::metrics::Metric;
+use crate::path::HeadInput;
 use candle_core::{DType, Tensor, D};
 use ferrolens_model::{HookPoint, HookedTransformer, Hooks, NormKind, Result, RunSpan};
 use serde::{Deserialize, Serialize};
@@ -19,6 +25,10 @@ use serde::{Deserialize, Serialize};
 pub enum Receiver {
     /// The attention block of a layer (all its heads, through Q, K and V).
     Attn(usize),
+    /// One input of one head of a layer ([`EdgeOptions::head_inputs`]): `(layer, index, input)`,
+    /// the index being the query head for `Q` and the KV head for `K` / `V` (equal to the head
+    /// without grouped-query attention; KV head g serves query heads `g*h/kv .. (g+1)*h/kv`).
+    Head(usize, usize, HeadInput),
     /// The MLP of a layer.
     Mlp(usize),
     /// The unembedding.
@@ -26,14 +36,42 @@ pub enum Receiver {
 }
 
 impl Receiver {
-    /// `ATTN5` / `MLP5` / `LOGITS`.
+    /// `ATTN5` / `L5H3.q`, `L5KV1.k`, `L5KV1.v` / `MLP5` / `LOGITS`.
     pub fn label(&self) -> String {
         match self {
             Receiver::Attn(l) => format!("ATTN{l}"),
+            Receiver::Head(l, h, HeadInput::Q) => format!("L{l}H{h}.q"),
+            Receiver::Head(l, g, HeadInput::K) => format!("L{l}KV{g}.k"),
+            Receiver::Head(l, g, HeadInput::V) => format!("L{l}KV{g}.v"),
             Receiver::Mlp(l) => format!("MLP{l}"),
             Receiver::Logits => "LOGITS".into(),
         }
     }
+
+    /// The receiver's layer (`n_layers` for the logits).
+    pub fn layer(&self, n_layers: usize) -> usize {
+        match self {
+            Receiver::Attn(l) | Receiver::Head(l, _, _) | Receiver::Mlp(l) => *l,
+            Receiver::Logits => n_layers,
+        }
+    }
+
+    /// The query heads whose computation this receiver feeds (`group` = heads per KV head).
+    pub fn heads(&self, n_heads: usize, group: usize) -> Vec<usize> {
+        match self {
+            Receiver::Attn(_) => (0..n_heads).collect(),
+            Receiver::Head(_, h, HeadInput::Q) => vec![*h],
+            Receiver::Head(_, g, _) => (g * group..(g + 1) * group).collect(),
+            Receiver::Mlp(_) | Receiver::Logits => vec![],
+        }
+    }
+}
+
+/// Options of [`edge_attribution_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EdgeOptions {
+    /// Split attention receivers into per-head query inputs and per-KV-head key and value inputs.
+    pub head_inputs: bool,
 }
 
 /// One scored edge.
@@ -70,9 +108,17 @@ fn through_norm(model: &HookedTransformer, x: &Tensor, scale: &Tensor, g_norm: &
     })
 }
 
-/// EAP scores of every (sender, receiver) edge with the sender upstream of the receiver.
+/// EAP scores of every (sender, receiver) edge with the sender upstream of the receiver
+/// (attention receivers per block).
 pub fn edge_attribution(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric) -> Result<Vec<Edge>> {
-    let n = model.cfg.n_layers;
+    edge_attribution_with(model, clean, corrupt, metric, &EdgeOptions::default())
+}
+
+/// [`edge_attribution`] with options (per-head receivers).
+pub fn edge_attribution_with(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric, opts: &EdgeOptions) -> Result<Vec<Edge>> {
+    let cfg = &model.cfg;
+    let n = cfg.n_layers;
+    let (nh, nkv, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
     let span = RunSpan::default();
     let senders: Vec<HookPoint> = (0..n).flat_map(|l| [HookPoint::Result(l), HookPoint::MlpOut(l)]).collect();
     let mut hc = Hooks::new().cache_hooks(&senders);
@@ -83,47 +129,88 @@ pub fn edge_attribution(model: &HookedTransformer, clean: &Tensor, corrupt: &Ten
     cache.extend([HookPoint::LnFinalScale, HookPoint::LnFinalNormalized, HookPoint::ResidPost(n - 1)]);
     for l in 0..n {
         grads.extend([HookPoint::Ln1Normalized(l), HookPoint::Ln2Normalized(l)]);
+        if opts.head_inputs {
+            grads.extend([HookPoint::Q(l), HookPoint::K(l), HookPoint::V(l)]);
+        }
         cache.extend([HookPoint::ResidPre(l), HookPoint::ResidMid(l), HookPoint::Ln1Scale(l), HookPoint::Ln2Scale(l)]);
     }
     let mut hk = Hooks::new().cache_hooks(&cache).grad(&grads);
     let run = model.run_span_with_grads(Some(corrupt), &span, &mut hk, |logits| Ok(metric.per_row(logits)?.mean_all()?))?;
     let hk = hk.take_cache();
-    // Receiver input gradients [b, p, D] (f64).
-    let mut recv: Vec<(Receiver, Tensor)> = Vec::new();
-    for l in 0..n {
-        let b = &model.w.blocks[l];
-        recv.push((Receiver::Attn(l), through_norm(model, hk.get(HookPoint::ResidPre(l))?, hk.get(HookPoint::Ln1Scale(l))?, &run.grads[&HookPoint::Ln1Normalized(l)], &b.ln1.w)?));
-        recv.push((Receiver::Mlp(l), through_norm(model, hk.get(HookPoint::ResidMid(l))?, hk.get(HookPoint::Ln2Scale(l))?, &run.grads[&HookPoint::Ln2Normalized(l)], &b.ln2.w)?));
-    }
-    recv.push((
-        Receiver::Logits,
-        through_norm(model, hk.get(HookPoint::ResidPost(n - 1))?, hk.get(HookPoint::LnFinalScale)?, &run.grads[&HookPoint::LnFinalNormalized], &model.w.ln_final.w)?,
-    ));
-    let mut edges = Vec::new();
-    for l in 0..n {
-        // Head output differences [b, p, h, D] and MLP [b, p, D].
-        let dres = (hc.get(HookPoint::Result(l))? - hk.get(HookPoint::Result(l))?)?.to_dtype(DType::F64)?;
-        let dmlp = (hc.get(HookPoint::MlpOut(l))? - hk.get(HookPoint::MlpOut(l))?)?.to_dtype(DType::F64)?;
-        for (r, g) in &recv {
-            let downstream = match r {
-                Receiver::Attn(rl) => *rl > l,
-                Receiver::Mlp(rl) => *rl >= l,
-                Receiver::Logits => true,
-            };
-            if downstream {
-                // Heads: sum_{b,p,D} dres[b,p,h,D] g[b,p,D] -> [h].
-                let hs = dres.broadcast_mul(&g.unsqueeze(2)?)?.sum(D::Minus1)?.sum(1)?.sum(0)?.to_vec1::<f64>()?;
-                for (h, s) in hs.into_iter().enumerate() {
-                    edges.push(Edge { sender: Node::Head(l, h), receiver: *r, score: s });
+    let (b, p, d) = hk.get(HookPoint::ResidPre(0))?.dims3()?;
+    let flat = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((1, b * p * d))?) };
+
+    // Receivers of each layer (index n: the logits) with their input gradients, one row each
+    // of a [receivers, b*p*D] f64 matrix.
+    let receivers_of = |l: usize| -> Result<(Vec<Receiver>, Tensor)> {
+        if l == n {
+            let g = through_norm(model, hk.get(HookPoint::ResidPost(n - 1))?, hk.get(HookPoint::LnFinalScale)?, &run.grads[&HookPoint::LnFinalNormalized], &model.w.ln_final.w)?;
+            return Ok((vec![Receiver::Logits], flat(g)?));
+        }
+        let bw = &model.w.blocks[l];
+        let (pre, s1) = (hk.get(HookPoint::ResidPre(l))?, hk.get(HookPoint::Ln1Scale(l))?);
+        let mut rs = Vec::new();
+        let mut rows = Vec::new();
+        if opts.head_inputs {
+            // dM/d(ln1 output) along one head's path: g_hook [b,p,1,dh] . W[:, head cols]^T.
+            let w1 = bw.ln1.w.to_dtype(DType::F64)?;
+            for (input, hook, w, count) in [
+                (HeadInput::Q, HookPoint::Q(l), &bw.attn.w_q, nh),
+                (HeadInput::K, HookPoint::K(l), &bw.attn.w_k, nkv),
+                (HeadInput::V, HookPoint::V(l), &bw.attn.w_v, nkv),
+            ] {
+                let g = run.grads[&hook].to_dtype(DType::F64)?;
+                let w = w.to_dtype(DType::F64)?;
+                for i in 0..count {
+                    let gi = g.narrow(2, i, 1)?.squeeze(2)?; // [b,p,dh]
+                    let wi = w.narrow(1, i * dh, dh)?; // [D,dh]
+                    let gx = gi.broadcast_matmul(&wi.t()?)?; // [b,p,D]
+                    // RMSNorm's hook_normalized is before the gain, LayerNorm's after it.
+                    let gn = match cfg.norm {
+                        NormKind::RmsNorm => gx.broadcast_mul(&w1)?,
+                        NormKind::LayerNorm => gx,
+                    };
+                    rows.push(flat(through_norm(model, pre, s1, &gn, &bw.ln1.w)?)?);
+                    rs.push(Receiver::Head(l, i, input));
                 }
             }
-            let mlp_down = match r {
-                Receiver::Attn(rl) | Receiver::Mlp(rl) => *rl > l,
-                Receiver::Logits => true,
-            };
-            if mlp_down {
-                let s = (&dmlp * g)?.sum_all()?.to_scalar::<f64>()?;
-                edges.push(Edge { sender: Node::Mlp(l), receiver: *r, score: s });
+        } else {
+            rows.push(flat(through_norm(model, pre, s1, &run.grads[&HookPoint::Ln1Normalized(l)], &bw.ln1.w)?)?);
+            rs.push(Receiver::Attn(l));
+        }
+        let g = through_norm(model, hk.get(HookPoint::ResidMid(l))?, hk.get(HookPoint::Ln2Scale(l))?, &run.grads[&HookPoint::Ln2Normalized(l)], &bw.ln2.w)?;
+        rows.push(flat(g)?);
+        rs.push(Receiver::Mlp(l));
+        Ok((rs, Tensor::cat(&rows, 0)?))
+    };
+    // Senders of each layer: the heads' output differences, then the MLP's, [h+1, b*p*D] f64.
+    let senders_of = |l: usize| -> Result<Tensor> {
+        let dres = (hc.get(HookPoint::Result(l))? - hk.get(HookPoint::Result(l))?)?.to_dtype(DType::F64)?; // [b,p,h,D]
+        let dres = dres.permute((2, 0, 1, 3))?.reshape((nh, b * p * d))?;
+        let dmlp = flat((hc.get(HookPoint::MlpOut(l))? - hk.get(HookPoint::MlpOut(l))?)?.to_dtype(DType::F64)?)?;
+        Ok(Tensor::cat(&[dres, dmlp], 0)?)
+    };
+    let mut edges = Vec::new();
+    for rl in 0..=n {
+        let (rs, g) = receivers_of(rl)?;
+        for sl in 0..=rl.min(n - 1) {
+            let scores = senders_of(sl)?.matmul(&g.t()?)?.to_vec2::<f64>()?; // [h+1, receivers]
+            for (j, r) in rs.iter().enumerate() {
+                // Heads feed their own layer's MLP and everything later; an MLP feeds later layers.
+                let heads_ok = match r {
+                    Receiver::Mlp(_) => true,
+                    Receiver::Logits => true,
+                    _ => sl < rl,
+                };
+                let mlp_ok = sl < rl;
+                if heads_ok {
+                    for (h, row) in scores.iter().take(nh).enumerate() {
+                        edges.push(Edge { sender: Node::Head(sl, h), receiver: *r, score: row[j] });
+                    }
+                }
+                if mlp_ok {
+                    edges.push(Edge { sender: Node::Mlp(sl), receiver: *r, score: scores[nh][j] });
+                }
             }
         }
     }

@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
 
 /// Which input of a receiver head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum HeadInput {
     /// Query.
     Q,
