@@ -12,9 +12,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_tl(gguf_path, use_attn_result=False):
+def load_tl(gguf_path, use_attn_result=False, **cfg_extra):
     """(TransformerLens model, tokenizer, Hugging Face model) for the SmolLM2 GGUF, with the hand-made
-    TL config that reproduces Hugging Face's logits (no weight processing)."""
+    TL config that reproduces Hugging Face's logits (no weight processing). `cfg_extra` goes to
+    HookedTransformerConfig (e.g. the RelP fork's use_lrp)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
@@ -26,7 +27,7 @@ def load_tl(gguf_path, use_attn_result=False):
                                   positional_embedding_type="rotary", rotary_dim=64, rotary_base=100000,
                                   rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True,
                                   original_architecture="LlamaForCausalLM", default_prepend_bos=False,
-                                  use_attn_result=use_attn_result)
+                                  use_attn_result=use_attn_result, **cfg_extra)
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(convert_llama_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False)

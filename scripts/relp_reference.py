@@ -19,28 +19,19 @@ import argparse, json, os, sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 
 def load(fork, gguf_path, use_lrp):
+    """The fork's HookedTransformer for SmolLM2 (patching_reference.load_tl's config + use_lrp)."""
     sys.path.insert(0, fork)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import transformer_lens
     assert os.path.abspath(transformer_lens.__file__).startswith(os.path.abspath(fork)), transformer_lens.__file__
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    d, f = os.path.dirname(gguf_path), os.path.basename(gguf_path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    cfg = HookedTransformerConfig(d_model=576, d_head=64, n_heads=9, n_key_value_heads=3, d_mlp=1536, n_layers=30,
-                                  n_ctx=8192, d_vocab=49152, eps=1e-5, act_fn="silu", normalization_type="RMS",
-                                  positional_embedding_type="rotary", rotary_dim=64, rotary_base=100000,
-                                  rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True,
-                                  original_architecture="LlamaForCausalLM", default_prepend_bos=False,
-                                  use_lrp=use_lrp)
-    cfg.LRP_rules = ["LN-rule", "Identity-rule", "Half-rule"]
-    tl = HookedTransformer(cfg)
-    tl.load_and_process_state_dict(convert_llama_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-                                   center_unembed=False, fold_value_biases=False)
-    return tl.eval(), tok
+    from patching_reference import load_tl
+    tl, tok, _ = load_tl(gguf_path, use_lrp=use_lrp)
+    # The fork's default rule set (the identity rule is fixed when the MLPs are built).
+    tl.cfg.LRP_rules = ["LN-rule", "Identity-rule", "Half-rule"]
+    return tl, tok
 
 
 def main():
