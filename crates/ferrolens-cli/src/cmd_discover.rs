@@ -3,7 +3,7 @@
 //! 1. node scores for every head and MLP (activation patching, AtP or RelP; the other two are
 //!    computed too, for the correlation table), 2. the faithfulness curve under mean ablation
 //!    (corrupt-prompt means) over circuit sizes and the smallest circuit reaching `--target`,
-//! 3. EAP edge scores between the circuit's nodes, 4. IOI head classes from attention at the
+//! 3. EAP edge scores between the circuit's nodes (receivers: head q/k/v inputs or blocks), 4. IOI head classes from attention at the
 //!    labelled positions, 5. tables, figures, circuit.json and report.html.
 
 use crate::study::{correlations, prepare, run_methods, scores_table, Method, Prepared, RunOptions};
@@ -474,6 +474,11 @@ fn write_report(
         r.html(&t.to_html(20));
     }
     r.heading("Edges (EAP) among circuit nodes");
+    r.para(if a.edge_receivers == "heads" {
+        "Receivers: a head's query input (LxHy.q), a KV head's key or value input (LxKVg.k / .v, shared by its group of query heads), an MLP, or the logits."
+    } else {
+        "Receivers: an attention block (ATTNx, all its heads), an MLP, or the logits."
+    });
     r.html(&edges.to_html(30));
     r.heading("Attention patterns of the top heads");
     figs.add_to(&mut r, &["pattern_"])?;
