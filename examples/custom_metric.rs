@@ -10,6 +10,12 @@ use ferrolens::prelude::*;
 use ferrolens::tasks::ioi;
 use std::sync::Arc;
 
+/// (layer, head) of the largest |score| of a head grid.
+fn top(g: &ScoreGrid) -> (usize, usize) {
+    let i = (0..g.values.len()).max_by(|&a, &b| g.values[a].abs().total_cmp(&g.values[b].abs())).unwrap();
+    (i / g.n_heads, i % g.n_heads)
+}
+
 fn main() -> anyhow::Result<()> {
     let model = load("smollm2-135m", &LoadOptions::default())?;
     let pairs = ioi::generate(model.tokenizer()?, &ioi::IoiConfig { n: 8, seed: 3, ..Default::default() })?;
@@ -18,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let corrupt = model.tokens_tensor(&batch.corrupt)?;
     let (io, s) = (batch.answer.clone(), batch.wrong.clone());
     // logits [rows, p, V] -> [rows]: p(IO) - p(S); row r is prompt r % n.
-    let prob_diff = move |logits: &Tensor| -> ferrolens::model::Result<Tensor> {
+    let raw: Arc<dyn Metric> = Arc::new(FnMetric("prob_diff".to_string(), move |logits: &Tensor| -> ferrolens::model::Result<Tensor> {
         let p = logits.dim(1)?;
         let probs = candle_nn::ops::softmax(&logits.i((.., p - 1, ..))?, D::Minus1)?;
         let rows = probs.dim(0)?;
@@ -28,19 +34,17 @@ fn main() -> anyhow::Result<()> {
             out.push((row.i(io[r % io.len()] as usize)? - row.i(s[r % s.len()] as usize)?)?);
         }
         Ok(Tensor::stack(&out, 0)?)
-    };
-    let raw: Arc<dyn Metric> = Arc::new(FnMetric("prob_diff".to_string(), prob_diff));
+    }));
     let (c, k) = (metric_of(&model, &clean, raw.as_ref())?, metric_of(&model, &corrupt, raw.as_ref())?);
     let metric = Normalised::new(raw, c, k)?;
     println!("p(IO) - p(S): clean {c:.3}, corrupt {k:.3}");
-    let data = PatchingData { clean: &clean, corrupt: &corrupt, metric: &metric };
-    let act = activation_patching(&model, &data, Component::HeadZ, false, &SweepOptions::default())?;
+    // PatchingData borrows, so it lives in a block (a notebook cannot keep a borrowing variable).
+    let act = {
+        let data = PatchingData { clean: &clean, corrupt: &corrupt, metric: &metric };
+        activation_patching(&model, &data, Component::HeadZ, false, &SweepOptions::default())?
+    };
     let atp = attribution(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "atp", &AttributionOptions::default())?;
     let r = pearson(&act.values, &atp.grids[0].values);
-    let top = |g: &ScoreGrid| -> (usize, usize) {
-        let i = (0..g.values.len()).max_by(|&a, &b| g.values[a].abs().total_cmp(&g.values[b].abs())).unwrap();
-        (i / g.n_heads, i % g.n_heads)
-    };
     println!("top head by activation patching L{}H{}, by AtP L{}H{}; Pearson r {r:.3}", top(&act).0, top(&act).1, top(&atp.grids[0]).0, top(&atp.grids[0]).1);
     assert!(c > k + 0.1, "the metric must separate clean from corrupt");
     // Measured r = 0.78 (8 pairs, seed 3): the probability metric is less linear than the logit difference.

@@ -9,9 +9,15 @@
 use candle_core::{DType, IndexOp, Tensor};
 use ferrolens::prelude::*;
 
+/// `x` `[.., D]` at the last position -> its logit difference along `dir` `[D]`, with the final
+/// norm's `scale` `[1]` held fixed.
+fn lens(x: &Tensor, scale: &Tensor, dir: &Tensor) -> anyhow::Result<f64> {
+    Ok(x.broadcast_div(scale)?.mul(dir)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
 fn main() -> anyhow::Result<()> {
     let model = load("smollm2-135m", &LoadOptions::default())?;
-    let tok = model.tokenizer()?;
+    let tok = model.tokenizer()?.clone();
     let prompt = "When Mary and John went to the store, John gave a drink to";
     let tokens = model.to_tokens(&[prompt])?; // [1, p]
     let p = tokens.dim(1)?;
@@ -23,29 +29,25 @@ fn main() -> anyhow::Result<()> {
     let model_ld = (last.i(io as usize)?.to_scalar::<f32>()? - last.i(s as usize)?.to_scalar::<f32>()?) as f64;
 
     // The logit-difference direction, folded with the final norm's gain: [D].
-    let w_u = &model.w.unembed; // [D, V]
+    let w_u = model.w.unembed.clone(); // [D, V]
     let dir = (w_u.i((.., io as usize))? - w_u.i((.., s as usize))?)?.mul(&model.w.ln_final.w)?;
     let scale = cache.get(HookPoint::LnFinalScale)?.i((0, p - 1))?; // [1]
-    // x [.., D] at the last position -> its logit difference with the final scale held fixed.
-    let lens = |x: &Tensor| -> anyhow::Result<f64> {
-        Ok(x.broadcast_div(&scale)?.mul(&dir)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-    };
 
     println!("logit lens (logit[ Mary] - logit[ John] read from each layer's resid_post):");
     let mut lens_ld = Vec::new();
     for l in 0..model.cfg.n_layers {
-        let v = lens(&cache.get(HookPoint::ResidPost(l))?.i((0, p - 1))?)?;
+        let v = lens(&cache.get(HookPoint::ResidPost(l))?.i((0, p - 1))?, &scale, &dir)?;
         lens_ld.push(v);
         println!("  layer {l:2}: {v:+.3}");
     }
     // Direct logit attribution.
-    let mut parts: Vec<(String, f64)> = vec![("embed".into(), lens(&cache.get(HookPoint::Embed)?.i((0, p - 1))?)?)];
+    let mut parts: Vec<(String, f64)> = vec![("embed".into(), lens(&cache.get(HookPoint::Embed)?.i((0, p - 1))?, &scale, &dir)?)];
     for l in 0..model.cfg.n_layers {
         let r = cache.get(HookPoint::Result(l))?.i((0, p - 1))?; // [h, D]
         for h in 0..model.cfg.n_heads {
-            parts.push((format!("L{l}H{h}"), lens(&r.i(h)?)?));
+            parts.push((format!("L{l}H{h}"), lens(&r.i(h)?, &scale, &dir)?));
         }
-        parts.push((format!("MLP{l}"), lens(&cache.get(HookPoint::MlpOut(l))?.i((0, p - 1))?)?));
+        parts.push((format!("MLP{l}"), lens(&cache.get(HookPoint::MlpOut(l))?.i((0, p - 1))?, &scale, &dir)?));
     }
     let total: f64 = parts.iter().map(|p| p.1).sum();
     parts.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));

@@ -88,3 +88,24 @@ fn notebooks_match_the_examples() {
         assert!(!last["outputs"].as_array().unwrap().is_empty(), "{name}: the saved output is missing");
     }
 }
+
+/// evcxr (the Rust Jupyter kernel) keeps every top-level variable of a cell between cells, and
+/// cannot keep one that borrows or holds a closure ("contains a reference with a non-static
+/// lifetime so can't be persisted"). The examples' main bodies therefore bind only owned values at
+/// the top level (borrowing values live in blocks, closures become fn items); this checks the
+/// patterns that broke them before (run in evcxr with scripts/run_notebooks.sh).
+#[test]
+fn notebook_cells_keep_only_owned_values() {
+    for name in EXAMPLES {
+        let src = std::fs::read_to_string(root().join("examples").join(format!("{name}.rs"))).unwrap();
+        let (_, code) = cells(&src);
+        for cell in &code[2..] {
+            for line in cell.lines().filter(|l| l.starts_with("let ")) {
+                let rhs = line.split_once('=').map(|(_, r)| r.trim()).unwrap_or("");
+                let bad = rhs.starts_with('|') || rhs.starts_with("move |") || rhs.starts_with('&')
+                    || rhs.ends_with(".tokenizer()?;") || rhs.starts_with("PatchingData {");
+                assert!(!bad, "{name}: top-level `{line}` cannot be kept by evcxr: bind an owned value (clone, a block, an fn item)");
+            }
+        }
+    }
+}
