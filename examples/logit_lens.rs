@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     let scale = cache.get(HookPoint::LnFinalScale)?.i((0, p - 1))?; // [1]
 
     println!("logit lens (logit[ Mary] - logit[ John] read from each layer's resid_post):");
-    let mut lens_ld = Vec::new();
+    let mut lens_ld: Vec<f64> = Vec::new();
     for l in 0..model.cfg.n_layers {
         let v = lens(&cache.get(HookPoint::ResidPost(l))?.i((0, p - 1))?, &scale, &dir)?;
         lens_ld.push(v);

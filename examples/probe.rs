@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     let model = load("smollm2-135m", &LoadOptions::default())?;
     let (train_x, train_y) = features(&model, 1, 64)?;
     let (test_x, test_y) = features(&model, 2, 32)?;
-    let mut acc = Vec::new();
+    let mut acc: Vec<f64> = Vec::new();
     for l in 0..model.cfg.n_layers {
         // Standardise with the training statistics.
         let mu = train_x[l].mean_keepdim(0)?;

@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     let good: Vec<u32> = [" great", " good", " amazing", " wonderful"].iter().map(|w| tok.single_token(w)).collect::<Result<_, _>>()?;
     let bad: Vec<u32> = [" terrible", " bad", " awful", " boring"].iter().map(|w| tok.single_token(w)).collect::<Result<_, _>>()?;
     println!("layer {}, |direction| = {:.2}", layer(), dir.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
-    let mut shifts = Vec::new();
+    let mut shifts: Vec<f64> = Vec::new();
     let a: f64 = std::env::var("STEER_ALPHA").ok().and_then(|v| v.parse().ok()).unwrap_or(2.0);
     for alpha in [-a, 0.0, a] {
         let v = (&dir * alpha)?;

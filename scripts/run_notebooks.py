@@ -7,7 +7,9 @@ check them: no evcxr or compiler error, no panic, and every line of each noteboo
   python3 scripts/run_notebooks.py [NAME ...]
 
 The REPL evaluates statement by statement, which is stricter than a Jupyter cell: every top-level
-variable must be kept between evaluations (owned, no borrows, no closures). Dependencies are
+variable must be kept between evaluations (owned, no borrows, no closures) and have a type of its
+own (`Vec<f64>`, not a `Vec::new()` inferred from later lines); method chains split over lines are
+joined first, as a cell would see them. Dependencies are
 built once at -O2 into evcxr's cache (~9 min the first time). Not part of CI (needs evcxr).
 """
 import json, os, re, subprocess, sys, time
@@ -17,12 +19,24 @@ NB = os.path.join(ROOT, "notebooks")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def join_chains(cell):
+    """Join method-chain lines (`    .col(...)`) to the statement above: the REPL would otherwise
+    take `let t = Table::new()` as a whole statement, where a Jupyter cell sees the chain."""
+    out = []
+    for line in cell.split("\n"):
+        if line.lstrip().startswith(".") and out:
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
 def main():
     names = sys.argv[1:] or sorted(f[:-6] for f in os.listdir(NB) if f.endswith(".ipynb"))
     failed = []
     for name in names:
         nb = json.load(open(os.path.join(NB, name + ".ipynb")))
-        cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+        cells = [join_chains("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
         saved = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
         script = ":opt 2\n:cache 4000\n" + "\n".join(cells) + "\n"
         t = time.time()
