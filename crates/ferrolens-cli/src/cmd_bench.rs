@@ -3,7 +3,7 @@
 use crate::study::prepare;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, PatchingData, SweepOptions};
+use ferrolens_methods::{activation_patching, attribution, edge_attribution_with, AttributionOptions, Component, EdgeOptions, PatchingData, SweepOptions};
 use ferrolens_model::{HookPoint, Hooks, KvCache, LrpRules};
 use ferrolens_tasks::{read_jsonl, PairBatch};
 use std::time::Instant;
@@ -20,7 +20,7 @@ pub struct Args {
     /// Repeats per timing (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
-    /// What to time: sgemm, forward, atp, relp, heads, decode (comma-separated).
+    /// What to time: sgemm, forward, atp, relp, heads, edges, decode (comma-separated).
     #[arg(long, default_value = "sgemm,forward,atp,relp,heads")]
     what: String,
     /// Context length of the `decode` benchmark (prefill, then greedy decoding with a KV cache).
@@ -146,6 +146,16 @@ pub fn run(a: Args) -> Result<()> {
                     let tag = if fused { "fused" } else { "generic" };
                     out.insert(format!("prefill_{}_tokens_per_s", a.decode_context), pre.into());
                     out.insert(format!("decode_{}_{tag}_tokens_per_s", a.decode_context), dec.into());
+                }
+            }
+            "edges" => {
+                // EAP over every edge, attention receivers per block and per head input.
+                for (tag, head_inputs) in [("blocks", false), ("heads", true)] {
+                    let t = time(dev, a.repeat, || {
+                        edge_attribution_with(&model, &prep.clean, &prep.corrupt, &prep.metric, &EdgeOptions { head_inputs })?;
+                        Ok(())
+                    })?;
+                    out.insert(format!("edges_{tag}_s"), t.into());
                 }
             }
             o => anyhow::bail!("unknown benchmark `{o}`"),

@@ -190,11 +190,12 @@ pub fn edge_attribution_with(model: &HookedTransformer, clean: &Tensor, corrupt:
         let dmlp = flat((hc.get(HookPoint::MlpOut(l))? - hk.get(HookPoint::MlpOut(l))?)?.to_dtype(DType::F64)?)?;
         Ok(Tensor::cat(&[dres, dmlp], 0)?)
     };
+    let senders: Vec<Tensor> = (0..n).map(senders_of).collect::<Result<_>>()?;
     let mut edges = Vec::new();
     for rl in 0..=n {
         let (rs, g) = receivers_of(rl)?;
         for sl in 0..=rl.min(n - 1) {
-            let scores = senders_of(sl)?.matmul(&g.t()?)?.to_vec2::<f64>()?; // [h+1, receivers]
+            let scores = senders[sl].matmul(&g.t()?)?.to_vec2::<f64>()?; // [h+1, receivers]
             for (j, r) in rs.iter().enumerate() {
                 // Heads feed their own layer's MLP and everything later; an MLP feeds later layers.
                 let heads_ok = match r {
