@@ -88,7 +88,7 @@ fn head_receivers_add_up_to_the_block() {
     let check = |model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric, rel: f64| {
         let blocks = edge_attribution(model, clean, corrupt, metric).unwrap();
         let heads = edge_attribution_with(model, clean, corrupt, metric, &EdgeOptions { head_inputs: true }).unwrap();
-        let (n, nh, nkv) = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads);
+        let (nh, nkv) = (model.cfg.n_heads, model.cfg.n_kv_heads);
         let per_block: usize = nh + 2 * nkv;
         assert_eq!(heads.iter().filter(|e| e.sender == Node::Head(0, 0) && matches!(e.receiver, Receiver::Head(1, ..))).count(), per_block);
         let mut sum: HashMap<(Node, Receiver), f64> = HashMap::new();
@@ -111,7 +111,6 @@ fn head_receivers_add_up_to_the_block() {
         // KV receivers carry the key/value paths (not zero) and a query receiver is a single head.
         assert!(heads.iter().any(|e| matches!(e.receiver, Receiver::Head(_, _, HeadInput::K)) && e.score.abs() > 1e-6 * scale));
         assert!(heads.iter().any(|e| matches!(e.receiver, Receiver::Head(_, _, HeadInput::V)) && e.score.abs() > 1e-3 * scale));
-        let _ = n;
     };
     let model = tiny_gpt2(DType::F64);
     let (clean, corrupt) = tiny_pair();
