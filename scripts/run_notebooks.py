@@ -12,7 +12,7 @@ own (`Vec<f64>`, not a `Vec::new()` inferred from later lines); method chains sp
 joined first, as a cell would see them. Dependencies are
 built once at -O2 into evcxr's cache (~9 min the first time). Not part of CI (needs evcxr).
 """
-import json, os, re, subprocess, sys, time
+import json, os, re, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB = os.path.join(ROOT, "notebooks")
@@ -38,9 +38,13 @@ def main():
         nb = json.load(open(os.path.join(NB, name + ".ipynb")))
         cells = [join_chains("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
         saved = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
+        # Run in a scratch folder (the notebooks write files, e.g. probe_accuracy.*), with the
+        # notebooks' relative `:dep ferrolens = { path = ".." }` made absolute.
+        cells = [c.replace('path = ".."', f'path = "{ROOT}"') for c in cells]
         script = ":opt 2\n:cache 4000\n" + "\n".join(cells) + "\n"
         t = time.time()
-        r = subprocess.run(["evcxr"], input=script, capture_output=True, text=True, cwd=NB, timeout=3600)
+        with tempfile.TemporaryDirectory(prefix=f"nb-{name}-") as cwd:
+            r = subprocess.run(["evcxr"], input=script, capture_output=True, text=True, cwd=cwd, timeout=3600)
         out = ANSI.sub("", r.stdout + r.stderr)
         errors = [l for l in out.splitlines() if l.startswith("Error") or re.match(r"\[E\d+\] Error", l) or "panicked" in l]
         missing = [l for l in saved.splitlines() if l.strip() and l not in out]
