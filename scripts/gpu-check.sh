@@ -163,7 +163,7 @@ run_checks() {
   [ "${GPU_CHECK_BENCH:-1}" = 1 ] || devices=()
   for d in "${devices[@]}"; do
     echo "== $tag: bench on $d"
-    "$F" bench --model "$m" --device "$d" --data "$res/ioi16.jsonl" --what sgemm,forward,atp,relp,heads,decode \
+    "$F" bench --model "$m" --device "$d" --data "$res/ioi16.jsonl" --what sgemm,forward,atp,relp,heads,edges,decode \
       --decode-context 4096 > "$res/$tag-bench-${d/:/}.json" || failed=1
     if [ "$d" != cpu ]; then
       "$F" bench --model "$m" --device "$d" --dtype bf16 --data "$res/ioi16.jsonl" --what forward,heads \
@@ -189,7 +189,7 @@ rows = {}
 for f in sorted(glob.glob(os.path.join(d, "*-bench-*.json"))):
     j = json.load(open(f))
     rows[(j["model"], j["device"], j["dtype"])] = j
-keys = ["sgemm_1024_gflops", "forward_s", "forward_full_cache_s", "atp_s", "relp_s", "heads_all_pos_s",
+keys = ["sgemm_1024_gflops", "forward_s", "forward_full_cache_s", "atp_s", "relp_s", "heads_all_pos_s", "edges_heads_s",
         "prefill_4096_tokens_per_s", "decode_4096_fused_tokens_per_s", "decode_4096_generic_tokens_per_s"]
 print("| model | device | dtype | " + " | ".join(keys) + " |")
 print("|" + "---|" * (3 + len(keys)))
