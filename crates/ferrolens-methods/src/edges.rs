@@ -48,14 +48,6 @@ impl Receiver {
         }
     }
 
-    /// The receiver's layer (`n_layers` for the logits).
-    pub fn layer(&self, n_layers: usize) -> usize {
-        match self {
-            Receiver::Attn(l) | Receiver::Head(l, _, _) | Receiver::Mlp(l) => *l,
-            Receiver::Logits => n_layers,
-        }
-    }
-
     /// The query heads whose computation this receiver feeds (`group` = heads per KV head).
     pub fn heads(&self, n_heads: usize, group: usize) -> Vec<usize> {
         match self {
