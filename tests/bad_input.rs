@@ -89,7 +89,7 @@ fn unknown_hooks_and_layers() {
     let e = model.hook("blocks.7.hook_resid_pre").unwrap_err().to_string();
     assert!(e.contains("2 layers"), "{e}");
     let e = model.hook("blocks.0.attn.hook_rot_q").unwrap_err().to_string();
-    assert!(e.contains("Gpt2 models have no such hook"), "{e}");
+    assert!(e.contains("gpt2 models have no such hook"), "{e}");
     let e = Hooks::new().cache("blocks.0.mlp.hook_postt").err().unwrap().to_string();
     assert!(e.contains("blocks.0.mlp.hook_post"), "{e}");
     let tokens = model.tokens_tensor(&[vec![1, 2, 3]]).unwrap();

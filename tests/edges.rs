@@ -143,10 +143,11 @@ fn head_receiver_scores_are_directional_derivatives() {
     let x = hk.cache_ref().get(HookPoint::ResidPre(rl)).unwrap().clone();
     let bw = &model.w.blocks[rl];
     let d = model.cfg.d_head;
+    let ln = bw.ln1.as_ref().unwrap();
     let ln1 = |x: &Tensor| -> Tensor {
         let xc = x.broadcast_sub(&x.mean_keepdim(2).unwrap()).unwrap();
         let s = (xc.sqr().unwrap().mean_keepdim(2).unwrap() + model.cfg.eps).unwrap().sqrt().unwrap();
-        xc.broadcast_div(&s).unwrap().broadcast_mul(&bw.ln1.w).unwrap().broadcast_add(bw.ln1.b.as_ref().unwrap()).unwrap()
+        xc.broadcast_div(&s).unwrap().broadcast_mul(&ln.w).unwrap().broadcast_add(ln.b.as_ref().unwrap()).unwrap()
     };
     for (input, hook, w, b, h) in [
         (HeadInput::Q, HookPoint::Q(rl), &bw.attn.w_q, &bw.attn.b_q, 1usize),

@@ -4,49 +4,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, D};
-use common::{max_abs, smollm2, tiny_gpt2};
+use candle_core::{DType, Device, Tensor};
+use common::{check_kv_against_full, max_abs, smollm2, tiny_gpt2};
 use ferrolens::methods::retrieval::{build_prompt, decode_with_copy_hits, default_needles, rouge1_recall, PromptFormat};
 use ferrolens::model::*;
-
-/// The full-forward pattern's argmax of the last query, per head: `[h]`.
-fn pattern_argmax(model: &HookedTransformer, tokens: &Tensor, l: usize, hooks: Hooks) -> Vec<u32> {
-    let mut hooks = hooks.cache_hooks(&[HookPoint::Pattern(l)]);
-    model.run(tokens, &mut hooks).unwrap();
-    let p = hooks.cache_ref().get(HookPoint::Pattern(l)).unwrap(); // [1,h,q,k]
-    let q = p.dim(2).unwrap();
-    p.narrow(2, q - 1, 1).unwrap().squeeze(2).unwrap().argmax(D::Minus1).unwrap().get(0).unwrap().to_vec1().unwrap()
-}
-
-/// Prefill in chunks, then decode token by token: every step's logits equal the full forward's
-/// at that position, and the argmax recorded in the cache equals the full pattern's.
-fn check_kv_against_full(model: &HookedTransformer, ids: &[u32], prefill_len: usize, chunk: usize, tol: f64, masked: &[(usize, usize)]) {
-    let dev = Device::Cpu;
-    let all = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-    let full = model.run(&all, &mut Hooks::new().uniform_attention(masked)).unwrap(); // [1,p,V]
-    let mut kv = KvCache::new(model.cfg.n_layers).with_argmax();
-    let mut hooks = Hooks::new().uniform_attention(masked);
-    let first = model.prefill(&all.narrow(1, 0, prefill_len).unwrap(), &mut kv, chunk, &mut hooks).unwrap();
-    let err = max_abs(&first, &full.narrow(1, prefill_len - 1, 1).unwrap());
-    assert!(err < tol, "prefill logits differ from the full forward by {err}");
-    for pos in prefill_len..ids.len() {
-        let t = all.narrow(1, pos, 1).unwrap();
-        let step = model.run_with_kv_cache(&t, &mut kv, true, &mut hooks).unwrap();
-        let err = max_abs(&step, &full.narrow(1, pos, 1).unwrap());
-        assert!(err < tol, "decode logits at position {pos} differ from the full forward by {err}");
-    }
-    assert_eq!(kv.len(), ids.len());
-    for l in [0, model.cfg.n_layers - 1] {
-        let cached = kv.argmax(l).unwrap().get(0).unwrap().to_vec1::<u32>().unwrap();
-        let want = pattern_argmax(model, &all, l, Hooks::new().uniform_attention(masked));
-        for (h, (a, b)) in cached.iter().zip(&want).enumerate() {
-            if masked.contains(&(l, h)) {
-                continue; // uniform: every key ties
-            }
-            assert_eq!(a, b, "layer {l} head {h}: cached argmax {a} vs pattern argmax {b}");
-        }
-    }
-}
 
 #[test]
 fn kv_cache_matches_full_forward_tiny_gpt2() {
@@ -133,35 +94,22 @@ fn copy_model(v: usize, n: usize, c: usize) -> HookedTransformer {
         embed: t(embed, (v, d)),
         pos_embed: Some(t(pos, (n, d))),
         blocks: vec![BlockWeights {
-            ln1: ln(),
-            attn: AttnWeights { w_q: t(wq, (d, h * dh)), b_q: None, w_k: t(wk, (d, h * dh)), b_k: None, w_v: t(wv, (d, h * dh)), b_v: None, w_o: t(wo, (h * dh, d)), b_o: None },
-            ln2: ln(),
-            mlp: MlpWeights { w_in: t(vec![0.0; d * dm], (d, dm)), b_in: None, w_gate: None, w_out: t(vec![0.0; dm * d], (dm, d)), b_out: None },
+            ln1: Some(ln()),
+            attn: AttnWeights { w_q: t(wq, (d, h * dh)), b_q: None, w_k: t(wk, (d, h * dh)), b_k: None, w_v: t(wv, (d, h * dh)), b_v: None, w_o: t(wo, (h * dh, d)), b_o: None, q_norm: None, k_norm: None },
+            ln1_post: None,
+            ln2: Some(ln()),
+            mlp: MlpWeights { w_in: t(vec![0.0; d * dm], (d, dm)), b_in: None, w_gate: None, b_gate: None, w_out: t(vec![0.0; dm * d], (dm, d)), b_out: None },
+            ln2_post: None,
         }],
         ln_final: ln(),
         unembed: t(unembed, (d, v)),
         b_u: None,
     };
-    let cfg = Config {
-        name: "copy-model".into(),
-        arch: Arch::Gpt2,
-        d_model: d,
-        n_layers: 1,
-        n_heads: h,
-        n_kv_heads: h,
-        d_head: dh,
-        d_mlp: dm,
-        d_vocab: v,
-        n_ctx: n,
-        eps: 1e-5,
-        norm: NormKind::LayerNorm,
-        act: Activation::GeluNew,
-        gated_mlp: false,
-        positional: Positional::Learned,
-        tied_embeddings: false,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
+    let cfg = ferrolens::model::arch::gpt2::from_hf(
+        &serde_json::json!({"vocab_size": v, "n_positions": n, "n_embd": d, "n_layer": 1, "n_head": h, "n_inner": dm, "tie_word_embeddings": false}),
+        "copy-model",
+    )
+    .unwrap();
     HookedTransformer::new(cfg, w).unwrap()
 }
 
@@ -324,33 +272,21 @@ fn memory_child() {
     let norm = || NormWeights { w: Tensor::ones(d, DType::F32, &dev).unwrap(), b: None };
     let blocks = (0..layers)
         .map(|_| BlockWeights {
-            ln1: norm(),
-            attn: AttnWeights { w_q: r(&[d, h * dh], 0.3), b_q: None, w_k: r(&[d, h * dh], 0.3), b_k: None, w_v: r(&[d, h * dh], 0.1), b_v: None, w_o: r(&[h * dh, d], 0.1), b_o: None },
-            ln2: norm(),
-            mlp: MlpWeights { w_in: r(&[d, 4 * d], 0.1), b_in: None, w_gate: Some(r(&[d, 4 * d], 0.1)), w_out: r(&[4 * d, d], 0.1), b_out: None },
+            ln1: Some(norm()),
+            attn: AttnWeights { w_q: r(&[d, h * dh], 0.3), b_q: None, w_k: r(&[d, h * dh], 0.3), b_k: None, w_v: r(&[d, h * dh], 0.1), b_v: None, w_o: r(&[h * dh, d], 0.1), b_o: None, q_norm: None, k_norm: None },
+            ln1_post: None,
+            ln2: Some(norm()),
+            mlp: MlpWeights { w_in: r(&[d, 4 * d], 0.1), b_in: None, w_gate: Some(r(&[d, 4 * d], 0.1)), b_gate: None, w_out: r(&[4 * d, d], 0.1), b_out: None },
+            ln2_post: None,
         })
         .collect();
     let w = Weights { embed: r(&[v, d], 1.0), pos_embed: None, blocks, ln_final: norm(), unembed: r(&[d, v], 0.1), b_u: None };
-    let cfg = Config {
-        name: "random-llama".into(),
-        arch: Arch::Llama,
-        d_model: d,
-        n_layers: layers,
-        n_heads: h,
-        n_kv_heads: h,
-        d_head: dh,
-        d_mlp: 4 * d,
-        d_vocab: v,
-        n_ctx: t + 8,
-        eps: 1e-5,
-        norm: NormKind::RmsNorm,
-        act: Activation::Silu,
-        gated_mlp: true,
-        positional: Positional::Rotary { base: 10000.0, dim: dh },
-        tied_embeddings: false,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
+    let cfg = ferrolens::model::arch::llama::from_hf(
+        &serde_json::json!({"vocab_size": v, "hidden_size": d, "intermediate_size": 4 * d, "num_hidden_layers": layers,
+            "num_attention_heads": h, "max_position_embeddings": t + 8, "rms_norm_eps": 1e-5}),
+        "random-llama",
+    )
+    .unwrap();
     let m = HookedTransformer::new(cfg, w).unwrap();
     let prompt: Vec<u32> = (0..t as u32).map(|i| (i * 31 + 7) % v as u32).collect();
     let (_, before) = rss();

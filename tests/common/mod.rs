@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
-use ferrolens::model::{load, load_hf_dir, HookedTransformer, LoadOptions};
+use candle_core::D;
+use ferrolens::model::{load, load_hf_dir, HookPoint, HookedTransformer, Hooks, KvCache, LoadOptions};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -55,3 +56,51 @@ pub fn tiny_pair() -> (Tensor, Tensor) {
     let r = reference("tiny-gpt2/reference.safetensors");
     (ids(&r, "p4.input_ids").narrow(1, 0, 9).unwrap(), ids(&r, "p6.input_ids").narrow(1, 0, 9).unwrap())
 }
+
+/// The full-forward pattern's argmax of the last query, per head: `[h]`.
+pub fn pattern_argmax(model: &HookedTransformer, tokens: &Tensor, l: usize, hooks: Hooks) -> Vec<u32> {
+    let mut hooks = hooks.cache_hooks(&[HookPoint::Pattern(l)]);
+    model.run(tokens, &mut hooks).unwrap();
+    let p = hooks.cache_ref().get(HookPoint::Pattern(l)).unwrap(); // [1,h,q,k]
+    let q = p.dim(2).unwrap();
+    p.narrow(2, q - 1, 1).unwrap().squeeze(2).unwrap().argmax(D::Minus1).unwrap().get(0).unwrap().to_vec1().unwrap()
+}
+
+/// Prefill in chunks, then decode token by token: every step's logits equal the full forward's
+/// at that position, and the argmax recorded in the cache equals the full pattern's.
+pub fn check_kv_against_full(model: &HookedTransformer, ids: &[u32], prefill_len: usize, chunk: usize, tol: f64, masked: &[(usize, usize)]) {
+    let dev = Device::Cpu;
+    let all = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+    let full = model.run(&all, &mut Hooks::new().uniform_attention(masked)).unwrap(); // [1,p,V]
+    let mut kv = KvCache::new(model.cfg.n_layers).with_argmax();
+    let mut hooks = Hooks::new().uniform_attention(masked);
+    let first = model.prefill(&all.narrow(1, 0, prefill_len).unwrap(), &mut kv, chunk, &mut hooks).unwrap();
+    let err = max_abs(&first, &full.narrow(1, prefill_len - 1, 1).unwrap());
+    assert!(err < tol, "prefill logits differ from the full forward by {err}");
+    for pos in prefill_len..ids.len() {
+        let t = all.narrow(1, pos, 1).unwrap();
+        let step = model.run_with_kv_cache(&t, &mut kv, true, &mut hooks).unwrap();
+        let err = max_abs(&step, &full.narrow(1, pos, 1).unwrap());
+        assert!(err < tol, "decode logits at position {pos} differ from the full forward by {err}");
+    }
+    assert_eq!(kv.len(), ids.len());
+    for l in [0, model.cfg.n_layers - 1] {
+        let cached = kv.argmax(l).unwrap().get(0).unwrap().to_vec1::<u32>().unwrap();
+        let want = pattern_argmax(model, &all, l, Hooks::new().uniform_attention(masked));
+        for (h, (a, b)) in cached.iter().zip(&want).enumerate() {
+            if masked.contains(&(l, h)) {
+                continue; // uniform: every key ties
+            }
+            assert_eq!(a, b, "layer {l} head {h}: cached argmax {a} vs pattern argmax {b}");
+        }
+    }
+}
+
+
+/// The tiny checkpoint of `family` under fixtures/families/ (see scripts/make_family_fixtures.py).
+pub fn family(name: &str, dtype: DType) -> HookedTransformer {
+    load_hf_dir(&fixtures().join("families").join(name), &LoadOptions { dtype, device: Device::Cpu }).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The tiny family checkpoints (GPT-2 has its own fixture, `tiny_gpt2`).
+pub const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_neox", "phi3", "olmo2"];

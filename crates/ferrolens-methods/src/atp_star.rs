@@ -5,11 +5,15 @@
 //! through the softmax is poor. For a query or key patch the patched pattern `A'` is recomputed
 //! exactly and the score is `sum (A' - A) . dM/dA` (gradient at `hook_pattern` of the corrupt run).
 //! Patching query positions changes their rows only, so one recomputation
-//! `A' = softmax(q_clean k^T / sqrt(d))` gives every query score. Patching the key at position `s`
-//! changes column `s` of every row: with `D = (q.k_clean[s] - q.k[s]) / sqrt(d)`,
+//! `A' = softmax(score(q_clean, k))` gives every query score (`score` and the mask are the model's
+//! own: [`HookedTransformer::attn_scores`] with its scale and soft-cap,
+//! [`HookedTransformer::attn_mask`] with its sliding window). Patching the key at position `s`
+//! changes column `s` of every row: with `D = score(q, k_clean[s]) - score(q, k[s])`,
 //! `r = 1 - A[q,s] + A[q,s] e^D` and `S_q = sum_k A[q,k] g[q,k]`, the row's term is
 //! `(1/r - 1) S_q + A[q,s] g[q,s] (e^D - 1) / r`. Keys of GQA models sum over the query heads
-//! that share them.
+//! that share them. The patched quantity is the head's rotated query / key (`hook_rot_q` /
+//! `hook_rot_k`): the same as patching `hook_q` / `hook_k` for every family except OLMo-2, whose
+//! norm over the whole key projection makes one head's pre-norm key move every head's key.
 //!
 //! **GradDrop.** For each layer `l`, a backward pass in which the gradient through layer `l`'s
 //! residual writes (`hook_attn_out` and `hook_mlp_out`) is stopped; the score is the mean over
@@ -28,7 +32,7 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
         return Err(Error::Input(format!("the QK fix applies to heads_q and heads_k, not {}", component.name())));
     }
     let n = model.cfg.n_layers;
-    let (h, kvh, d) = (model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head);
+    let (h, kvh) = (model.cfg.n_heads, model.cfg.n_kv_heads);
     let rep = h / kvh;
     let rot = model.hook_points().contains(&HookPoint::RotQ(0));
     let (qh, kh) = if rot { (HookPoint::RotQ as fn(usize) -> HookPoint, HookPoint::RotK as fn(usize) -> HookPoint) } else { (HookPoint::Q as fn(usize) -> HookPoint, HookPoint::K as fn(usize) -> HookPoint) };
@@ -46,28 +50,25 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
     let (_, p) = corrupt.dims2()?;
     let nh = if component == Component::HeadQ { h } else { kvh };
     let mut grid = ScoreGrid::zeros("atp_qk", component, by_pos, n, p, nh);
-    let scale = 1.0 / (d as f64).sqrt();
     // [b,p,heads,d] -> [b,heads,p,d], repeating KV heads for the query heads.
     let heads_first = |t: &Tensor, repeat: usize| -> Result<Tensor> {
-        let t = t.to_dtype(DType::F64)?;
-        let t = if repeat > 1 {
-            let (b, p, k, dd) = t.dims4()?;
-            t.unsqueeze(3)?.broadcast_as((b, p, k, repeat, dd))?.reshape((b, p, k * repeat, dd))?
-        } else {
-            t
-        };
+        let t = ferrolens_model::transformer::repeat_kv(&t.to_dtype(DType::F64)?, repeat)?;
         Ok(t.transpose(1, 2)?.contiguous()?)
     };
-    let mask: Vec<u8> = (0..p).flat_map(|i| (0..p).map(move |j| u8::from(j <= i))).collect();
-    let mask = Tensor::from_vec(mask, (p, p), model.device())?.to_dtype(DType::F64)?; // 1 = allowed
     for l in 0..n {
         let a = hk.get(HookPoint::Pattern(l))?.to_dtype(DType::F64)?; // [b,h,q,k]
         let g = run.grads[&HookPoint::Pattern(l)].to_dtype(DType::F64)?;
         let q = heads_first(hk.get(qh(l))?, 1)?;
         let k = heads_first(hk.get(kh(l))?, rep)?;
-        // sum_k (A' - A) . g per query row, with A' the exact masked softmax of qq.kk^T: [b,h,q].
+        // The layer's mask (causal and sliding window), 1 = allowed, as f64 [p,p].
+        let mask = match model.attn_mask(l, p, p)? {
+            Some(m) => m.to_dtype(DType::F64)?,
+            None => Tensor::ones((p, p), DType::F64, model.device())?,
+        };
+        // sum_k (A' - A) . g per query row, with A' the exact masked softmax of the model's own
+        // scores of qq and kk: [b,h,q].
         let exact = |qq: &Tensor, kk: &Tensor| -> Result<Tensor> {
-            let scores = (qq.matmul(&kk.transpose(2, 3)?.contiguous()?)? * scale)?;
+            let scores = model.attn_scores(l, qq, kk)?;
             let neg = Tensor::new(f64::NEG_INFINITY, model.device())?.broadcast_as(scores.shape())?;
             let scores = mask.broadcast_as(scores.shape())?.ne(0.0)?.where_cond(&scores, &neg)?;
             let a2 = candle_nn::ops::softmax(&scores, D::Minus1)?;
@@ -80,9 +81,9 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
             (_, false) => exact(&q, &heads_first(hc.get(kh(l))?, rep)?)?,
             (_, true) => {
                 let kc = heads_first(hc.get(kh(l))?, rep)?;
-                // D[b,h,q,s] = q . (k_clean[s] - k[s]) / sqrt(d), masked to s <= q.
-                let dk = (kc - &k)?;
-                let delta = (q.matmul(&dk.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_mul(&mask)?;
+                // D[b,h,q,s] = score(q, k_clean[s]) - score(q, k[s]) (the model's scale and
+                // soft-cap), 0 where the key is masked.
+                let delta = (model.attn_scores(l, &q, &kc)? - model.attn_scores(l, &q, &k)?)?.broadcast_mul(&mask)?;
                 let e = (delta.exp()? - 1.0)?; // e^D - 1 (0 where masked)
                 let ag = (&a * &g)?;
                 let srow = ag.sum_keepdim(D::Minus1)?; // S_q [b,h,q,1]

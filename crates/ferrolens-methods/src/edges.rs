@@ -3,21 +3,25 @@
 //! `score(s -> r) = sum over batch and positions of (out_s(clean) - out_s(corrupt)) . dM/d(in_r)`,
 //! where `out_s` is what sender `s` writes to the residual stream (a head's `hook_result`, an
 //! MLP's `hook_mlp_out`) and `in_r` is receiver `r`'s residual input. Receivers are sublayers:
-//! the attention block of layer L (input `resid_pre(L)`, gradient taken through `ln1` only), the
-//! MLP of layer L (`resid_mid(L)` through `ln2` only), and the logits (`ln_final`); with
+//! the attention block of layer L (gradient at `hook_attn_in`, the block's own copy of the
+//! residual, so the skip path is excluded), the MLP of layer L (`hook_mlp_in`), and the logits
+//! (the last `hook_resid_post`, which only the final norm reads); with
 //! [`EdgeOptions::head_inputs`] the attention block is split into the query input of every head
 //! and the key and value inputs of every KV head (the gradient of one path only: `hook_q`'s
-//! gradient for that head times `W_Q`'s columns of that head, then through `ln1`), as
-//! TransformerLens's `use_split_qkv_input` receivers. The gradient through a norm is computed
-//! exactly from the gradient at its `hook_normalized`, so the skip path around the receiver is
-//! excluded. One clean forward, one corrupt forward and backward; the scores of one sender layer
+//! gradient for that head times `W_Q`'s columns of that head, then back through `ln1` with the
+//! model's own [`HookedTransformer::norm_vjp`]), as TransformerLens's `use_split_qkv_input`
+//! receivers. Families whose attention output passes a norm before the residual (Gemma's
+//! sandwich norms, OLMo-2) write `ln1_post(sum of heads)`: a head's write is linearised at the
+//! corrupt run with [`HookedTransformer::norm_jvp`], so the heads' writes still add up to the
+//! block's to first order. Parallel blocks (GPT-NeoX) have no edge from a layer's heads to its
+//! own MLP. One clean forward, one corrupt forward and backward; the scores of one sender layer
 //! into one receiver layer are one matrix product.
 
 use crate::circuit::Node;
 use crate::metrics::Metric;
 use crate::path::HeadInput;
-use candle_core::{DType, Tensor, D};
-use ferrolens_model::{HookPoint, HookedTransformer, Hooks, NormKind, Result, RunSpan};
+use candle_core::{DType, Tensor};
+use ferrolens_model::{HookPoint, HookedTransformer, Hooks, NormSite, Result, RunSpan};
 use serde::{Deserialize, Serialize};
 
 /// A receiver of an edge.
@@ -77,29 +81,6 @@ pub struct Edge {
     pub score: f64,
 }
 
-/// Gradient at a norm's input from the gradient at its `hook_normalized` (this path only).
-fn through_norm(model: &HookedTransformer, x: &Tensor, scale: &Tensor, g_norm: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F64)?;
-    let s = scale.to_dtype(DType::F64)?;
-    let g = g_norm.to_dtype(DType::F64)?;
-    Ok(match model.cfg.norm {
-        NormKind::RmsNorm => {
-            // hook_normalized = x / s (before the gain): dM/dx = (u - n * mean(n u)) / s.
-            let n = x.broadcast_div(&s)?;
-            let nu = (&n * &g)?.mean_keepdim(D::Minus1)?;
-            (g - n.broadcast_mul(&nu)?)?.broadcast_div(&s)?
-        }
-        NormKind::LayerNorm => {
-            // hook_normalized = n * w + b, n = (x - mean) / s: u = w * g.
-            let u = g.broadcast_mul(&w.to_dtype(DType::F64)?)?;
-            let n = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?.broadcast_div(&s)?;
-            let nu = (&n * &u)?.mean_keepdim(D::Minus1)?;
-            let um = u.mean_keepdim(D::Minus1)?;
-            u.broadcast_sub(&um)?.sub(&n.broadcast_mul(&nu)?)?.broadcast_div(&s)?
-        }
-    })
-}
-
 /// EAP scores of every (sender, receiver) edge with the sender upstream of the receiver
 /// (attention receivers per block).
 pub fn edge_attribution(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric) -> Result<Vec<Edge>> {
@@ -116,36 +97,34 @@ pub fn edge_attribution_with(model: &HookedTransformer, clean: &Tensor, corrupt:
     let mut hc = Hooks::new().cache_hooks(&senders);
     model.run_span(Some(clean), &span, &mut hc)?;
     let hc = hc.take_cache();
-    let mut grads = vec![HookPoint::LnFinalNormalized];
+    let mut grads = vec![HookPoint::ResidPost(n - 1)];
     let mut cache = senders.clone();
-    cache.extend([HookPoint::LnFinalScale, HookPoint::LnFinalNormalized, HookPoint::ResidPost(n - 1)]);
     for l in 0..n {
-        grads.extend([HookPoint::Ln1Normalized(l), HookPoint::Ln2Normalized(l)]);
+        grads.extend([HookPoint::AttnIn(l), HookPoint::MlpIn(l)]);
         if opts.head_inputs {
             grads.extend([HookPoint::Q(l), HookPoint::K(l), HookPoint::V(l)]);
+            cache.push(HookPoint::AttnIn(l));
         }
-        cache.extend([HookPoint::ResidPre(l), HookPoint::ResidMid(l), HookPoint::Ln1Scale(l), HookPoint::Ln2Scale(l)]);
     }
     let mut hk = Hooks::new().cache_hooks(&cache).grad(&grads);
     let run = model.run_span_with_grads(Some(corrupt), &span, &mut hk, |logits| Ok(metric.per_row(logits)?.mean_all()?))?;
     let hk = hk.take_cache();
-    let (b, p, d) = hk.get(HookPoint::ResidPre(0))?.dims3()?;
-    let flat = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((1, b * p * d))?) };
+    let (b, p, _, d) = hk.get(HookPoint::Result(0))?.dims4()?;
+    let flat = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F64)?.reshape((1, b * p * d))?) };
 
     // Receivers of each layer (index n: the logits) with their input gradients, one row each
     // of a [receivers, b*p*D] f64 matrix.
     let receivers_of = |l: usize| -> Result<(Vec<Receiver>, Tensor)> {
         if l == n {
-            let g = through_norm(model, hk.get(HookPoint::ResidPost(n - 1))?, hk.get(HookPoint::LnFinalScale)?, &run.grads[&HookPoint::LnFinalNormalized], &model.w.ln_final.w)?;
-            return Ok((vec![Receiver::Logits], flat(g)?));
+            return Ok((vec![Receiver::Logits], flat(run.grads[&HookPoint::ResidPost(n - 1)].clone())?));
         }
         let bw = &model.w.blocks[l];
-        let (pre, s1) = (hk.get(HookPoint::ResidPre(l))?, hk.get(HookPoint::Ln1Scale(l))?);
         let mut rs = Vec::new();
         let mut rows = Vec::new();
         if opts.head_inputs {
-            // dM/d(ln1 output) along one head's path: g_hook [b,p,1,dh] . W[:, head cols]^T.
-            let w1 = bw.ln1.w.to_dtype(DType::F64)?;
+            // dM/d(ln1 output) along one head's path: g_hook [b,p,1,dh] . W[:, head cols]^T,
+            // then back through ln1 (identity for a model without it).
+            let attn_in = hk.get(HookPoint::AttnIn(l))?;
             for (input, hook, w, count) in [
                 (HeadInput::Q, HookPoint::Q(l), &bw.attn.w_q, nh),
                 (HeadInput::K, HookPoint::K(l), &bw.attn.w_k, nkv),
@@ -154,44 +133,52 @@ pub fn edge_attribution_with(model: &HookedTransformer, clean: &Tensor, corrupt:
                 let g = run.grads[&hook].to_dtype(DType::F64)?;
                 let w = w.to_dtype(DType::F64)?;
                 for i in 0..count {
-                    let gi = g.narrow(2, i, 1)?.squeeze(2)?; // [b,p,dh]
-                    let wi = w.narrow(1, i * dh, dh)?; // [D,dh]
-                    let gx = gi.broadcast_matmul(&wi.t()?)?; // [b,p,D]
-                    // RMSNorm's hook_normalized is before the gain, LayerNorm's after it.
-                    let gn = match cfg.norm {
-                        NormKind::RmsNorm => gx.broadcast_mul(&w1)?,
-                        NormKind::LayerNorm => gx,
-                    };
-                    rows.push(flat(through_norm(model, pre, s1, &gn, &bw.ln1.w)?)?);
+                    let gi = g.narrow(2, i, 1)?.squeeze(2)?.contiguous()?; // [b,p,dh]
+                    let wi = w.narrow(1, i * dh, dh)?.t()?.contiguous()?; // [dh,D]
+                    let gx = gi.broadcast_matmul(&wi)?; // [b,p,D]
+                    rows.push(flat(model.norm_vjp(NormSite::Ln1(l), attn_in, &gx)?)?);
                     rs.push(Receiver::Head(l, i, input));
                 }
             }
         } else {
-            rows.push(flat(through_norm(model, pre, s1, &run.grads[&HookPoint::Ln1Normalized(l)], &bw.ln1.w)?)?);
+            rows.push(flat(run.grads[&HookPoint::AttnIn(l)].clone())?);
             rs.push(Receiver::Attn(l));
         }
-        let g = through_norm(model, hk.get(HookPoint::ResidMid(l))?, hk.get(HookPoint::Ln2Scale(l))?, &run.grads[&HookPoint::Ln2Normalized(l)], &bw.ln2.w)?;
-        rows.push(flat(g)?);
+        rows.push(flat(run.grads[&HookPoint::MlpIn(l)].clone())?);
         rs.push(Receiver::Mlp(l));
         Ok((rs, Tensor::cat(&rows, 0)?))
     };
     // Senders of each layer: the heads' output differences, then the MLP's, [h+1, b*p*D] f64.
     let senders_of = |l: usize| -> Result<Tensor> {
-        let dres = (hc.get(HookPoint::Result(l))? - hk.get(HookPoint::Result(l))?)?.to_dtype(DType::F64)?; // [b,p,h,D]
-        let dres = dres.permute((2, 0, 1, 3))?.reshape((nh, b * p * d))?;
-        let dmlp = flat((hc.get(HookPoint::MlpOut(l))? - hk.get(HookPoint::MlpOut(l))?)?.to_dtype(DType::F64)?)?;
+        let rk = hk.get(HookPoint::Result(l))?;
+        let dres = (hc.get(HookPoint::Result(l))? - rk)?.to_dtype(DType::F64)?; // [b,p,h,D]
+        let dres = if model.w.blocks[l].ln1_post.is_some() {
+            // The block writes ln1_post(sum_h result_h + b_O): linearise at the corrupt run.
+            let mut x = rk.sum_keepdim(2)?; // [b,p,1,D]
+            if let Some(bo) = &model.w.blocks[l].attn.b_o {
+                x = x.broadcast_add(bo)?;
+            }
+            model.norm_jvp(NormSite::Ln1Post(l), &x, &dres)?
+        } else {
+            dres
+        };
+        let dres = dres.permute((2, 0, 1, 3))?.contiguous()?.reshape((nh, b * p * d))?;
+        let dmlp = flat((hc.get(HookPoint::MlpOut(l))? - hk.get(HookPoint::MlpOut(l))?)?)?;
         Ok(Tensor::cat(&[dres, dmlp], 0)?)
     };
     let senders: Vec<Tensor> = (0..n).map(senders_of).collect::<Result<_>>()?;
+    let parallel = cfg.parallel_attn_mlp;
     let mut edges = Vec::new();
     for rl in 0..=n {
         let (rs, g) = receivers_of(rl)?;
+        let gt = g.t()?.contiguous()?;
         for sl in 0..=rl.min(n - 1) {
-            let scores = senders[sl].matmul(&g.t()?)?.to_vec2::<f64>()?; // [h+1, receivers]
+            let scores = senders[sl].matmul(&gt)?.to_vec2::<f64>()?; // [h+1, receivers]
             for (j, r) in rs.iter().enumerate() {
-                // Heads feed their own layer's MLP and everything later; an MLP feeds later layers.
+                // Heads feed their own layer's MLP (not in a parallel block) and everything later;
+                // an MLP feeds later layers.
                 let heads_ok = match r {
-                    Receiver::Mlp(_) => true,
+                    Receiver::Mlp(_) => sl < rl || !parallel,
                     Receiver::Logits => true,
                     _ => sl < rl,
                 };

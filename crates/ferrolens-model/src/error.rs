@@ -36,7 +36,8 @@ pub enum Error {
     #[error("model: {0}")]
     Fetch(String),
     /// An error from candle (tensor op, shape mismatch inside an op).
-    #[error("tensor: {0}")]
+    /// (Shown without candle's backtrace.)
+    #[error("tensor: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
     /// An I/O error with the path it happened on.
     #[error("{path}: {source}")]
@@ -53,6 +54,13 @@ impl Error {
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().display().to_string(), source }
     }
+}
+
+/// The first line of an error's message (candle appends a stack backtrace to some errors; a
+/// user-facing message must not show it).
+pub fn first_line(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    s.lines().next().unwrap_or("").trim_end().to_string()
 }
 
 /// Result alias of the runtime.

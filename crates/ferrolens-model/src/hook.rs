@@ -19,8 +19,11 @@ use std::str::FromStr;
 /// | `Embed` | `hook_embed` | `[b,p,D]` |
 /// | `PosEmbed` | `hook_pos_embed` | `[b,p,D]` (GPT-2 only) |
 /// | `ResidPre(l)` .. `ResidPost(l)`, `AttnOut(l)`, `MlpOut(l)` | `blocks.l.hook_*` | `[b,p,D]` |
-/// | `Ln1Scale(l)`, `Ln2Scale(l)`, `LnFinalScale` | `*.hook_scale` | `[b,p,1]` |
-/// | `Ln1Normalized(l)`, `Ln2Normalized(l)`, `LnFinalNormalized` | `*.hook_normalized` | `[b,p,D]` |
+/// | `AttnIn(l)`, `MlpIn(l)` | `blocks.l.hook_attn_in`, `blocks.l.hook_mlp_in` | `[b,p,D]` (the sublayer's own copy of the residual) |
+/// | `Ln1Scale(l)`, `Ln2Scale(l)`, `Ln1PostScale(l)`, `Ln2PostScale(l)`, `LnFinalScale` | `*.hook_scale` | `[b,p,1]` |
+/// | `Ln1Normalized(l)`, `Ln2Normalized(l)`, `Ln1PostNormalized(l)`, `Ln2PostNormalized(l)`, `LnFinalNormalized` | `*.hook_normalized` | `[b,p,D]` |
+/// | `QNormScale(l)`, `KNormScale(l)` | `blocks.l.attn.q_norm.hook_scale`, `k_norm` | `[b,p,h,1]` per head, `[b,p,1,1]` full width (`kv` for keys) |
+/// | `QNormNormalized(l)`, `KNormNormalized(l)` | `blocks.l.attn.q_norm.hook_normalized`, `k_norm` | `[b,p,h,d]` (`kv` for keys) |
 /// | `Q(l)`, `RotQ(l)`, `Z(l)` | `blocks.l.attn.hook_q/rot_q/z` | `[b,p,h,d]` |
 /// | `K(l)`, `V(l)`, `RotK(l)` | `blocks.l.attn.hook_k/v/rot_k` | `[b,p,kv,d]` |
 /// | `AttnScores(l)`, `Pattern(l)` | `blocks.l.attn.hook_attn_scores/pattern` | `[b,h,q,k]` |
@@ -32,24 +35,34 @@ pub enum HookPoint {
     Embed,
     PosEmbed,
     ResidPre(usize),
+    AttnIn(usize),
     Ln1Scale(usize),
     Ln1Normalized(usize),
     Q(usize),
     K(usize),
     V(usize),
+    QNormScale(usize),
+    QNormNormalized(usize),
+    KNormScale(usize),
+    KNormNormalized(usize),
     RotQ(usize),
     RotK(usize),
     AttnScores(usize),
     Pattern(usize),
     Z(usize),
     Result(usize),
+    Ln1PostScale(usize),
+    Ln1PostNormalized(usize),
     AttnOut(usize),
     ResidMid(usize),
+    MlpIn(usize),
     Ln2Scale(usize),
     Ln2Normalized(usize),
     MlpPre(usize),
     MlpPreLinear(usize),
     MlpPost(usize),
+    Ln2PostScale(usize),
+    Ln2PostNormalized(usize),
     MlpOut(usize),
     ResidPost(usize),
     LnFinalScale,
@@ -59,24 +72,34 @@ pub enum HookPoint {
 /// The per-layer hook suffixes in forward order, with their constructors.
 const LAYER_HOOKS: &[(&str, fn(usize) -> HookPoint)] = &[
     ("hook_resid_pre", HookPoint::ResidPre),
+    ("hook_attn_in", HookPoint::AttnIn),
     ("ln1.hook_scale", HookPoint::Ln1Scale),
     ("ln1.hook_normalized", HookPoint::Ln1Normalized),
     ("attn.hook_q", HookPoint::Q),
     ("attn.hook_k", HookPoint::K),
     ("attn.hook_v", HookPoint::V),
+    ("attn.q_norm.hook_scale", HookPoint::QNormScale),
+    ("attn.q_norm.hook_normalized", HookPoint::QNormNormalized),
+    ("attn.k_norm.hook_scale", HookPoint::KNormScale),
+    ("attn.k_norm.hook_normalized", HookPoint::KNormNormalized),
     ("attn.hook_rot_q", HookPoint::RotQ),
     ("attn.hook_rot_k", HookPoint::RotK),
     ("attn.hook_attn_scores", HookPoint::AttnScores),
     ("attn.hook_pattern", HookPoint::Pattern),
     ("attn.hook_z", HookPoint::Z),
     ("attn.hook_result", HookPoint::Result),
+    ("ln1_post.hook_scale", HookPoint::Ln1PostScale),
+    ("ln1_post.hook_normalized", HookPoint::Ln1PostNormalized),
     ("hook_attn_out", HookPoint::AttnOut),
     ("hook_resid_mid", HookPoint::ResidMid),
+    ("hook_mlp_in", HookPoint::MlpIn),
     ("ln2.hook_scale", HookPoint::Ln2Scale),
     ("ln2.hook_normalized", HookPoint::Ln2Normalized),
     ("mlp.hook_pre", HookPoint::MlpPre),
     ("mlp.hook_pre_linear", HookPoint::MlpPreLinear),
     ("mlp.hook_post", HookPoint::MlpPost),
+    ("ln2_post.hook_scale", HookPoint::Ln2PostScale),
+    ("ln2_post.hook_normalized", HookPoint::Ln2PostNormalized),
     ("hook_mlp_out", HookPoint::MlpOut),
     ("hook_resid_post", HookPoint::ResidPost),
 ];
@@ -87,10 +110,12 @@ impl HookPoint {
         use HookPoint::*;
         match *self {
             Embed | PosEmbed | LnFinalScale | LnFinalNormalized => None,
-            ResidPre(l) | Ln1Scale(l) | Ln1Normalized(l) | Q(l) | K(l) | V(l) | RotQ(l)
-            | RotK(l) | AttnScores(l) | Pattern(l) | Z(l) | Result(l) | AttnOut(l)
-            | ResidMid(l) | Ln2Scale(l) | Ln2Normalized(l) | MlpPre(l) | MlpPreLinear(l)
-            | MlpPost(l) | MlpOut(l) | ResidPost(l) => Some(l),
+            ResidPre(l) | AttnIn(l) | Ln1Scale(l) | Ln1Normalized(l) | Q(l) | K(l) | V(l)
+            | QNormScale(l) | QNormNormalized(l) | KNormScale(l) | KNormNormalized(l) | RotQ(l)
+            | RotK(l) | AttnScores(l) | Pattern(l) | Z(l) | Result(l) | Ln1PostScale(l)
+            | Ln1PostNormalized(l) | AttnOut(l) | ResidMid(l) | MlpIn(l) | Ln2Scale(l)
+            | Ln2Normalized(l) | MlpPre(l) | MlpPreLinear(l) | MlpPost(l) | Ln2PostScale(l)
+            | Ln2PostNormalized(l) | MlpOut(l) | ResidPost(l) => Some(l),
         }
     }
 
@@ -119,6 +144,8 @@ impl HookPoint {
         use HookPoint::*;
         match self {
             Q(_) | K(_) | V(_) | RotQ(_) | RotK(_) | Z(_) | Result(_) => Some(2),
+            // q/k norms are [b,p,h,d] (a full-width norm's scale is [b,p,1,1]).
+            QNormScale(_) | QNormNormalized(_) | KNormScale(_) | KNormNormalized(_) => Some(2),
             AttnScores(_) | Pattern(_) => Some(1),
             _ => None,
         }

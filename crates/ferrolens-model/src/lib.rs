@@ -1,6 +1,7 @@
 //! # ferrolens-model: the hooking runtime
 //!
-//! GPT-2 and Llama-family transformers with a TransformerLens hook point at every activation:
+//! Transformers of ten families (GPT-2, Llama 2/3.x, Mistral, Qwen2/3, Gemma-2/3, GPT-NeoX,
+//! Phi-3, OLMo-2; see [`arch`]) with a TransformerLens hook point at every activation:
 //! run with a cache, with interventions, from or to any layer, and with gradients of any metric
 //! at any set of hook points (one backward pass). Loads Hugging Face directories (local or through
 //! the hub cache) and GGUF files (dequantized to f32).
@@ -16,25 +17,25 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod arch;
 pub mod cache;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod export;
 pub mod fused;
-pub mod gpt2;
 pub mod hook;
 pub mod hooks;
 pub mod kv;
-pub mod llama;
 pub mod loader;
 pub mod lrp;
 pub mod registry;
 pub mod tokenizer;
 pub mod transformer;
+pub mod weights;
 
 pub use cache::ActivationCache;
-pub use config::{Activation, Arch, Config, NormKind, Positional};
+pub use config::{Activation, Config, NormKind, NormPlacement, Positional, QkNorm, RopeFreqs, RopeScaling};
 pub use device::{available_devices, device_name, parse_device, parse_dtype};
 pub use error::{Error, Result};
 pub use export::{save_hf_dir, ExportWeights};
@@ -45,5 +46,5 @@ pub use loader::{load, load_gguf, load_hf_dir, load_hub, LoadOptions};
 pub use transformer::{AttnWeights, BlockWeights, MlpWeights, NormWeights};
 pub use lrp::LrpRules;
 pub use tokenizer::Tokenizer;
-pub use transformer::{GradRun, HookedTransformer, RunSpan, Weights};
+pub use transformer::{GradRun, HookedTransformer, NormSite, RunSpan, Weights};
 pub use candle_core::{DType, Device, Tensor};

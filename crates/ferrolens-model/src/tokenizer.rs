@@ -54,13 +54,26 @@ impl Tokenizer {
         Ok(Tokenizer { inner, bos })
     }
 
-    /// The byte-level BPE embedded in a GGUF file (`tokenizer.ggml.model = gpt2`), with the
-    /// pre-tokenizer that `tokenizer.ggml.pre` names (`smollm`: digits one by one, then
-    /// byte-level without a prefix space). Control tokens are special.
+    /// The tokenizer embedded in a GGUF file, built as transformers builds it from the same file:
+    /// byte-level BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizer that
+    /// `tokenizer.ggml.pre` names (`smollm`: digits one by one, then byte-level without a prefix
+    /// space; control tokens special), or, for Gemma files (`llama` SentencePiece vocabulary with
+    /// scores), transformers' `GGUFGemmaConverter`: a Unigram model over the pieces and scores
+    /// with byte fallback, spaces as `▁`.
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
         use candle_core::quantized::tokenizer::TokenizerFromGguf;
+        let kind = ct.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if kind == "llama" {
+            if arch.starts_with("gemma") {
+                return Self::gemma_from_gguf(ct);
+            }
+            return Err(Error::Tokenizer(format!(
+                "this `{arch}` GGUF file has a SentencePiece (`llama`) vocabulary, which ferrolens reads for Gemma files only; load the Hugging Face checkpoint (with its tokenizer.json) instead"
+            )));
+        }
         let mut inner = tokenizers::Tokenizer::from_gguf(ct)
-            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?;
+            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {}", crate::error::first_line(&e))))?;
         let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         let byte_level = ByteLevel::new(false, true, true);
         match pre.as_str() {
@@ -80,6 +93,61 @@ impl Tokenizer {
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
         let bos = ct.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
         Ok(Tokenizer { inner, bos })
+    }
+
+    fn gemma_from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        let md = &ct.metadata;
+        let arr = |k: &str| -> Result<Vec<gguf_file::Value>> {
+            md.get(k).and_then(|v| v.to_vec().ok()).cloned().ok_or_else(|| Error::Tokenizer(format!("the GGUF file lacks `{k}`")))
+        };
+        let tokens = arr("tokenizer.ggml.tokens")?;
+        let scores = arr("tokenizer.ggml.scores")?;
+        if tokens.len() != scores.len() {
+            return Err(Error::Tokenizer(format!("{} tokens but {} scores in the GGUF file", tokens.len(), scores.len())));
+        }
+        let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let mut vocab = Vec::with_capacity(tokens.len());
+        for (t, s) in tokens.iter().zip(&scores) {
+            let t = t.to_string().map_err(|e| Error::Tokenizer(format!("a GGUF token is not a string: {e}")))?;
+            let s = s.to_f32().map_err(|e| Error::Tokenizer(format!("a GGUF token score is not a float: {e}")))?;
+            // As transformers' GGUFGemmaConverter: the tab byte as a tab, space runs as ▁ runs.
+            let t = if t == "<0x09>" {
+                "\t".to_string()
+            } else if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            };
+            vocab.push(serde_json::json!([t, s as f64]));
+        }
+        let unk = id("tokenizer.ggml.unknown_token_id");
+        let mut added = Vec::new();
+        for k in ["tokenizer.ggml.padding_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id"] {
+            if let Some(i) = id(k) {
+                let content = tokens.get(i as usize).and_then(|t| t.to_string().ok()).cloned().unwrap_or_default();
+                added.push(serde_json::json!({"id": i, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+            }
+        }
+        let j = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"}
+            ]},
+            "model": {"type": "Unigram", "unk_id": unk, "vocab": vocab, "byte_fallback": true},
+        });
+        let inner: tokenizers::Tokenizer = j
+            .to_string()
+            .parse()
+            .map_err(|e| Error::Tokenizer(format!("cannot build the Gemma tokenizer from the GGUF vocabulary: {e}")))?;
+        Ok(Tokenizer { inner, bos: id("tokenizer.ggml.bos_token_id") })
     }
 
     /// Token ids of `text`, with no special tokens added.

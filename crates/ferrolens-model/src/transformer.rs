@@ -1,91 +1,37 @@
-//! [`HookedTransformer`]: one forward pass for GPT-2 and Llama-family models, with a
+//! [`HookedTransformer`]: one forward pass for every family of [`crate::arch`], with a
 //! TransformerLens hook point at every activation.
 //!
 //! The forward is written only with differentiable candle ops (manual norms, `ops::softmax`,
-//! rotate-half rotary, f32/f64 dense weights), so gradients reach every hook point.
+//! rotate-half rotary, dense weights), so gradients reach every hook point. It reads the
+//! [`Config`] flags (norm kind and placement, parallel residual, q/k norms, rotary variants,
+//! sliding windows, soft-caps, scales, activation); the attention-score, mask and norm math is
+//! exposed ([`HookedTransformer::attn_scores`], [`HookedTransformer::attn_mask`],
+//! [`HookedTransformer::norm_vjp`], [`HookedTransformer::norm_jvp`]) so that methods that
+//! re-enter a layer (EAP, AtP*) use this code rather than their own copies.
 
-use crate::config::{Activation, Config, NormKind, Positional};
+use crate::config::{Activation, Config, NormKind, Positional, QkNorm, RopeFreqs};
 use crate::error::{Error, Result};
 use crate::hook::HookPoint;
 use crate::hooks::Hooks;
 use crate::kv::KvCache;
 use crate::tokenizer::Tokenizer;
+pub use crate::weights::{AttnWeights, BlockWeights, MlpWeights, NormWeights, Weights};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 
-/// A normalisation layer's weights: `w` `[D]`, `b` `[D]` for LayerNorm.
-#[derive(Debug, Clone)]
-pub struct NormWeights {
-    /// Gain `[D]`.
-    pub w: Tensor,
-    /// Bias `[D]` (LayerNorm only).
-    pub b: Option<Tensor>,
-}
-
-/// Attention weights, stored `[in, out]` so that `x @ W` applies them.
-#[derive(Debug, Clone)]
-pub struct AttnWeights {
-    /// `[D, h*d]`.
-    pub w_q: Tensor,
-    /// `[h*d]`.
-    pub b_q: Option<Tensor>,
-    /// `[D, kv*d]`.
-    pub w_k: Tensor,
-    /// `[kv*d]`.
-    pub b_k: Option<Tensor>,
-    /// `[D, kv*d]`.
-    pub w_v: Tensor,
-    /// `[kv*d]`.
-    pub b_v: Option<Tensor>,
-    /// `[h*d, D]`.
-    pub w_o: Tensor,
-    /// `[D]`.
-    pub b_o: Option<Tensor>,
-}
-
-/// MLP weights, `[in, out]`.
-#[derive(Debug, Clone)]
-pub struct MlpWeights {
-    /// `[D, M]` (Llama: `up_proj`).
-    pub w_in: Tensor,
-    /// `[M]`.
-    pub b_in: Option<Tensor>,
-    /// `[D, M]` (Llama: `gate_proj`), gated MLPs only.
-    pub w_gate: Option<Tensor>,
-    /// `[M, D]`.
-    pub w_out: Tensor,
-    /// `[D]`.
-    pub b_out: Option<Tensor>,
-}
-
-/// One transformer block.
-#[derive(Debug, Clone)]
-pub struct BlockWeights {
-    /// Norm before attention.
-    pub ln1: NormWeights,
-    /// Attention.
-    pub attn: AttnWeights,
-    /// Norm before the MLP.
-    pub ln2: NormWeights,
-    /// MLP.
-    pub mlp: MlpWeights,
-}
-
-/// All weights of a model.
-#[derive(Debug, Clone)]
-pub struct Weights {
-    /// Token embedding `W_E` `[V, D]`.
-    pub embed: Tensor,
-    /// Position embedding `W_pos` `[n_ctx, D]` (learned positions only).
-    pub pos_embed: Option<Tensor>,
-    /// Blocks.
-    pub blocks: Vec<BlockWeights>,
-    /// Final norm.
-    pub ln_final: NormWeights,
-    /// Unembedding `W_U` `[D, V]`.
-    pub unembed: Tensor,
-    /// Unembedding bias `[V]`.
-    pub b_u: Option<Tensor>,
+/// Which norm of the model (for [`HookedTransformer::norm_vjp`] / [`HookedTransformer::norm_jvp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormSite {
+    /// `blocks.l.ln1` (before attention).
+    Ln1(usize),
+    /// `blocks.l.ln2` (before the MLP).
+    Ln2(usize),
+    /// `blocks.l.ln1_post` (on the attention output).
+    Ln1Post(usize),
+    /// `blocks.l.ln2_post` (on the MLP output).
+    Ln2Post(usize),
+    /// `ln_final`.
+    Final,
 }
 
 /// A transformer with TransformerLens hook points.
@@ -97,7 +43,6 @@ pub struct HookedTransformer {
     pub w: Weights,
     /// The tokenizer, where the checkpoint ships one.
     pub tokenizer: Option<Tokenizer>,
-    rope: Option<(Tensor, Tensor)>,
     device: Device,
     dtype: DType,
 }
@@ -131,31 +76,10 @@ impl HookedTransformer {
     /// Build from a config and weights, checking every shape against the config.
     pub fn new(cfg: Config, w: Weights) -> Result<Self> {
         cfg.validate()?;
-        check_shapes(&cfg, &w)?;
+        crate::weights::check_shapes(&cfg, &w)?;
         let device = w.embed.device().clone();
         let dtype = w.embed.dtype();
-        let rope = match cfg.positional {
-            Positional::Rotary { base, dim } => {
-                let half = dim / 2;
-                let inv: Vec<f64> = (0..half).map(|i| 1.0 / base.powf(2.0 * i as f64 / dim as f64)).collect();
-                let n = cfg.n_ctx;
-                let mut cos = Vec::with_capacity(n * half);
-                let mut sin = Vec::with_capacity(n * half);
-                for p in 0..n {
-                    for f in &inv {
-                        // Match HF: freqs computed in f32 (inv_freq f32, positions f32).
-                        let a = (p as f32) * (*f as f32);
-                        cos.push(a.cos() as f64);
-                        sin.push(a.sin() as f64);
-                    }
-                }
-                let cos = Tensor::from_vec(cos, (n, half), &device)?.to_dtype(dtype)?;
-                let sin = Tensor::from_vec(sin, (n, half), &device)?.to_dtype(dtype)?;
-                Some((cos, sin))
-            }
-            Positional::Learned => None,
-        };
-        Ok(HookedTransformer { cfg, w, tokenizer: None, rope, device, dtype })
+        Ok(HookedTransformer { cfg, w, tokenizer: None, device, dtype })
     }
 
     /// Attach a tokenizer.
@@ -177,18 +101,29 @@ impl HookedTransformer {
         })
     }
 
-    /// Tokenize prompts (no BOS: SmolLM2 and TL's `prepend_bos=False` convention) into `[b, p]`.
+    /// Tokenize prompts into `[b, p]`, with the BOS token first when the family wants it
+    /// ([`Config::prepend_bos`]: Gemma; not SmolLM2/Llama/GPT-2, as TL's `prepend_bos=False`).
     /// All prompts must have the same token length.
     pub fn to_tokens(&self, prompts: &[&str]) -> Result<Tensor> {
-        let tok = self.tokenizer()?;
-        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p)).collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.encode_prompt(p)).collect::<Result<_>>()?;
         self.tokens_tensor(&ids)
     }
 
-    /// The token strings of a prompt (TL `to_str_tokens`).
+    /// One prompt's token ids as [`HookedTransformer::to_tokens`] makes them (BOS first when
+    /// [`Config::prepend_bos`]).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        let tok = self.tokenizer()?;
+        if self.cfg.prepend_bos {
+            tok.encode_with_bos(prompt)
+        } else {
+            tok.encode(prompt)
+        }
+    }
+
+    /// The token strings of a prompt (TL `to_str_tokens`), BOS included when the model prepends it.
     pub fn to_str_tokens(&self, prompt: &str) -> Result<Vec<String>> {
         let tok = self.tokenizer()?;
-        tok.encode(prompt)?.iter().map(|&i| tok.decode(&[i])).collect()
+        self.encode_prompt(prompt)?.iter().map(|&i| tok.decode(&[i])).collect()
     }
 
     /// The device the weights live on.
@@ -203,14 +138,20 @@ impl HookedTransformer {
 
     /// Every hook point this model has, in forward order.
     pub fn hook_points(&self) -> Vec<HookPoint> {
-        let learned = self.cfg.positional == Positional::Learned;
-        let gated = self.cfg.gated_mlp;
-        HookPoint::all(self.cfg.n_layers)
+        use HookPoint::*;
+        let c = &self.cfg;
+        let learned = c.positional == Positional::Learned;
+        let (pre, post) = (c.norm_placement.has_pre(), c.norm_placement.has_post());
+        HookPoint::all(c.n_layers)
             .into_iter()
             .filter(|h| match h {
-                HookPoint::PosEmbed => learned,
-                HookPoint::RotQ(_) | HookPoint::RotK(_) => !learned,
-                HookPoint::MlpPreLinear(_) => gated,
+                PosEmbed => learned,
+                RotQ(_) | RotK(_) => !learned,
+                MlpPreLinear(_) => c.gated_mlp,
+                ResidMid(_) => !c.parallel_attn_mlp,
+                Ln1Scale(_) | Ln1Normalized(_) | Ln2Scale(_) | Ln2Normalized(_) => pre,
+                Ln1PostScale(_) | Ln1PostNormalized(_) | Ln2PostScale(_) | Ln2PostNormalized(_) => post,
+                QNormScale(_) | QNormNormalized(_) | KNormScale(_) | KNormNormalized(_) => c.qk_norm.is_some(),
                 _ => true,
             })
             .collect()
@@ -224,7 +165,7 @@ impl HookedTransformer {
                 name: name.into(),
                 why: match h.layer() {
                     Some(l) if l >= self.cfg.n_layers => format!("the model has {} layers (0..={})", self.cfg.n_layers, self.cfg.n_layers - 1),
-                    _ => format!("{:?} models have no such hook", self.cfg.arch),
+                    _ => format!("{} models have no such hook (docs/hooks.md lists each family's)", self.cfg.family),
                 },
             });
         }
@@ -337,8 +278,9 @@ impl HookedTransformer {
             return Err(Error::Input("the input has no positions: give at least one token".into()));
         }
         let stop = span.stop_at_layer.unwrap_or(cfg.n_layers).min(cfg.n_layers);
+        let rope = self.rope_tables(span.pos_offset, p)?;
         for l in start_layer..stop {
-            resid = self.block(l, resid, span.pos_offset, kv.as_deref_mut(), hooks)?;
+            resid = self.block(l, resid, &rope, kv.as_deref_mut(), hooks)?;
         }
         if let Some(kv) = kv {
             kv.advance(p);
@@ -409,6 +351,7 @@ impl HookedTransformer {
     }
 
     /// Token (and learned position) embedding: tokens `[b,p]` to `resid_pre` of block 0 `[b,p,D]`.
+    /// Families with [`Config::embed_scale`] (Gemma) scale the token embedding before `hook_embed`.
     pub fn embed(&self, tokens: &Tensor, pos_offset: usize, hooks: &mut Hooks) -> Result<Tensor> {
         let (b, p) = tokens.dims2().map_err(|_| Error::Input(format!("tokens must be [batch, pos], got {:?}", tokens.dims())))?;
         self.check_len(p, pos_offset)?;
@@ -418,7 +361,12 @@ impl HookedTransformer {
             return Err(Error::Input(format!("token id {max} is outside the vocabulary (size {})", self.cfg.d_vocab)));
         }
         let d = self.cfg.d_model;
-        let e = self.w.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, p, d))?;
+        let mut e = self.w.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, p, d))?;
+        if let Some(s) = self.cfg.embed_scale {
+            // transformers multiplies by the scale rounded to the weights' dtype.
+            let s = Tensor::new(s as f32, &self.device)?.to_dtype(self.dtype)?;
+            e = e.broadcast_mul(&s)?;
+        }
         let e = hooks.at(HookPoint::Embed, e)?;
         match &self.w.pos_embed {
             Some(wp) => {
@@ -430,6 +378,18 @@ impl HookedTransformer {
         }
     }
 
+    fn norm_weights(&self, site: NormSite) -> Option<&NormWeights> {
+        match site {
+            NormSite::Ln1(l) => self.w.blocks[l].ln1.as_ref(),
+            NormSite::Ln2(l) => self.w.blocks[l].ln2.as_ref(),
+            NormSite::Ln1Post(l) => self.w.blocks[l].ln1_post.as_ref(),
+            NormSite::Ln2Post(l) => self.w.blocks[l].ln2_post.as_ref(),
+            NormSite::Final => Some(&self.w.ln_final),
+        }
+    }
+
+    /// The norm over the last axis with its hooks. LayerNorm's `hook_normalized` is after the
+    /// gain and bias, RMSNorm's before the gain (as in TL). The LN-rule holds the scale constant.
     fn norm(&self, x: &Tensor, nw: &NormWeights, scale_hook: HookPoint, norm_hook: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
         let eps = self.cfg.eps;
         // bf16/f16 models normalise in f32 (the scale and normalized hooks then see f32).
@@ -448,28 +408,56 @@ impl HookedTransformer {
                 }
                 Ok(hooks.at(norm_hook, y)?.to_dtype(dtype)?)
             }
-            NormKind::RmsNorm => {
-                let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-                let scale = hooks.at(scale_hook, scale)?;
-                let scale = if hooks.lrp.ln { scale.detach() } else { scale };
-                let n = x.broadcast_div(&scale)?;
-                let n = hooks.at(norm_hook, n)?;
-                Ok(n.broadcast_mul(&wide(&nw.w)?)?.to_dtype(dtype)?)
-            }
+            NormKind::RmsNorm => self.rms(x, &nw.w, &[D::Minus1], scale_hook, norm_hook, hooks)?.to_dtype(dtype).map_err(Into::into),
         }
     }
 
-    fn rotate(&self, x: &Tensor, pos_offset: usize) -> Result<Tensor> {
-        // x: [b,p,n,d]; rotate-half on the first `dim` features.
-        let (cos, sin) = self.rope.as_ref().expect("rotary model");
-        let dim = match self.cfg.positional {
-            Positional::Rotary { dim, .. } => dim,
-            Positional::Learned => unreachable!(),
-        };
-        let (_b, p, _n, d) = x.dims4()?;
-        let half = dim / 2;
-        let cos = cos.narrow(0, pos_offset, p)?.unsqueeze(1)?; // [p,1,half]
-        let sin = sin.narrow(0, pos_offset, p)?.unsqueeze(1)?;
+    /// RMSNorm of `x` (already widened) over `axes` (the last one or two), gain `w` broadcast
+    /// over them; `hook_scale` keeps those axes as 1s, `hook_normalized` is `x / scale`.
+    fn rms(&self, x: &Tensor, w: &Tensor, axes: &[D], scale_hook: HookPoint, norm_hook: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
+        let mut ms = x.sqr()?;
+        for ax in axes {
+            ms = ms.mean_keepdim(*ax)?;
+        }
+        let scale = (ms + self.cfg.eps)?.sqrt()?;
+        let scale = hooks.at(scale_hook, scale)?;
+        let scale = if hooks.lrp.ln { scale.detach() } else { scale };
+        let n = hooks.at(norm_hook, x.broadcast_div(&scale)?)?;
+        Ok(n.broadcast_mul(&w.to_dtype(x.dtype())?)?)
+    }
+
+    /// The `dim/2`-wide cos and sin tables `[p, dim/2]` of the positions `offset..offset+p`, one
+    /// pair per distinct set of frequencies (global, local), in the model's dtype.
+    fn rope_tables(&self, offset: usize, p: usize) -> Result<Vec<(RopeFreqs, Tensor, Tensor)>> {
+        let Positional::Rotary { dim, global, local } = &self.cfg.positional else { return Ok(vec![]) };
+        let mut out = Vec::new();
+        for f in std::iter::once(global).chain(local.iter()) {
+            let inv = f.inv_freq(*dim);
+            let half = inv.len();
+            let mut cos = Vec::with_capacity(p * half);
+            let mut sin = Vec::with_capacity(p * half);
+            for pos in offset..offset + p {
+                for fr in &inv {
+                    // As transformers: angles in f32 (positions and inverse frequencies f32).
+                    let a = (pos as f32) * fr;
+                    cos.push((a as f64).cos() as f32);
+                    sin.push((a as f64).sin() as f32);
+                }
+            }
+            let cos = Tensor::from_vec(cos, (p, half), &self.device)?.to_dtype(self.dtype)?;
+            let sin = Tensor::from_vec(sin, (p, half), &self.device)?.to_dtype(self.dtype)?;
+            out.push((*f, cos, sin));
+        }
+        Ok(out)
+    }
+
+    /// Rotate-half rotary on the first `dim` features of `x` `[b,p,n,d]`.
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (_b, _p, _n, d) = x.dims4()?;
+        let half = cos.dim(1)?;
+        let dim = 2 * half;
+        let cos = cos.unsqueeze(1)?; // [p,1,half]
+        let sin = sin.unsqueeze(1)?;
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
         let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
@@ -482,42 +470,107 @@ impl HookedTransformer {
         }
     }
 
-    fn block(&self, l: usize, resid: Tensor, pos_offset: usize, kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
+    fn block(&self, l: usize, resid: Tensor, rope: &[(RopeFreqs, Tensor, Tensor)], kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
+        use HookPoint::*;
         let bw = &self.w.blocks[l];
-        let resid_pre = hooks.at(HookPoint::ResidPre(l), resid)?;
-        let x = self.norm(&resid_pre, &bw.ln1, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l), hooks)?;
-        let attn_out = self.attention(l, &x, pos_offset, kv, hooks)?;
-        let attn_out = hooks.at(HookPoint::AttnOut(l), attn_out)?;
-        let resid_mid = hooks.at(HookPoint::ResidMid(l), (resid_pre + attn_out)?)?;
-        let x = self.norm(&resid_mid, &bw.ln2, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l), hooks)?;
-        let mlp_out = self.mlp(l, &x, hooks)?;
-        let mlp_out = hooks.at(HookPoint::MlpOut(l), mlp_out)?;
-        hooks.at(HookPoint::ResidPost(l), (resid_mid + mlp_out)?)
+        let resid_pre = hooks.at(ResidPre(l), resid)?;
+        let attn_in = hooks.at(AttnIn(l), resid_pre.clone())?;
+        let x = match &bw.ln1 {
+            Some(n) => self.norm(&attn_in, n, Ln1Scale(l), Ln1Normalized(l), hooks)?,
+            None => attn_in,
+        };
+        let mut attn_out = self.attention(l, &x, rope, kv, hooks)?;
+        if let Some(n) = &bw.ln1_post {
+            attn_out = self.norm(&attn_out, n, Ln1PostScale(l), Ln1PostNormalized(l), hooks)?;
+        }
+        let attn_out = hooks.at(AttnOut(l), attn_out)?;
+        let (skip, mlp_in) = if self.cfg.parallel_attn_mlp {
+            (resid_pre.clone(), hooks.at(MlpIn(l), resid_pre)?)
+        } else {
+            let resid_mid = hooks.at(ResidMid(l), (resid_pre + &attn_out)?)?;
+            (resid_mid.clone(), hooks.at(MlpIn(l), resid_mid)?)
+        };
+        let x = match &bw.ln2 {
+            Some(n) => self.norm(&mlp_in, n, Ln2Scale(l), Ln2Normalized(l), hooks)?,
+            None => mlp_in,
+        };
+        let mut mlp_out = self.mlp(l, &x, hooks)?;
+        if let Some(n) = &bw.ln2_post {
+            mlp_out = self.norm(&mlp_out, n, Ln2PostScale(l), Ln2PostNormalized(l), hooks)?;
+        }
+        let mlp_out = hooks.at(MlpOut(l), mlp_out)?;
+        let resid_post = if self.cfg.parallel_attn_mlp { ((skip + attn_out)? + mlp_out)? } else { (skip + mlp_out)? };
+        hooks.at(ResidPost(l), resid_post)
     }
 
-    fn attention(&self, l: usize, x: &Tensor, pos_offset: usize, mut kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
+    /// q or k `[b,p,n,d]` through its norm (per head, or over the whole projection).
+    fn qk_norm(&self, x: Tensor, w: &NormWeights, scale_hook: HookPoint, norm_hook: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xw = widen(&x)?;
+        let (_, _, n, d) = xw.dims4()?;
+        let y = match self.cfg.qk_norm {
+            Some(QkNorm::Full) => self.rms(&xw, &w.w.reshape((n, d))?, &[D::Minus1, D::Minus2], scale_hook, norm_hook, hooks)?,
+            _ => self.rms(&xw, &w.w, &[D::Minus1], scale_hook, norm_hook, hooks)?,
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
+
+    /// Attention scores of layer `l` before the mask: `q . k * attn_scale`, soft-capped where
+    /// the family caps them. `q` `[b,h,q,d]`, `k` `[b,h,k,d]` (KV heads already repeated) to
+    /// `[b,h,q,k]`. Methods that recompute a pattern (AtP*'s QK fix) call this.
+    pub fn attn_scores(&self, _l: usize, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let kt = k.transpose(2, 3)?.contiguous()?;
+        let scores = (q.contiguous()?.matmul(&kt)? * self.cfg.attn_scale)?;
+        Ok(match self.cfg.attn_softcap {
+            Some(c) => ((scores / c)?.tanh()? * c)?,
+            None => scores,
+        })
+    }
+
+    /// Which keys each query of layer `l` may see, `[q, k]` u8 (1 = allowed), for `q` queries at
+    /// the end of `k` keys: causal, and within the layer's sliding window. `None` when every key
+    /// is allowed (one query, no window reaching it).
+    pub fn attn_mask(&self, l: usize, q: usize, k: usize) -> Result<Option<Tensor>> {
+        let window = self.cfg.window(l);
+        let off = k - q;
+        if q == 1 && window.is_none_or(|w| w >= k) {
+            return Ok(None);
+        }
+        let allowed = |i: usize, j: usize| j <= i + off && window.is_none_or(|w| i + off - j < w);
+        let mask: Vec<u8> = (0..q).flat_map(|i| (0..k).map(move |j| u8::from(allowed(i, j)))).collect();
+        Ok(Some(Tensor::from_vec(mask, (q, k), &self.device)?))
+    }
+
+    fn attention(&self, l: usize, x: &Tensor, rope: &[(RopeFreqs, Tensor, Tensor)], mut kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
+        use HookPoint::*;
         let cfg = &self.cfg;
         let aw = &self.w.blocks[l].attn;
         let (b, p, _) = x.dims3()?;
         let (h, kvh, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
-        let q = linear(x, &aw.w_q, aw.b_q.as_ref())?.reshape((b, p, h, d))?;
-        let q = hooks.at(HookPoint::Q(l), q)?;
-        let k = linear(x, &aw.w_k, aw.b_k.as_ref())?.reshape((b, p, kvh, d))?;
-        let k = hooks.at(HookPoint::K(l), k)?;
-        let v = linear(x, &aw.w_v, aw.b_v.as_ref())?.reshape((b, p, kvh, d))?;
-        let v = hooks.at(HookPoint::V(l), v)?;
-        let (q, k) = if self.rope.is_some() {
-            let q = hooks.at(HookPoint::RotQ(l), self.rotate(&q, pos_offset)?)?;
-            let k = hooks.at(HookPoint::RotK(l), self.rotate(&k, pos_offset)?)?;
-            (q, k)
-        } else {
-            (q, k)
+        let q = hooks.at(Q(l), linear(x, &aw.w_q, aw.b_q.as_ref())?.reshape((b, p, h, d))?)?;
+        let k = hooks.at(K(l), linear(x, &aw.w_k, aw.b_k.as_ref())?.reshape((b, p, kvh, d))?)?;
+        let v = hooks.at(V(l), linear(x, &aw.w_v, aw.b_v.as_ref())?.reshape((b, p, kvh, d))?)?;
+        let q = match &aw.q_norm {
+            Some(n) => self.qk_norm(q, n, QNormScale(l), QNormNormalized(l), hooks)?,
+            None => q,
+        };
+        let k = match &aw.k_norm {
+            Some(n) => self.qk_norm(k, n, KNormScale(l), KNormNormalized(l), hooks)?,
+            None => k,
+        };
+        let (q, k) = match cfg.rope_freqs(l) {
+            Some(f) => {
+                let (_, cos, sin) = rope.iter().find(|(g, _, _)| *g == f).expect("tables for every layer's frequencies");
+                let q = hooks.at(RotQ(l), self.rotate(&q, cos, sin)?)?;
+                let k = hooks.at(RotK(l), self.rotate(&k, cos, sin)?)?;
+                (q, k)
+            }
+            None => (q, k),
         };
         let (k, v) = match kv.as_deref_mut() {
             Some(cache) => cache.append(l, k, v)?,
             None => (k, v),
         };
-        let scale = 1.0 / (d as f64).sqrt();
         let fused = match kv.as_deref() {
             Some(cache) => {
                 cache.uses_fused()
@@ -525,18 +578,24 @@ impl HookedTransformer {
                     && q.dtype() == DType::F32
                     && h <= 64
                     && d <= 256
-                    && !hooks.wants(HookPoint::AttnScores(l))
-                    && !hooks.wants(HookPoint::Pattern(l))
+                    && cfg.attn_softcap.is_none()
+                    && !hooks.wants(AttnScores(l))
+                    && !hooks.wants(Pattern(l))
                     && hooks.grad_point_set().is_empty()
             }
             None => false,
         };
         if fused {
-            // One decode step: scores, softmax, argmax and the weighted sum in one op.
+            // One decode step: scores, softmax, argmax and the weighted sum in one op; a sliding
+            // window is the last `w` keys.
+            let t = k.dim(1)?;
+            let start = cfg.window(l).map(|w| t.saturating_sub(w)).unwrap_or(0);
+            let (kk, vv) = if start > 0 { (k.narrow(1, start, t - start)?.contiguous()?, v.narrow(1, start, t - start)?.contiguous()?) } else { (k, v) };
             let uniform = hooks.uniform_heads(l).unwrap_or(&[]).to_vec();
-            let (z, arg) = crate::fused::decode_attention(&q.squeeze(1)?, &k, &v, scale, &uniform)?;
+            let (z, arg) = crate::fused::decode_attention(&q.squeeze(1)?, &kk, &vv, cfg.attn_scale, &uniform)?;
             if let Some(cache) = kv.as_deref_mut() {
                 if cache.tracks_argmax() {
+                    let arg = if start > 0 { (arg + start as f64)? } else { arg };
                     cache.set_argmax(l, arg);
                 }
             }
@@ -546,9 +605,9 @@ impl HookedTransformer {
         let k = repeat_kv(&k, cfg.kv_repeat())?;
         let v = repeat_kv(&v, cfg.kv_repeat())?;
         let qt = q.transpose(1, 2)?.contiguous()?; // [b,h,p,d]
-        let kt = k.transpose(1, 2)?.transpose(2, 3)?.contiguous()?; // [b,h,d,p]
-        let vt = v.transpose(1, 2)?.contiguous()?; // [b,h,p,d]
-        let scores = (qt.matmul(&kt)? * scale)?;
+        let kt = k.transpose(1, 2)?.contiguous()?; // [b,h,T,d]
+        let vt = v.transpose(1, 2)?.contiguous()?; // [b,h,T,d]
+        let scores = self.attn_scores(l, &qt, &kt)?;
         let scores = match hooks.uniform_heads(l) {
             Some(heads) => {
                 let keep: Vec<f32> = (0..h).map(|i| if heads.contains(&i) { 0.0 } else { 1.0 }).collect();
@@ -557,8 +616,16 @@ impl HookedTransformer {
             }
             None => scores,
         };
-        let scores = causal_mask(&scores)?;
-        let scores = hooks.at(HookPoint::AttnScores(l), scores)?;
+        let t = kt.dim(2)?;
+        let scores = match self.attn_mask(l, p, t)? {
+            Some(mask) => {
+                let mask = mask.broadcast_as(scores.shape())?;
+                let neg = Tensor::new(f32::NEG_INFINITY, scores.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
+                mask.where_cond(&scores, &neg)?
+            }
+            None => scores,
+        };
+        let scores = hooks.at(AttnScores(l), scores)?;
         if let Some(cache) = kv.as_deref_mut() {
             if cache.tracks_argmax() {
                 // Argmax of the last query over keys: the pattern's argmax (softmax is monotone).
@@ -571,7 +638,7 @@ impl HookedTransformer {
         // AH-rule: the weights are constants for the backward pass (detached before the hook, so
         // the gradient at hook_pattern itself is still available).
         let pattern = if hooks.lrp.attn { pattern.detach() } else { pattern };
-        let pattern = hooks.at(HookPoint::Pattern(l), pattern)?;
+        let pattern = hooks.at(Pattern(l), pattern)?;
         let z = pattern.matmul(&vt)?.transpose(1, 2)?.contiguous()?; // [b,p,h,d]
         self.attn_output(l, z, hooks)
     }
@@ -611,22 +678,14 @@ impl HookedTransformer {
                 Activation::Silu => x.silu()?,
             })
         };
-        if !identity_rule {
-            return f(x);
-        }
-        // Identity rule: y = x * sg(f(x) / x), x nudged away from 0 by 1e-6 * sign(x).
-        let xd = x.detach();
-        let sign = xd.ge(&xd.zeros_like()?)?.to_dtype(xd.dtype())?.affine(2.0, -1.0)?;
-        let nudged = (&xd + (sign * 1e-6)?)?;
-        let ratio = (f(&xd)? / nudged)?;
-        Ok((x * ratio)?)
+        identity_rule_apply(x, identity_rule, f)
     }
 
     fn mlp(&self, l: usize, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
         let mw = &self.w.blocks[l].mlp;
         let post = match &mw.w_gate {
             Some(wg) => {
-                let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, None)?)?;
+                let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, mw.b_gate.as_ref())?)?;
                 let lin = hooks.at(HookPoint::MlpPreLinear(l), linear(x, &mw.w_in, mw.b_in.as_ref())?)?;
                 let prod = (self.act(&pre, hooks.lrp.identity)? * lin)?;
                 let prod = if hooks.lrp.half {
@@ -647,8 +706,84 @@ impl HookedTransformer {
 
     fn unembed(&self, resid: Tensor, hooks: &mut Hooks) -> Result<Tensor> {
         let x = self.norm(&resid, &self.w.ln_final, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized, hooks)?;
-        linear(&x, &self.w.unembed, self.w.b_u.as_ref())
+        let logits = linear(&x, &self.w.unembed, self.w.b_u.as_ref())?;
+        match self.cfg.final_softcap {
+            // Soft-capping is elementwise: RelP's identity rule treats it as an activation.
+            Some(c) => identity_rule_apply(&logits, hooks.lrp.identity, |x| Ok(((x / c)?.tanh()? * c)?)),
+            None => Ok(logits),
+        }
     }
+
+    /// The hook point whose activation is the input of norm `site` (`None` for a model without
+    /// that norm): `hook_attn_in` / `hook_mlp_in` for the pre-norms, the last `hook_resid_post`
+    /// for the final norm. Post-norm inputs have no hook (compute them from `hook_result` or
+    /// the MLP).
+    pub fn norm_input_hook(&self, site: NormSite) -> Option<HookPoint> {
+        self.norm_weights(site)?;
+        match site {
+            NormSite::Ln1(l) => Some(HookPoint::AttnIn(l)),
+            NormSite::Ln2(l) => Some(HookPoint::MlpIn(l)),
+            NormSite::Final => Some(HookPoint::ResidPost(self.cfg.n_layers - 1)),
+            NormSite::Ln1Post(_) | NormSite::Ln2Post(_) => None,
+        }
+    }
+
+    /// The vector-Jacobian product of norm `site` at input `x` `[.., D]`: the gradient at the
+    /// norm's input given the gradient `g_out` at its output (after the gain and bias), in f64.
+    /// `x` and `g_out` broadcast against each other (e.g. `[b,p,1,D]` and `[b,p,h,D]`).
+    /// Identity when the model has no such norm (e.g. OLMo-2's missing pre-norms).
+    pub fn norm_vjp(&self, site: NormSite, x: &Tensor, g_out: &Tensor) -> Result<Tensor> {
+        let Some(nw) = self.norm_weights(site) else { return Ok(g_out.to_dtype(DType::F64)?) };
+        let (n, s) = self.norm_parts(x)?;
+        // u = dM/d(normalized before the gain)
+        let u = g_out.to_dtype(DType::F64)?.broadcast_mul(&nw.w.to_dtype(DType::F64)?)?;
+        let nu = n.broadcast_mul(&u)?.mean_keepdim(D::Minus1)?;
+        let r = match self.cfg.norm {
+            NormKind::RmsNorm => u.broadcast_sub(&n.broadcast_mul(&nu)?)?,
+            NormKind::LayerNorm => u.broadcast_sub(&u.mean_keepdim(D::Minus1)?)?.sub(&n.broadcast_mul(&nu)?)?,
+        };
+        Ok(r.broadcast_div(&s)?)
+    }
+
+    /// The Jacobian-vector product of norm `site` at input `x` `[.., D]` applied to `dx`: the
+    /// first-order change of the norm's output when its input moves by `dx`, in f64. Identity when
+    /// the model has no such norm. `x` and `dx` broadcast (e.g. `[b,p,1,D]` and `[b,p,h,D]`).
+    /// (EAP linearises a post-norm sublayer's output this way.)
+    pub fn norm_jvp(&self, site: NormSite, x: &Tensor, dx: &Tensor) -> Result<Tensor> {
+        let Some(nw) = self.norm_weights(site) else { return Ok(dx.to_dtype(DType::F64)?) };
+        let (n, s) = self.norm_parts(x)?;
+        let dx = dx.to_dtype(DType::F64)?;
+        let dx = match self.cfg.norm {
+            NormKind::LayerNorm => dx.broadcast_sub(&dx.mean_keepdim(D::Minus1)?)?,
+            NormKind::RmsNorm => dx,
+        };
+        let ndx = n.broadcast_mul(&dx)?.mean_keepdim(D::Minus1)?;
+        let dn = dx.broadcast_sub(&n.broadcast_mul(&ndx)?)?.broadcast_div(&s)?;
+        Ok(dn.broadcast_mul(&nw.w.to_dtype(DType::F64)?)?)
+    }
+
+    /// `(normalized before the gain, scale)` of the model's norm kind at `x`, in f64.
+    fn norm_parts(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = x.to_dtype(DType::F64)?;
+        let xc = match self.cfg.norm {
+            NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
+            NormKind::RmsNorm => x,
+        };
+        let s = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.cfg.eps)?.sqrt()?;
+        Ok((xc.broadcast_div(&s)?, s))
+    }
+}
+
+/// `f(x)`, or with RelP's identity rule `x * sg(f(x) / x)` (x nudged away from 0 by 1e-6 * sign(x)).
+fn identity_rule_apply(x: &Tensor, on: bool, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if !on {
+        return f(x);
+    }
+    let xd = x.detach();
+    let sign = xd.ge(&xd.zeros_like()?)?.to_dtype(xd.dtype())?.affine(2.0, -1.0)?;
+    let nudged = (&xd + (sign * 1e-6)?)?;
+    let ratio = (f(&xd)? / nudged)?;
+    Ok((x * ratio)?)
 }
 
 /// `x @ w + b` for `x` `[.., in]`, `w` `[in, out]`, `b` `[out]`; flattens the leading axes into one GEMM.
@@ -675,67 +810,10 @@ fn widen(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `[b,p,kv,d]` to `[b,p,kv*n,d]`, each kv head repeated `n` times consecutively (HF `repeat_kv`).
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
         return Ok(x.clone());
     }
     let (b, p, kv, d) = x.dims4()?;
     Ok(x.unsqueeze(3)?.broadcast_as((b, p, kv, n, d))?.reshape((b, p, kv * n, d))?)
-}
-
-/// Set scores `[b,h,q,k]` above the diagonal to -inf (queries at the end of the key axis).
-fn causal_mask(scores: &Tensor) -> Result<Tensor> {
-    let (_, _, q, k) = scores.dims4()?;
-    if q == 1 {
-        return Ok(scores.clone());
-    }
-    let off = k - q;
-    let mask: Vec<u8> = (0..q).flat_map(|i| (0..k).map(move |j| u8::from(j <= i + off))).collect();
-    let mask = Tensor::from_vec(mask, (q, k), scores.device())?.broadcast_as(scores.shape())?;
-    let neg = Tensor::new(f32::NEG_INFINITY, scores.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
-    Ok(mask.where_cond(scores, &neg)?)
-}
-
-fn check_shapes(cfg: &Config, w: &Weights) -> Result<()> {
-    let errs = std::cell::RefCell::new(Vec::new());
-    let want = |name: String, t: &Tensor, shape: &[usize]| {
-        if t.dims() != shape {
-            errs.borrow_mut().push(format!("{name}: file has {:?}, config implies {shape:?}", t.dims()));
-        }
-    };
-    let (dm, h, kv, d, m, v) = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab);
-    want("embed".into(), &w.embed, &[v, dm]);
-    if let Some(p) = &w.pos_embed {
-        want("pos_embed".into(), p, &[cfg.n_ctx, dm]);
-    } else if cfg.positional == Positional::Learned {
-        errs.borrow_mut().push("learned positions need a position embedding, none was loaded".into());
-    }
-    if w.blocks.len() != cfg.n_layers {
-        errs.borrow_mut().push(format!("{} blocks loaded, config says n_layers = {}", w.blocks.len(), cfg.n_layers));
-    }
-    for (l, b) in w.blocks.iter().enumerate() {
-        want(format!("blocks.{l}.ln1.w"), &b.ln1.w, &[dm]);
-        want(format!("blocks.{l}.attn.W_Q"), &b.attn.w_q, &[dm, h * d]);
-        want(format!("blocks.{l}.attn.W_K"), &b.attn.w_k, &[dm, kv * d]);
-        want(format!("blocks.{l}.attn.W_V"), &b.attn.w_v, &[dm, kv * d]);
-        want(format!("blocks.{l}.attn.W_O"), &b.attn.w_o, &[h * d, dm]);
-        want(format!("blocks.{l}.ln2.w"), &b.ln2.w, &[dm]);
-        want(format!("blocks.{l}.mlp.W_in"), &b.mlp.w_in, &[dm, m]);
-        if let Some(g) = &b.mlp.w_gate {
-            want(format!("blocks.{l}.mlp.W_gate"), g, &[dm, m]);
-        }
-        want(format!("blocks.{l}.mlp.W_out"), &b.mlp.w_out, &[m, dm]);
-    }
-    want("unembed".into(), &w.unembed, &[dm, v]);
-    let errs = errs.into_inner();
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Weights(format!(
-            "the weights do not match the config ({} mismatches): {}{}",
-            errs.len(),
-            errs.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
-            if errs.len() > 5 { "; ..." } else { "" }
-        )))
-    }
 }
