@@ -8,7 +8,11 @@ Writes (all small, committed):
   fixtures/smollm2/reference.safetensors                HF logits (subset) + TL activations for SmolLM2-135M
   fixtures/tokenizers/corpus.json                       >= 200 strings
   fixtures/tokenizers/{smollm2,gpt2}_ids.json           HF token ids of the corpus
-Usage: python scripts/make_references.py --smollm2-gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+  fixtures/gemma3/reference.safetensors                 Gemma-3-270M (GGUF) logits from transformers' GGUF reader
+  fixtures/tokenizers/gemma3_ids.json                   SentencePiece's token ids of the corpus, with
+                                                        the GGUF's vocabulary as a BPE model
+Usage: python scripts/make_references.py --smollm2-gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf \
+           [--gemma3-gguf PATH/gemma-3-270m-q4_k_m.gguf]
 """
 import argparse, json, os, random, sys
 import torch
@@ -110,6 +114,65 @@ def smollm2(gguf_path):
     return tok
 
 
+def gemma3_sentencepiece(gguf_path):
+    """The GGUF's Gemma vocabulary as a SentencePiece BPE model (what Gemma's tokenizer.model is):
+    pieces, scores (minus the merge rank) and types; no dummy prefix, whitespace escaped."""
+    import gguf
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    r = gguf.GGUFReader(gguf_path)
+    f = r.fields
+    toks = [bytes(f["tokenizer.ggml.tokens"].parts[i]).decode("utf-8") for i in f["tokenizer.ggml.tokens"].data]
+    types = [int(f["tokenizer.ggml.token_type"].parts[i][0]) for i in f["tokenizer.ggml.token_type"].data]
+    scores = [float(f["tokenizer.ggml.scores"].parts[i][0]) for i in f["tokenizer.ggml.scores"].data]
+    unk = int(f["tokenizer.ggml.unknown_token_id"].parts[-1][0])
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id = unk
+    m.trainer_spec.bos_id = int(f["tokenizer.ggml.bos_token_id"].parts[-1][0])
+    m.trainer_spec.eos_id = int(f["tokenizer.ggml.eos_token_id"].parts[-1][0])
+    m.trainer_spec.pad_id = int(f["tokenizer.ggml.padding_token_id"].parts[-1][0])
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = False
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    for i, (t, s, ty) in enumerate(zip(toks, scores, types)):
+        p = m.pieces.add()
+        p.piece, p.score = t, s
+        p.type = 2 if i == unk else ty
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(m.SerializeToString())
+    return sp
+
+
+def gemma3(gguf_path, strings):
+    """Gemma-3-270M: token ids of the corpus by SentencePiece, and logits of 8 prompts (BOS first)
+    from transformers' GGUF reader: a column subset at every position, and the argmax over the
+    whole vocabulary at every position with its logit."""
+    from transformers import AutoModelForCausalLM
+    sp = gemma3_sentencepiece(gguf_path)
+    ids = [sp.encode(s) for s in strings]
+    with open(os.path.join(FIX, "tokenizers", "gemma3_ids.json"), "w") as fh:
+        json.dump(ids, fh)
+    d, f = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    cols = torch.arange(0, 262144, 509)
+    ref = {"vocab_cols": cols.to(torch.int64)}
+    for i, p in enumerate(SMOL_PROMPTS):
+        x = torch.tensor([[2] + sp.encode(p)])  # <bos> (tokenizer.ggml.bos_token_id)
+        ref[f"p{i}.input_ids"] = x[0].to(torch.int64)
+        with torch.no_grad():
+            lg = hf(x).logits[0]
+        ref[f"p{i}.logits_cols"] = lg[:, cols].contiguous()
+        ref[f"p{i}.argmax"] = lg.argmax(-1).to(torch.int64)
+        ref[f"p{i}.max"] = lg.max(-1).values.contiguous()
+    out = os.path.join(FIX, "gemma3")
+    os.makedirs(out, exist_ok=True)
+    save_file(ref, os.path.join(out, "reference.safetensors"))
+    print("gemma3:", len(ref), "tensors;", sum(len(v) for v in ids), "corpus tokens")
+
+
 def corpus():
     rng = random.Random(7)
     base = [
@@ -168,9 +231,14 @@ def tokenizer_refs(smol_tok):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--smollm2-gguf", required=True)
+    ap.add_argument("--smollm2-gguf")
+    ap.add_argument("--gemma3-gguf")
+    ap.add_argument("--only-gemma3", action="store_true", help="write the Gemma-3 references only")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
-    tiny_gpt2()
-    tok = smollm2(a.smollm2_gguf)
-    tokenizer_refs(tok)
+    if not a.only_gemma3:
+        tiny_gpt2()
+        tok = smollm2(a.smollm2_gguf)
+        tokenizer_refs(tok)
+    if a.gemma3_gguf:
+        gemma3(a.gemma3_gguf, json.load(open(os.path.join(FIX, "tokenizers", "corpus.json"))))

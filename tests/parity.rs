@@ -71,6 +71,34 @@ fn smollm2_logits_match_hugging_face() {
     }
 }
 
+/// Gemma-3-270M (GGUF Q4_K_M, dequantized) against transformers 4.57 reading the same file: 8
+/// prompts with <bos>, centred logits at a column subset at every position within 1e-3, and the
+/// same top-1 token over the whole vocabulary at every position.
+#[test]
+fn gemma3_logits_match_hugging_face() {
+    let model = gemma3();
+    assert_eq!((model.cfg.family.as_str(), model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_head), ("gemma3", 18, 4, 1, 256));
+    assert_eq!(model.cfg.windows.iter().filter(|w| w.is_none()).count(), 3, "layers 5, 11, 17 are global");
+    let r = reference("gemma3/reference.safetensors");
+    let cols = r["vocab_cols"].to_dtype(DType::U32).unwrap();
+    let centre = |t: &Tensor| t.broadcast_sub(&t.mean_keepdim(candle_core::D::Minus1).unwrap()).unwrap();
+    let mut positions = 0;
+    for i in 0..8 {
+        let tokens = ids(&r, &format!("p{i}.input_ids"));
+        let logits = model.forward(&tokens).unwrap().i(0).unwrap(); // [p, V]
+        let sub = logits.index_select(&cols, 1).unwrap();
+        let d = max_abs(&centre(&sub), &centre(&r[&format!("p{i}.logits_cols")]));
+        let top: Vec<u32> = logits.argmax(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
+        let want: Vec<u32> = r[&format!("p{i}.argmax")].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+        let mx = max_abs(&logits.max(candle_core::D::Minus1).unwrap(), &r[&format!("p{i}.max")]);
+        eprintln!("prompt {i}: {} tokens, centred max abs diff {d:.2e}, top logit diff {mx:.2e}", top.len());
+        assert!(d < 1e-3, "prompt {i}: centred logits differ from HF by {d:e}");
+        assert_eq!(top, want, "prompt {i}: top-1 tokens differ");
+        positions += top.len();
+    }
+    assert!(positions > 100);
+}
+
 #[test]
 fn smollm2_cache_matches_transformer_lens() {
     let model = smollm2();

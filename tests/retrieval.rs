@@ -105,11 +105,14 @@ fn copy_model(v: usize, n: usize, c: usize) -> HookedTransformer {
         unembed: t(unembed, (d, v)),
         b_u: None,
     };
-    let cfg = ferrolens::model::arch::gpt2::from_hf(
+    let mut cfg = ferrolens::model::arch::gpt2::from_hf(
         &serde_json::json!({"vocab_size": v, "n_positions": n, "n_embd": d, "n_layer": 1, "n_head": h, "n_inner": dm, "tie_word_embeddings": false}),
         "copy-model",
     )
     .unwrap();
+    // Heads wider than d_model / h (a shape GPT-2's config cannot state).
+    cfg.d_head = dh;
+    cfg.attn_scale = 1.0 / (dh as f64).sqrt();
     HookedTransformer::new(cfg, w).unwrap()
 }
 

@@ -48,3 +48,19 @@ fn smollm2_gguf_tokenizer_matches_hugging_face() {
     let e = tok.single_token(" Christopherson").unwrap_err().to_string();
     assert!(e.contains("not one"), "{e}");
 }
+
+/// Gemma-3's GGUF vocabulary as SentencePiece BPE: the same ids as the SentencePiece library with
+/// a model built from the same pieces, scores and types (scripts/make_references.py). transformers
+/// 4.57's GGUF reader builds a Unigram model instead and splits words into characters (" c ap it
+/// al"); ferrolens follows the model's own tokenizer.
+#[test]
+fn gemma3_gguf_tokenizer_matches_sentencepiece() {
+    let model = gemma3();
+    let tok = model.tokenizer().unwrap();
+    check(tok, &expected("gemma3"));
+    assert_eq!(tok.encode("The capital of France is").unwrap(), vec![818, 5279, 529, 7001, 563]);
+    // Prompts get <bos> first: Gemma is meaningless without it.
+    assert!(model.cfg.prepend_bos);
+    assert_eq!(model.encode_prompt("The").unwrap(), vec![2, 818]);
+    assert_eq!(tok.single_token(" Mary").unwrap(), 8712);
+}

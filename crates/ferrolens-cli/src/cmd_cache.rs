@@ -37,7 +37,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(!prompts.is_empty(), "{} has no prompts (one prompt a line)", a.prompts.display());
     let mut groups: BTreeMap<usize, Vec<(usize, Vec<u32>)>> = BTreeMap::new();
     for (i, p) in prompts.iter().enumerate() {
-        let ids = tok.encode(p)?;
+        let ids = tok.encode_prompt(p)?;
         groups.entry(ids.len()).or_default().push((i, ids));
     }
     // Check the filter once, up front, so a typo fails before any work.

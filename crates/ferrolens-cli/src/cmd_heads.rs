@@ -110,6 +110,8 @@ pub fn run(a: Args) -> Result<()> {
     };
     let model = crate::load_model(&model)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // Models that need a BOS token (Gemma) always get one.
+    let bos = bos || model.cfg.prepend_bos;
     let bos_id = if bos { model.cfg.bos_token_id.or(model.tokenizer.as_ref().and_then(|t| t.bos_id())) } else { None };
     // Ordinary vocabulary ids (skip the first 1000, where special and byte tokens live).
     let lo = 1000.min(model.cfg.d_vocab as u32 / 2);

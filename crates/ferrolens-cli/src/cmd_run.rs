@@ -14,7 +14,7 @@ pub struct Args {
     /// How many next-token candidates to print.
     #[arg(long, default_value_t = 10)]
     top_k: usize,
-    /// Prepend the BOS token.
+    /// Prepend the BOS token (Gemma models always get it).
     #[arg(long)]
     bos: bool,
     /// Print JSON instead of a table.
@@ -25,7 +25,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = crate::load_model(&a.model)?;
     let tok = model.tokenizer()?;
-    let ids = if a.bos { tok.encode_with_bos(&a.prompt)? } else { tok.encode(&a.prompt)? };
+    let ids = if a.bos && !tok.prepends_bos() { tok.encode_with_bos(&a.prompt)? } else { tok.encode_prompt(&a.prompt)? };
     let tokens = model.tokens_tensor(&[ids.clone()])?;
     let logits = model.forward(&tokens)?;
     let last = logits.i((0, ids.len() - 1))?.to_dtype(candle_core::DType::F32)?;

@@ -111,7 +111,7 @@ pub fn build_prompt(tok: &Tokenizer, fmt: &PromptFormat, haystack: &[u32], needl
     if !(0.0..=1.0).contains(&depth) {
         return Err(Error::Input(format!("depth {depth} is outside [0, 1]")));
     }
-    let prefix = tok.encode(&fmt.prefix)?;
+    let prefix = tok.encode_prompt(&fmt.prefix)?;
     let question = tok.encode(&format!("{}{}{}", fmt.before_question, needle.question, fmt.suffix))?;
     let needle_ids = tok.encode(&format!(" {}", needle.needle.trim()))?;
     let frame = prefix.len() + question.len() + needle_ids.len();

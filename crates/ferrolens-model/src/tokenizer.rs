@@ -16,6 +16,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
+    prepend_bos: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -27,7 +28,7 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     /// Wrap a `tokenizers` tokenizer.
     pub fn from_tokenizers(inner: tokenizers::Tokenizer, bos: Option<u32>) -> Self {
-        Tokenizer { inner, bos }
+        Tokenizer { inner, bos, prepend_bos: false }
     }
 
     /// Read a `tokenizer.json`.
@@ -35,7 +36,7 @@ impl Tokenizer {
         let path = path.as_ref();
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
-        Ok(Tokenizer { inner, bos: None })
+        Ok(Tokenizer { inner, bos: None, prepend_bos: false })
     }
 
     /// GPT-2's byte-level BPE from `vocab.json` (alias `encoder.json`) and `merges.txt` (alias `vocab.bpe`).
@@ -51,15 +52,13 @@ impl Tokenizer {
             .add_special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
             .map_err(|e| Error::Tokenizer(format!("cannot add <|endoftext|>: {e}")))?;
         let bos = inner.token_to_id("<|endoftext|>");
-        Ok(Tokenizer { inner, bos })
+        Ok(Tokenizer { inner, bos, prepend_bos: false })
     }
 
-    /// The tokenizer embedded in a GGUF file, built as transformers builds it from the same file:
-    /// byte-level BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizer that
+    /// The tokenizer embedded in a GGUF file: byte-level BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizer that
     /// `tokenizer.ggml.pre` names (`smollm`: digits one by one, then byte-level without a prefix
-    /// space; control tokens special), or, for Gemma files (`llama` SentencePiece vocabulary with
-    /// scores), transformers' `GGUFGemmaConverter`: a Unigram model over the pieces and scores
-    /// with byte fallback, spaces as `▁`.
+    /// space; control tokens special); or, for Gemma files (a `llama` SentencePiece vocabulary
+    /// with scores), SentencePiece BPE over the pieces (see `gemma_from_gguf`).
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
         use candle_core::quantized::tokenizer::TokenizerFromGguf;
         let kind = ct.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
@@ -92,62 +91,91 @@ impl Tokenizer {
         inner.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
         let bos = ct.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
-        Ok(Tokenizer { inner, bos })
+        Ok(Tokenizer { inner, bos, prepend_bos: false })
     }
 
+    /// Gemma's SentencePiece BPE from a GGUF vocabulary (pieces, scores = minus the merge rank,
+    /// token types), as the model's own `tokenizer.model` encodes: pairs merge in the order of the
+    /// merged piece's score (the merges transformers' `generate_merges` derives from the same
+    /// scores), unknown bytes fall back to `<0xNN>` pieces, spaces are `▁` and no space is added
+    /// in front; user-defined pieces (newline runs, markup) are matched whole, control tokens are
+    /// special. Checked against the SentencePiece library on a model built from the same pieces
+    /// (tests/tokenizers.rs); on runs of several spaces Hugging Face's tokenizer.json for Gemma
+    /// may differ (it is not available offline to compare). (transformers 4.57 builds a Unigram model from these scores instead, which
+    /// splits common words into characters; docs/architecture.md.)
     fn gemma_from_gguf(ct: &gguf_file::Content) -> Result<Self> {
         let md = &ct.metadata;
         let arr = |k: &str| -> Result<Vec<gguf_file::Value>> {
             md.get(k).and_then(|v| v.to_vec().ok()).cloned().ok_or_else(|| Error::Tokenizer(format!("the GGUF file lacks `{k}`")))
         };
-        let tokens = arr("tokenizer.ggml.tokens")?;
-        let scores = arr("tokenizer.ggml.scores")?;
-        if tokens.len() != scores.len() {
-            return Err(Error::Tokenizer(format!("{} tokens but {} scores in the GGUF file", tokens.len(), scores.len())));
+        let tokens: Vec<String> = arr("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|t| t.to_string().cloned().map_err(|e| Error::Tokenizer(format!("a GGUF token is not a string: {e}"))))
+            .collect::<Result<_>>()?;
+        let scores: Vec<f32> = arr("tokenizer.ggml.scores")?
+            .iter()
+            .map(|s| s.to_f32().map_err(|e| Error::Tokenizer(format!("a GGUF token score is not a float: {e}"))))
+            .collect::<Result<_>>()?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+            Some(v) => v.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        if tokens.len() != scores.len() || tokens.len() != types.len() {
+            return Err(Error::Tokenizer(format!("{} tokens, {} scores and {} types in the GGUF file", tokens.len(), scores.len(), types.len())));
         }
         let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        let mut vocab = Vec::with_capacity(tokens.len());
-        for (t, s) in tokens.iter().zip(&scores) {
-            let t = t.to_string().map_err(|e| Error::Tokenizer(format!("a GGUF token is not a string: {e}")))?;
-            let s = s.to_f32().map_err(|e| Error::Tokenizer(format!("a GGUF token score is not a float: {e}")))?;
-            // As transformers' GGUFGemmaConverter: the tab byte as a tab, space runs as ▁ runs.
-            let t = if t == "<0x09>" {
-                "\t".to_string()
-            } else if t.contains(' ') && t.trim().is_empty() {
-                "\u{2581}".repeat(t.chars().count())
-            } else {
-                t.clone()
-            };
-            vocab.push(serde_json::json!([t, s as f64]));
-        }
-        let unk = id("tokenizer.ggml.unknown_token_id");
-        let mut added = Vec::new();
-        for k in ["tokenizer.ggml.padding_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id"] {
-            if let Some(i) = id(k) {
-                let content = tokens.get(i as usize).and_then(|t| t.to_string().ok()).cloned().unwrap_or_default();
-                added.push(serde_json::json!({"id": i, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+        let vocab: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        // Merges: every split of a normal piece into two pieces of the vocabulary, ranked by the
+        // merged piece's score (highest first), ties by the lengths of the left and right parts
+        // (longest first) and then their ids, as transformers' generate_merges.
+        let mut merges: Vec<(f32, usize, usize, usize, usize, usize)> = Vec::new();
+        for (i, piece) in tokens.iter().enumerate() {
+            if types[i] != 1 {
+                continue;
+            }
+            for (cut, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(cut);
+                if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
+                    merges.push((scores[i], l.chars().count(), r.chars().count(), li, ri, i));
+                }
             }
         }
+        merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)).then(a.3.cmp(&b.3)).then(a.4.cmp(&b.4)));
+        let merges: Vec<serde_json::Value> = merges.iter().map(|m| serde_json::json!([tokens[m.3], tokens[m.4]])).collect();
+        let vocab_json: serde_json::Map<String, serde_json::Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i.into())).collect();
+        let mut added = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            // 3 = control (special), 4 = user-defined (matched whole, not special). llama.cpp
+            // writes Gemma's space-run pieces with raw spaces, which SentencePiece matches against
+            // text whose spaces are already `▁`, i.e. never; so do we.
+            let space_run = t.contains(' ') && t.trim().is_empty();
+            if types[i] == 3 || (types[i] == 4 && !space_run) {
+                added.push(serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": types[i] == 3}));
+            }
+        }
+        let unk = id("tokenizer.ggml.unknown_token_id").and_then(|u| tokens.get(u as usize)).cloned();
         let j = serde_json::json!({
             "version": "1.0",
             "truncation": null,
             "padding": null,
             "added_tokens": added,
             "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+            "pre_tokenizer": null,
             "post_processor": null,
             "decoder": {"type": "Sequence", "decoders": [
                 {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
                 {"type": "ByteFallback"},
                 {"type": "Fuse"}
             ]},
-            "model": {"type": "Unigram", "unk_id": unk, "vocab": vocab, "byte_fallback": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": vocab_json, "merges": merges},
         });
         let inner: tokenizers::Tokenizer = j
             .to_string()
             .parse()
             .map_err(|e| Error::Tokenizer(format!("cannot build the Gemma tokenizer from the GGUF vocabulary: {e}")))?;
-        Ok(Tokenizer { inner, bos: id("tokenizer.ggml.bos_token_id") })
+        Ok(Tokenizer { inner, bos: id("tokenizer.ggml.bos_token_id"), prepend_bos: true })
     }
 
     /// Token ids of `text`, with no special tokens added.
@@ -157,6 +185,28 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| Error::Tokenizer(format!("cannot encode {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// A whole prompt's token ids: the BOS token first when the model wants it
+    /// ([`Tokenizer::prepends_bos`]; set from the model's `Config::prepend_bos`), then
+    /// [`Tokenizer::encode`]. Label positions and prompt lengths are counted in these ids.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        if self.prepend_bos {
+            self.encode_with_bos(text)
+        } else {
+            self.encode(text)
+        }
+    }
+
+    /// Whether [`Tokenizer::encode_prompt`] puts the BOS token first.
+    pub fn prepends_bos(&self) -> bool {
+        self.prepend_bos && self.bos.is_some()
+    }
+
+    /// The same tokenizer with prompts getting the BOS token first or not.
+    pub fn with_prepend_bos(mut self, on: bool) -> Self {
+        self.prepend_bos = on;
+        self
     }
 
     /// Token ids with the BOS token first (where the tokenizer has one).

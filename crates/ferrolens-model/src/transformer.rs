@@ -82,9 +82,14 @@ impl HookedTransformer {
         Ok(HookedTransformer { cfg, w, tokenizer: None, device, dtype })
     }
 
-    /// Attach a tokenizer.
+    /// Attach a tokenizer; its prompts get the BOS token first as the config says
+    /// ([`Config::prepend_bos`]).
     pub fn with_tokenizer(mut self, t: Option<Tokenizer>) -> Self {
-        self.tokenizer = t;
+        let bos = self.cfg.bos_token_id;
+        self.tokenizer = t.map(|t| {
+            let t = if t.bos_id().is_none() { t.with_bos(bos) } else { t };
+            t.with_prepend_bos(self.cfg.prepend_bos)
+        });
         self
     }
 
@@ -112,12 +117,7 @@ impl HookedTransformer {
     /// One prompt's token ids as [`HookedTransformer::to_tokens`] makes them (BOS first when
     /// [`Config::prepend_bos`]).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
-        let tok = self.tokenizer()?;
-        if self.cfg.prepend_bos {
-            tok.encode_with_bos(prompt)
-        } else {
-            tok.encode(prompt)
-        }
+        self.tokenizer()?.encode_prompt(prompt)
     }
 
     /// The token strings of a prompt (TL `to_str_tokens`), BOS included when the model prepends it.
@@ -674,7 +674,8 @@ impl HookedTransformer {
                     let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?.tanh()?;
                     ((x * 0.5)? * (inner + 1.0)?)?
                 }
-                Activation::Gelu => x.gelu_erf()?,
+                // Written out too: candle's gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942.
+                Activation::Gelu => ((x * 0.5)? * ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?)?,
                 Activation::Silu => x.silu()?,
             })
         };

@@ -124,8 +124,8 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
         let (oc, oo) = q.items[oj];
         let clean = format!("{prefix}{}", q.question(qo));
         let corrupt = format!("{prefix}{}", q.question(oo));
-        let len = tok.encode(&clean)?.len();
-        if tok.encode(&corrupt)?.len() != len {
+        let len = tok.encode_prompt(&clean)?.len();
+        if tok.encode_prompt(&corrupt)?.len() != len {
             continue;
         }
         *lens.entry(len).or_default() += 1;

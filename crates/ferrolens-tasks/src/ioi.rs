@@ -142,7 +142,7 @@ pub fn generate(tok: &Tokenizer, cfg: &IoiConfig) -> Result<Vec<PromptPair>> {
     let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for &t in &wanted {
         let text = fill(BABA_TEMPLATES[t], names[0], names[1], names[1], places[0], objects[0]);
-        by_len.entry(tok.encode(&text)?.len()).or_default().push(t);
+        by_len.entry(tok.encode_prompt(&text)?.len()).or_default().push(t);
     }
     let (_, templates) = by_len.iter().max_by_key(|(l, v)| (v.len(), std::cmp::Reverse(**l))).expect("non-empty");
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -177,8 +177,8 @@ fn positions(tok: &Tokenizer, template: &str, io: &str, s: &str, place: &str, ob
     let body = &template[..cut];
     let fill_prefix = |t: &str| t.replace("[A]", io).replace("[B]", s).replace("[PLACE]", place).replace("[OBJECT]", object);
     // The index of the token that starts at a slot = the token count of the text before it.
-    let index = |slot: usize| -> Result<usize> { Ok(tok.encode(fill_prefix(&body[..slot]).trim_end())?.len()) };
-    let n = tok.encode(&fill(template, io, s, s, place, object))?.len();
+    let index = |slot: usize| -> Result<usize> { Ok(tok.encode_prompt(fill_prefix(&body[..slot]).trim_end())?.len()) };
+    let n = tok.encode_prompt(&fill(template, io, s, s, place, object))?.len();
     let a = body.find("[A]").expect("[A]");
     let b1 = body.find("[B]").expect("[B]");
     let b2 = body[b1 + 3..].find("[B]").map(|i| i + b1 + 3);

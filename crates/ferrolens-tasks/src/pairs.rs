@@ -50,8 +50,8 @@ impl PairBatch {
         let mut wrong = Vec::new();
         let mut len0 = None;
         for (i, p) in pairs.iter().enumerate() {
-            let c = tok.encode(&p.clean)?;
-            let k = tok.encode(&p.corrupt)?;
+            let c = tok.encode_prompt(&p.clean)?;
+            let k = tok.encode_prompt(&p.corrupt)?;
             let at = format!("{what}, pair {} (line {})", i, i + 1);
             if c.len() != k.len() {
                 return Err(Error::Input(format!(

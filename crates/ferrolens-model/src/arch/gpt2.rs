@@ -13,9 +13,12 @@ use serde::{Deserialize, Serialize};
 pub struct Gpt2Config {
     /// `V`.
     pub vocab_size: usize,
-    /// Context length (`n_ctx` in old configs).
-    #[serde(alias = "n_ctx")]
-    pub n_positions: usize,
+    /// Context length.
+    #[serde(default)]
+    pub n_positions: Option<usize>,
+    /// Its name in old configs (transformers writes both).
+    #[serde(default)]
+    pub n_ctx: Option<usize>,
     /// `D`.
     pub n_embd: usize,
     /// Layers.
@@ -66,6 +69,7 @@ pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
         return Err(Error::Config(format!("n_embd {} is not divisible by n_head {}", c.n_embd, c.n_head)));
     }
     let d_head = c.n_embd / c.n_head;
+    let n_ctx = c.n_positions.or(c.n_ctx).ok_or_else(|| Error::Config("config.json lacks `n_positions` (the context length)".into()))?;
     Ok(Config {
         name: name.to_string(),
         family: FAMILY.name.into(),
@@ -76,7 +80,7 @@ pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
         d_head,
         d_mlp: c.n_inner.unwrap_or(4 * c.n_embd),
         d_vocab: c.vocab_size,
-        n_ctx: c.n_positions,
+        n_ctx,
         eps: c.layer_norm_epsilon,
         norm: NormKind::LayerNorm,
         norm_offset: 0.0,
@@ -100,9 +104,10 @@ pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
 
 /// [`Config`] to `config.json`.
 pub fn to_hf(c: &Config, _: &Weights) -> Result<serde_json::Value> {
-    let mut v = to_json(&Gpt2Config {
+    to_json(&Gpt2Config {
         vocab_size: c.d_vocab,
-        n_positions: c.n_ctx,
+        n_positions: Some(c.n_ctx),
+        n_ctx: Some(c.n_ctx),
         n_embd: c.d_model,
         n_layer: c.n_layers,
         n_head: c.n_heads,
@@ -117,9 +122,7 @@ pub fn to_hf(c: &Config, _: &Weights) -> Result<serde_json::Value> {
         tie_word_embeddings: c.tied_embeddings,
         bos_token_id: c.bos_token_id.map(Into::into),
         eos_token_id: c.eos_token_id.map(Into::into),
-    })?;
-    v["n_ctx"] = c.n_ctx.into();
-    Ok(v)
+    })
 }
 
 const fn conv(slot: Slot, hf: &'static str, gguf: &'static str) -> TensorName {
