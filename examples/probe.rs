@@ -55,12 +55,16 @@ fn main() -> anyhow::Result<()> {
         println!("layer {l:2}: held-out accuracy {:.1}%", 100.0 * a);
         acc.push(a);
     }
-    let t = Table::new()
-        .col("layer", Column::OptU64((0..acc.len()).map(|l| Some(l as u64)).collect()))
-        .col("accuracy", Column::F64(acc.clone()));
+    let t = Table::new().col("layer", Column::OptU64((0..acc.len()).map(|l| Some(l as u64)).collect())).col("accuracy", Column::F64(acc.clone()));
     write_table(&t, std::path::Path::new("probe_accuracy"))?;
     let pts: Vec<(f64, f64)> = acc.iter().enumerate().map(|(l, a)| (l as f64, *a)).collect();
-    line_chart("Probe: subject mentioned first?", "layer", "held-out accuracy", &[("probe".into(), pts), ("chance".into(), vec![(0.0, 0.5), ((acc.len() - 1) as f64, 0.5)])], std::path::Path::new("probe_accuracy"))?;
+    line_chart(
+        "Probe: subject mentioned first?",
+        "layer",
+        "held-out accuracy",
+        &[("probe".into(), pts), ("chance".into(), vec![(0.0, 0.5), ((acc.len() - 1) as f64, 0.5)])],
+        std::path::Path::new("probe_accuracy"),
+    )?;
     let (best, best_acc) = acc.iter().enumerate().fold((0, 0.0), |m, (l, a)| if *a > m.1 { (l, *a) } else { m });
     println!("best layer {best}: {:.1}% (chance 50%); wrote probe_accuracy.csv/.parquet/.svg/.png", 100.0 * best_acc);
     assert!(best_acc >= 0.8, "the best layer should beat chance by 30 points, got {best_acc}");

@@ -20,7 +20,10 @@ fn mean_last(model: &HookedTransformer, prompts: &[&str]) -> anyhow::Result<Tens
         let n = t.dim(1)?;
         let x = model.run_span(Some(&t), &RunSpan { stop_at_layer: Some(layer()), ..Default::default() }, &mut Hooks::new())?;
         let last = x.i((0, n - 1))?;
-        acc = Some(match acc { Some(a) => (a + last)?, None => last });
+        acc = Some(match acc {
+            Some(a) => (a + last)?,
+            None => last,
+        });
     }
     Ok((acc.expect("prompts") / prompts.len() as f64)?)
 }
@@ -39,7 +42,8 @@ fn logprobs(model: &HookedTransformer, prompt: &str, steer: Option<&Tensor>) -> 
 /// P(any of `good`) - P(any of `bad`) from next-token log-probabilities `lp` `[V]`.
 fn score(lp: &Tensor, good: &[u32], bad: &[u32]) -> anyhow::Result<f64> {
     let p = lp.exp()?;
-    let sum = |ids: &[u32]| -> anyhow::Result<f64> { Ok(ids.iter().map(|&i| p.i(i as usize).and_then(|v| v.to_scalar::<f32>())).sum::<Result<f32, _>>()? as f64) };
+    let sum =
+        |ids: &[u32]| -> anyhow::Result<f64> { Ok(ids.iter().map(|&i| p.i(i as usize).and_then(|v| v.to_scalar::<f32>())).sum::<Result<f32, _>>()? as f64) };
     Ok(sum(good)? - sum(bad)?)
 }
 

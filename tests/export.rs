@@ -101,8 +101,7 @@ fn bf16_export_rounds_the_weights() {
 #[test]
 fn synthetic_spec_matches_smollm2() {
     let m = smollm2();
-    let spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/synthetic_spec.json")).unwrap()).unwrap();
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/synthetic_spec.json")).unwrap()).unwrap();
     assert_eq!(spec["config"], ferrolens::model::export::hf_config(m, DType::F32).unwrap());
     let tensors = ferrolens::model::export::hf_tensors(m, DType::F32).unwrap();
     let st = spec["tensors"].as_object().unwrap();

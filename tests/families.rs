@@ -128,7 +128,9 @@ fn every_hook_point_is_produced_with_its_documented_shape() {
                 AttnScores(_) | Pattern(_) => vec![1, c.n_heads, p, p],
                 Result(_) => vec![1, p, c.n_heads, c.d_model],
                 MlpPre(_) | MlpPreLinear(_) | MlpPost(_) => vec![1, p, c.d_mlp],
-                Ln1Scale(_) | Ln2Scale(_) | Ln1PostScale(_) | Ln2PostScale(_) | LnFinalScale => vec![1, p, 1],
+                Ln1Scale(_) | Ln2Scale(_) | Ln1PostScale(_) | Ln2PostScale(_) | LnFinalScale => {
+                    vec![1, p, 1]
+                }
                 _ => vec![1, p, c.d_model],
             };
             assert_eq!(got, want, "{name}: {hp}");
@@ -200,9 +202,34 @@ fn gradients_match_finite_differences_at_every_hook_kind() {
         let last = model.cfg.n_layers - 1;
         use HookPoint::*;
         let candidates = [
-            Embed, ResidPre(0), AttnIn(1), Ln1Normalized(1), Q(1), K(0), V(1), QNormNormalized(1), KNormScale(0), RotQ(0), RotK(1),
-            AttnScores(0), Pattern(1), Z(0), Result(1), Ln1PostNormalized(0), AttnOut(0), ResidMid(1), MlpIn(0), Ln2Scale(1),
-            MlpPre(0), MlpPreLinear(1), MlpPost(1), Ln2PostNormalized(1), MlpOut(0), ResidPost(last), LnFinalScale, LnFinalNormalized,
+            Embed,
+            ResidPre(0),
+            AttnIn(1),
+            Ln1Normalized(1),
+            Q(1),
+            K(0),
+            V(1),
+            QNormNormalized(1),
+            KNormScale(0),
+            RotQ(0),
+            RotK(1),
+            AttnScores(0),
+            Pattern(1),
+            Z(0),
+            Result(1),
+            Ln1PostNormalized(0),
+            AttnOut(0),
+            ResidMid(1),
+            MlpIn(0),
+            Ln2Scale(1),
+            MlpPre(0),
+            MlpPreLinear(1),
+            MlpPost(1),
+            Ln2PostNormalized(1),
+            MlpOut(0),
+            ResidPost(last),
+            LnFinalScale,
+            LnFinalNormalized,
         ];
         let have = model.hook_points();
         let pts: Vec<HookPoint> = candidates.into_iter().filter(|h| have.contains(h)).collect();
@@ -287,8 +314,8 @@ fn every_method_on_every_family() {
         assert!((atp.grids[1].get(0, 7, 0) - want).abs() < 1e-10 * want.abs().max(1.0), "{name}: AtP mlp");
 
         // RelP: with all four rules a bias-free model conserves relevance layer by layer.
-        let biases = model.w.blocks.iter().any(|b| b.attn.b_q.is_some() || b.attn.b_o.is_some() || b.mlp.b_in.is_some())
-            || model.cfg.norm == NormKind::LayerNorm;
+        let biases =
+            model.w.blocks.iter().any(|b| b.attn.b_q.is_some() || b.attn.b_o.is_some() || b.mlp.b_in.is_some()) || model.cfg.norm == NormKind::LayerNorm;
         if !biases {
             let layers: Vec<HookPoint> = (0..n).map(HookPoint::ResidPre).collect();
             let one = clean.i(0..1).unwrap();
@@ -332,7 +359,10 @@ fn every_method_on_every_family() {
         let kc = hc.cache_ref().get(HookPoint::RotK(l)).unwrap().clone();
         let qc = hc.cache_ref().get(HookPoint::RotQ(l)).unwrap().clone();
         for (kvh, pos) in [(0usize, 2usize), (model.cfg.n_kv_heads - 1, 9)] {
-            let want = brute(Patch::new(HookPoint::RotK(l), Intervention::Replace(kc.clone())).positions(&[pos]).heads(&[kvh]), (kvh * group..(kvh + 1) * group).collect());
+            let want = brute(
+                Patch::new(HookPoint::RotK(l), Intervention::Replace(kc.clone())).positions(&[pos]).heads(&[kvh]),
+                (kvh * group..(kvh + 1) * group).collect(),
+            );
             assert!((kq.get(l, pos, kvh) - want).abs() < 1e-9 * want.abs().max(1e-3), "{name}: key KV{kvh}@{pos}: {} vs {want}", kq.get(l, pos, kvh));
         }
         for (hd, pos) in [(1usize, 4usize), (3, 11)] {

@@ -22,9 +22,7 @@ fn zero_ablating_a_head_removes_exactly_its_result() {
     let result = h.cache_ref().get(HookPoint::Result(1)).unwrap().clone(); // [1,p,h,D]
     let head2 = result.i((.., .., 2, ..)).unwrap();
     let ablated = model.run(&clean, &mut Hooks::new().patch(Patch::new(HookPoint::Z(1), Intervention::Zero).heads(&[2]))).unwrap();
-    let subtracted = model
-        .run(&clean, &mut Hooks::new().patch(Patch::new(HookPoint::AttnOut(1), Intervention::Add(head2.neg().unwrap()))))
-        .unwrap();
+    let subtracted = model.run(&clean, &mut Hooks::new().patch(Patch::new(HookPoint::AttnOut(1), Intervention::Add(head2.neg().unwrap())))).unwrap();
     assert!(max_abs(&ablated, &subtracted) < 1e-4);
     let plain = model.forward(&clean).unwrap();
     assert!(max_abs(&ablated, &plain) > 1e-2, "ablation had no effect");
@@ -53,9 +51,7 @@ fn position_restricted_patch_changes_only_those_positions() {
     // the logits there and nowhere else.
     // Not a constant vector: LayerNorm would remove that.
     let delta = Tensor::arange(0f32, 64.0, model.device()).unwrap();
-    let patched = model
-        .run(&clean, &mut Hooks::new().patch(Patch::new(HookPoint::ResidPost(1), Intervention::Add(delta)).positions(&[2])))
-        .unwrap();
+    let patched = model.run(&clean, &mut Hooks::new().patch(Patch::new(HookPoint::ResidPost(1), Intervention::Add(delta)).positions(&[2]))).unwrap();
     for pos in 0..p {
         let d = max_abs(&plain.i((.., pos)).unwrap(), &patched.i((.., pos)).unwrap());
         if pos == 2 {

@@ -44,11 +44,8 @@ fn notebook(doc: &str, code: &[String], output: &str) -> Value {
     };
     let mut cs = vec![json!({"cell_type": "markdown", "metadata": {}, "source": src(doc)})];
     for (i, c) in code.iter().enumerate() {
-        let outputs = if i + 1 == code.len() && !output.is_empty() {
-            json!([{"output_type": "stream", "name": "stdout", "text": src(output)}])
-        } else {
-            json!([])
-        };
+        let outputs =
+            if i + 1 == code.len() && !output.is_empty() { json!([{"output_type": "stream", "name": "stdout", "text": src(output)}]) } else { json!([]) };
         cs.push(json!({"cell_type": "code", "execution_count": null, "metadata": {}, "outputs": outputs, "source": src(c)}));
     }
     json!({"cells": cs, "metadata": {"kernelspec": {"display_name": "Rust", "language": "rust", "name": "rust"},
@@ -56,8 +53,13 @@ fn notebook(doc: &str, code: &[String], output: &str) -> Value {
 }
 
 fn code_of(nb: &Value) -> Vec<String> {
-    nb["cells"].as_array().unwrap().iter().filter(|c| c["cell_type"] == "code")
-        .map(|c| c["source"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect::<String>()).collect()
+    nb["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["cell_type"] == "code")
+        .map(|c| c["source"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect::<String>())
+        .collect()
 }
 
 fn example_binary(name: &str) -> PathBuf {
@@ -76,7 +78,9 @@ fn notebooks_match_the_examples() {
         if bless {
             let dir = std::env::temp_dir().join(format!("ferrolens-nb-{name}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let out = std::process::Command::new(example_binary(name)).current_dir(&dir).output()
+            let out = std::process::Command::new(example_binary(name))
+                .current_dir(&dir)
+                .output()
                 .expect("build the examples first: cargo build --release --examples");
             assert!(out.status.success(), "{name} failed: {}", String::from_utf8_lossy(&out.stderr));
             let nb = notebook(&doc, &code, &String::from_utf8_lossy(&out.stdout));
@@ -106,7 +110,10 @@ fn notebook_cells_keep_only_owned_values() {
                     || rhs.ends_with(".tokenizer()?;") || rhs.starts_with("PatchingData {")
                     // evcxr's REPL compiles statement by statement: no inference from later lines.
                     || (rhs.starts_with("Vec::new()") && !lhs.contains(':'));
-                assert!(!bad, "{name}: top-level `{line}` cannot be kept by evcxr: bind an owned value with a known type (clone, a block, an fn item, an annotation)");
+                assert!(
+                    !bad,
+                    "{name}: top-level `{line}` cannot be kept by evcxr: bind an owned value with a known type (clone, a block, an fn item, an annotation)"
+                );
             }
         }
     }

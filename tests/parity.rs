@@ -18,12 +18,24 @@ fn check_cache(model: &ferrolens::model::HookedTransformer, r: &std::collections
         let prefix = format!("p{i}.");
         for (k, v) in r.iter().filter(|(k, _)| k.starts_with(&prefix)) {
             let name = &k[prefix.len()..];
-            let Ok(h) = name.parse::<HookPoint>() else { continue };
+            let Ok(h) = name.parse::<HookPoint>() else {
+                continue;
+            };
             let ours = cache.get(h).unwrap().i(0).unwrap();
             let d = max_abs(&ours, v);
             // Scores and activations after large matmuls scale with their magnitude.
-            let scale = v.abs().unwrap().flatten_all().unwrap().to_dtype(DType::F64).unwrap()
-                .to_vec1::<f64>().unwrap().into_iter().filter(|x| x.is_finite()).fold(1.0, f64::max);
+            let scale = v
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                .into_iter()
+                .filter(|x| x.is_finite())
+                .fold(1.0, f64::max);
             assert!(d <= TOL * scale.max(1.0), "{k}: max abs diff {d:e} (magnitude {scale:.1})");
             checked += 1;
         }
@@ -59,7 +71,7 @@ fn smollm2_logits_match_hugging_face() {
     for i in 0..8 {
         let tokens = ids(&r, &format!("p{i}.input_ids"));
         let logits = model.forward(&tokens).unwrap().i(0).unwrap(); // [p, V]
-        // Compare after subtracting each row's mean (logits are defined up to a per-row constant).
+                                                                    // Compare after subtracting each row's mean (logits are defined up to a per-row constant).
         let centre = |t: &Tensor| t.broadcast_sub(&t.mean_keepdim(candle_core::D::Minus1).unwrap()).unwrap();
         let sub = logits.index_select(&cols, 1).unwrap();
         let d = max_abs(&centre(&sub), &centre(&r[&format!("p{i}.logits_cols")]));

@@ -164,7 +164,10 @@ fn relp_conservation() {
     let run = model.run_with_grads(&tokens, &mut h, |l| Ok(metric.per_row(l)?.sum_all()?.to_dtype(DType::F64)?)).unwrap();
     let dot = |hp: HookPoint, sub: Option<&Tensor>| -> f64 {
         let x = h.cache_ref().get(hp).unwrap();
-        let x = match sub { Some(b) => x.broadcast_sub(b).unwrap(), None => x.clone() };
+        let x = match sub {
+            Some(b) => x.broadcast_sub(b).unwrap(),
+            None => x.clone(),
+        };
         (x * &run.grads[&hp]).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
     };
     let ln_in = dot(HookPoint::ResidPost(1), None);
@@ -190,7 +193,10 @@ fn relp_conservation() {
     let s = smol_ioi();
     let layers: Vec<HookPoint> = [0usize, 10, 20, 29].iter().map(|&l| HookPoint::ResidPre(l)).collect();
     let mut h = Hooks::new().grad(&layers).cache_hooks(&layers).lrp(LrpRules::ALL);
-    let raw = LogitDiff { answer: vec![smol.tokenizer().unwrap().single_token(" Jesse").unwrap()], wrong: vec![smol.tokenizer().unwrap().single_token(" Sarah").unwrap()] };
+    let raw = LogitDiff {
+        answer: vec![smol.tokenizer().unwrap().single_token(" Jesse").unwrap()],
+        wrong: vec![smol.tokenizer().unwrap().single_token(" Sarah").unwrap()],
+    };
     let one = s.clean.i(0..1).unwrap();
     let run = smol.run_with_grads(&one, &mut h, |l| Ok(raw.per_row(l)?.sum_all()?)).unwrap();
     for hp in layers {
@@ -252,8 +258,10 @@ fn grad_drop_is_the_mean_of_per_layer_absolute_atp() {
     // Layer 1's writes stopped: layer-0 heads reach the logits only through layer 1's attention,
     // whose output write is stopped, and through the residual directly.
     let stop = |h| Patch::new(h, Intervention::func(|x, _| Ok(x.detach())));
-    let l1 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(1)), stop(HookPoint::MlpOut(1))]).unwrap();
-    let l0 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(0)), stop(HookPoint::MlpOut(0))]).unwrap();
+    let l1 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(1)), stop(HookPoint::MlpOut(1))])
+        .unwrap();
+    let l0 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(0)), stop(HookPoint::MlpOut(0))])
+        .unwrap();
     for (i, v) in gd[0].values.iter().enumerate() {
         let want = (l0.grids[0].values[i].abs() + l1.grids[0].values[i].abs()) / 2.0;
         assert!((v - want).abs() < 1e-12);
@@ -269,14 +277,13 @@ fn grad_drop_is_the_mean_of_per_layer_absolute_atp() {
 fn atp_and_relp_match_the_official_relp_code() {
     let s = smol_ioi();
     let model = smollm2();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/relp_reference.json")).unwrap()).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/relp_reference.json")).unwrap()).unwrap();
     for (name, rules) in [("atp", LrpRules::NONE), ("relp", LrpRules::RELP)] {
-        let heads = attribution(model, &s.clean, &s.corrupt, &s.metric, &[Component::HeadZ], name,
-            &AttributionOptions { rules, at_clean: false, by_pos: false }).unwrap();
+        let heads =
+            attribution(model, &s.clean, &s.corrupt, &s.metric, &[Component::HeadZ], name, &AttributionOptions { rules, at_clean: false, by_pos: false })
+                .unwrap();
         let comps = [Component::ResidPre, Component::AttnOut, Component::MlpOut];
-        let res = attribution(model, &s.clean, &s.corrupt, &s.metric, &comps, name,
-            &AttributionOptions { rules, at_clean: false, by_pos: true }).unwrap();
+        let res = attribution(model, &s.clean, &s.corrupt, &s.metric, &comps, name, &AttributionOptions { rules, at_clean: false, by_pos: true }).unwrap();
         let mut worst = 0f64;
         for l in 0..30 {
             for h in 0..9 {

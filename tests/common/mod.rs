@@ -1,8 +1,8 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Tensor};
 use candle_core::D;
+use candle_core::{DType, Device, Tensor};
 use ferrolens::model::{load, load_hf_dir, HookPoint, HookedTransformer, Hooks, KvCache, LoadOptions};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -95,7 +95,6 @@ pub fn check_kv_against_full(model: &HookedTransformer, ids: &[u32], prefill_len
         }
     }
 }
-
 
 /// The tiny checkpoint of `family` under fixtures/families/ (see scripts/make_family_fixtures.py).
 pub fn family(name: &str, dtype: DType) -> HookedTransformer {

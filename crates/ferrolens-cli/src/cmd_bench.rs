@@ -123,7 +123,15 @@ pub fn run(a: Args) -> Result<()> {
                 let rules = if w.trim() == "atp" { LrpRules::NONE } else { LrpRules::RELP };
                 let comps = [Component::HeadZ, Component::ResidPre, Component::AttnOut, Component::MlpOut];
                 let t = time(dev, a.repeat, || {
-                    attribution(&model, &prep.clean, &prep.corrupt, &prep.metric, &comps, w.trim(), &AttributionOptions { rules, at_clean: false, by_pos: true })?;
+                    attribution(
+                        &model,
+                        &prep.clean,
+                        &prep.corrupt,
+                        &prep.metric,
+                        &comps,
+                        w.trim(),
+                        &AttributionOptions { rules, at_clean: false, by_pos: true },
+                    )?;
                     Ok(())
                 })?;
                 out.insert(format!("{}_s", w.trim()), t.into());

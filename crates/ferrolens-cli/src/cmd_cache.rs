@@ -73,12 +73,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let map: std::collections::HashMap<String, Tensor> = out.into_iter().collect();
     candle_core::safetensors::save(&map, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
-        "wrote {} ({} prompts in {} length group(s), {} hooks each)",
-        a.out.display(),
-        prompts.len(),
-        groups.len(),
-        n_hooks
-    );
+    eprintln!("wrote {} ({} prompts in {} length group(s), {} hooks each)", a.out.display(), prompts.len(), groups.len(), n_hooks);
     Ok(())
 }

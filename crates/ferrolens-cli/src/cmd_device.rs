@@ -7,17 +7,9 @@
 use crate::cmd_discover::TaskArgs;
 use crate::study::prepare;
 use anyhow::{bail, Result};
-use ferrolens_methods::retrieval::{
-    build_prompt, decode_with_copy_hits, default_needles, stop_tokens, PromptFormat,
-};
-use ferrolens_methods::{
-    activation_patching, attribution, AttributionOptions, Component, PatchingData, ScoreGrid,
-    SweepOptions,
-};
-use ferrolens_model::{
-    device_name, load, DType, Device, HookPoint, HookedTransformer, Hooks, LoadOptions, LrpRules,
-    Tensor,
-};
+use ferrolens_methods::retrieval::{build_prompt, decode_with_copy_hits, default_needles, stop_tokens, PromptFormat};
+use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, PatchingData, ScoreGrid, SweepOptions};
+use ferrolens_model::{device_name, load, DType, Device, HookPoint, HookedTransformer, Hooks, LoadOptions, LrpRules, Tensor};
 use ferrolens_tasks::PairBatch;
 use std::time::Instant;
 
@@ -50,20 +42,12 @@ fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 fn grid_diff(a: &ScoreGrid, b: &ScoreGrid) -> f64 {
-    a.values
-        .iter()
-        .zip(&b.values)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    a.values.iter().zip(&b.values).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 /// Run `f` on both models, time each (waiting for the device), and return both results.
 /// `f(model, i)` gets i = 0 for the CPU model, 1 for the device model.
-fn both<T>(
-    cpu: &HookedTransformer,
-    dev: &HookedTransformer,
-    mut f: impl FnMut(&HookedTransformer, usize) -> Result<T>,
-) -> Result<(T, T, f64, f64)> {
+fn both<T>(cpu: &HookedTransformer, dev: &HookedTransformer, mut f: impl FnMut(&HookedTransformer, usize) -> Result<T>) -> Result<(T, T, f64, f64)> {
     let t = Instant::now();
     let a = f(cpu, 0)?;
     let tc = t.elapsed().as_secs_f64();
@@ -83,15 +67,8 @@ pub fn run(a: Args) -> Result<()> {
     let tol = if f32_run { a.tol } else { f64::INFINITY };
     let mut rows = serde_json::Map::new();
     let mut failures: Vec<String> = vec![];
-    let mut check = |rows: &mut serde_json::Map<String, serde_json::Value>,
-                     name: &str,
-                     diff: f64,
-                     tc: f64,
-                     td: f64| {
-        rows.insert(
-            name.into(),
-            serde_json::json!({"max_abs_diff": diff, "cpu_s": tc, "device_s": td}),
-        );
+    let mut check = |rows: &mut serde_json::Map<String, serde_json::Value>, name: &str, diff: f64, tc: f64, td: f64| {
+        rows.insert(name.into(), serde_json::json!({"max_abs_diff": diff, "cpu_s": tc, "device_s": td}));
         if !(diff <= tol) {
             failures.push(format!("{name}: {diff:.3e} > {tol:.0e}"));
         }
@@ -107,33 +84,14 @@ pub fn run(a: Args) -> Result<()> {
         let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
         Ok(t.broadcast_sub(&t.mean_keepdim(candle_core::D::Minus1)?)?)
     };
-    check(
-        &mut rows,
-        "logits",
-        max_abs(&centre(&logits_c)?, &centre(&logits_d)?)?,
-        tc,
-        td,
-    );
-    check(
-        &mut rows,
-        "logit_diff_metric",
-        (pc.clean_value - pd.clean_value).abs(),
-        0.0,
-        0.0,
-    );
+    check(&mut rows, "logits", max_abs(&centre(&logits_c)?, &centre(&logits_d)?)?, tc, td);
+    check(&mut rows, "logit_diff_metric", (pc.clean_value - pd.clean_value).abs(), 0.0, 0.0);
 
     let want = |w: &str| a.what.iter().any(|x| x == w);
-    if let Some(bad) = a
-        .what
-        .iter()
-        .find(|w| !["logits", "cache", "heads", "atp", "relp", "decode"].contains(&w.as_str()))
-    {
+    if let Some(bad) = a.what.iter().find(|w| !["logits", "cache", "heads", "atp", "relp", "decode"].contains(&w.as_str())) {
         bail!("unknown check `{bad}`: use logits, cache, heads, atp, relp, decode");
     }
-    let hooks: Vec<HookPoint> = (0..cpu.cfg.n_layers)
-        .step_by(7)
-        .map(HookPoint::ResidPost)
-        .collect();
+    let hooks: Vec<HookPoint> = (0..cpu.cfg.n_layers).step_by(7).map(HookPoint::ResidPost).collect();
     let prep = [&pc, &pd];
     if want("cache") {
         let (cc, cd, tc, td) = both(&cpu, &dev, |m, i| {
@@ -145,13 +103,7 @@ pub fn run(a: Args) -> Result<()> {
         let mut cache_diff = 0f64;
         for h in &hooks {
             let (x, y) = (cc.get(*h)?, cd.get(*h)?);
-            let scale = x
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                .max(1.0);
+            let scale = x.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
             cache_diff = cache_diff.max(max_abs(x, y)? / scale);
         }
         check(&mut rows, "resid_post_cache_relative", cache_diff, tc, td);
@@ -159,48 +111,18 @@ pub fn run(a: Args) -> Result<()> {
     if want("heads") {
         let (gc, gd, tc, td) = both(&cpu, &dev, |m, i| {
             let p = prep[i];
-            let data = PatchingData {
-                clean: &p.clean,
-                corrupt: &p.corrupt,
-                metric: &p.metric,
-            };
-            Ok(activation_patching(
-                m,
-                &data,
-                Component::HeadZ,
-                false,
-                &SweepOptions::default(),
-            )?)
+            let data = PatchingData { clean: &p.clean, corrupt: &p.corrupt, metric: &p.metric };
+            Ok(activation_patching(m, &data, Component::HeadZ, false, &SweepOptions::default())?)
         })?;
         check(&mut rows, "head_sweep_scores", grid_diff(&gc, &gd), tc, td);
     }
-    for (name, rules) in [("atp", LrpRules::NONE), ("relp", LrpRules::RELP)]
-        .into_iter()
-        .filter(|(n, _)| want(n))
-    {
+    for (name, rules) in [("atp", LrpRules::NONE), ("relp", LrpRules::RELP)].into_iter().filter(|(n, _)| want(n)) {
         let comps = [Component::HeadZ, Component::ResidPre, Component::MlpOut];
         let (ac, ad, tc, td) = both(&cpu, &dev, |m, i| {
             let p = prep[i];
-            Ok(attribution(
-                m,
-                &p.clean,
-                &p.corrupt,
-                &p.metric,
-                &comps,
-                name,
-                &AttributionOptions {
-                    rules,
-                    at_clean: false,
-                    by_pos: true,
-                },
-            )?)
+            Ok(attribution(m, &p.clean, &p.corrupt, &p.metric, &comps, name, &AttributionOptions { rules, at_clean: false, by_pos: true })?)
         })?;
-        let d = ac
-            .grids
-            .iter()
-            .zip(&ad.grids)
-            .map(|(x, y)| grid_diff(x, y))
-            .fold(0.0, f64::max);
+        let d = ac.grids.iter().zip(&ad.grids).map(|(x, y)| grid_diff(x, y)).fold(0.0, f64::max);
         check(&mut rows, &format!("{name}_scores"), d, tc, td);
     }
 
@@ -210,39 +132,16 @@ pub fn run(a: Args) -> Result<()> {
         let tok = cpu.tokenizer()?;
         let hay = tok.encode(crate::cmd_heads::HAYSTACK)?;
         let needle = &default_needles()[0];
-        let p = build_prompt(
-            tok,
-            &PromptFormat::for_tokenizer(tok),
-            &hay,
-            needle,
-            a.context,
-            0.5,
-        )?;
+        let p = build_prompt(tok, &PromptFormat::for_tokenizer(tok), &hay, needle, a.context, 0.5)?;
         let stop = stop_tokens(&cpu);
-        let (rc, rd, tc, td) = both(&cpu, &dev, |m, _| {
-            Ok(decode_with_copy_hits(
-                m,
-                &p.ids,
-                p.answer_span.clone(),
-                24,
-                &stop,
-                512,
-                &mut Hooks::new(),
-            )?)
-        })?;
+        let (rc, rd, tc, td) = both(&cpu, &dev, |m, _| Ok(decode_with_copy_hits(m, &p.ids, p.answer_span.clone(), 24, &stop, 512, &mut Hooks::new())?))?;
         let same_tokens = rc.generated == rd.generated;
-        let hit_diff = rc
-            .hits
-            .iter()
-            .flatten()
-            .zip(rd.hits.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
+        let hit_diff = rc.hits.iter().flatten().zip(rd.hits.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
         rows.insert(
-        "retrieval_decode".into(),
-        serde_json::json!({"same_tokens": same_tokens, "max_hit_diff": hit_diff, "cpu_s": tc, "device_s": td,
+            "retrieval_decode".into(),
+            serde_json::json!({"same_tokens": same_tokens, "max_hit_diff": hit_diff, "cpu_s": tc, "device_s": td,
                            "cpu_tokens_per_s": rc.generated.len() as f64 / tc, "device_tokens_per_s": rd.generated.len() as f64 / td}),
-    );
+        );
         if f32_run && !same_tokens {
             failures.push("retrieval decoding generated different tokens".into());
         }
@@ -264,11 +163,7 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::write(out.join("device_check.json"), &text)?;
     }
     if !failures.is_empty() {
-        bail!(
-            "{} check(s) above tolerance: {}",
-            failures.len(),
-            failures.join("; ")
-        );
+        bail!("{} check(s) above tolerance: {}", failures.len(), failures.join("; "));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::study::{correlations, prepare, run_methods, scores_table, Method, Pre
 use anyhow::{Context, Result};
 use candle_core::IndexOp;
 use ferrolens_methods::heads::attention_between;
-use ferrolens_methods::{edge_attribution_with, smallest_faithful, EdgeOptions, Receiver, AblationMeans, Component, CurvePoint, Direction, Node, ScoreGrid};
+use ferrolens_methods::{edge_attribution_with, smallest_faithful, AblationMeans, Component, CurvePoint, Direction, EdgeOptions, Node, Receiver, ScoreGrid};
 use ferrolens_model::{HookPoint, HookedTransformer, Hooks, LrpRules};
 use ferrolens_report::{bar_chart, heatmap, line_chart, write_table, Column, Heatmap, Report, Table};
 use ferrolens_tasks::{colored, ioi, read_jsonl, PairBatch, PromptPair, Task};
@@ -125,7 +125,13 @@ fn size_grid(total: usize) -> Vec<usize> {
 }
 
 /// IOI head classes in Wang et al.'s terms, from mean attention at labelled positions.
-fn head_classes(model: &HookedTransformer, prep: &Prepared, pairs: &[PromptPair], circuit: &[Node], scores: &BTreeMap<Node, f64>) -> Result<Vec<(Node, String, f64)>> {
+fn head_classes(
+    model: &HookedTransformer,
+    prep: &Prepared,
+    pairs: &[PromptPair],
+    circuit: &[Node],
+    scores: &BTreeMap<Node, f64>,
+) -> Result<Vec<(Node, String, f64)>> {
     let labels: Vec<BTreeMap<String, usize>> = pairs.iter().map(|p| p.labels.clone()).collect();
     let probes = [
         ("end", "IO", "name mover"),
@@ -135,7 +141,9 @@ fn head_classes(model: &HookedTransformer, prep: &Prepared, pairs: &[PromptPair]
         ("S1+1", "S1", "previous-token"),
     ];
     let pairs: Vec<(&str, &str)> = probes.iter().map(|(q, k, _)| (*q, *k)).collect();
-    let Some(scores_by_probe) = attention_between(model, &prep.clean, &labels, &pairs)? else { return Ok(vec![]) };
+    let Some(scores_by_probe) = attention_between(model, &prep.clean, &labels, &pairs)? else {
+        return Ok(vec![]);
+    };
     let maps: Vec<(&str, Vec<Vec<f64>>)> = probes.iter().map(|p| p.2).zip(scores_by_probe).collect();
     let mut out = Vec::new();
     for n in circuit {
@@ -168,7 +176,12 @@ pub fn run(a: Args) -> Result<()> {
     if !a.quiet {
         eprintln!(
             "{} on {task_name}: {} pairs of {} tokens; clean logit diff {:.3} (accuracy {:.0}%), corrupt {:.3}",
-            model.cfg.name, batch.len(), batch.seq_len(), prep.clean_value, 100.0 * prep.clean_accuracy, prep.corrupt_value
+            model.cfg.name,
+            batch.len(),
+            batch.seq_len(),
+            prep.clean_value,
+            100.0 * prep.clean_accuracy,
+            prep.corrupt_value
         );
     }
     // 1. Node scores by all three methods (heads over all positions; MLPs over all positions).
@@ -243,7 +256,18 @@ pub fn run(a: Args) -> Result<()> {
     let node_table = Table::new()
         .col("node", Column::Str(ranked.iter().map(|n| n.label()).collect()))
         .col("layer", Column::OptU64(ranked.iter().map(|n| Some(n.layer() as u64)).collect()))
-        .col("head", Column::OptU64(ranked.iter().map(|n| match n { Node::Head(_, h) => Some(*h as u64), _ => None }).collect()))
+        .col(
+            "head",
+            Column::OptU64(
+                ranked
+                    .iter()
+                    .map(|n| match n {
+                        Node::Head(_, h) => Some(*h as u64),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        )
         .col("score", Column::F64(ranked.iter().map(|n| scores[n]).collect()))
         .col("in_circuit", Column::Str(ranked.iter().map(|n| in_circ(n).to_string()).collect()))
         .col("class", Column::Str(ranked.iter().map(|n| class_of.get(n).cloned().unwrap_or_default()).collect()));
@@ -289,7 +313,11 @@ pub fn run(a: Args) -> Result<()> {
     } else if !a.quiet {
         eprintln!(
             "circuit: {k} nodes ({} heads, {} MLPs), faithfulness {:.1}% (target {:.0}%); report: {}",
-            circuit_json["n_heads"], circuit_json["n_mlps"], 100.0 * faith, 100.0 * a.target, out.join("report.html").display()
+            circuit_json["n_heads"],
+            circuit_json["n_mlps"],
+            100.0 * faith,
+            100.0 * a.target,
+            out.join("report.html").display()
         );
     }
     Ok(())
@@ -342,7 +370,13 @@ fn figures(
     let stem = out.join("faithfulness_curve");
     let pts: Vec<(f64, f64)> = curve.iter().map(|p| (p.size as f64, p.faithfulness)).collect();
     let tgt: Vec<(f64, f64)> = vec![(0.0, target), (curve.last().map(|p| p.size as f64).unwrap_or(1.0), target)];
-    line_chart("Faithfulness under mean ablation", "circuit size (nodes, ranked by score)", "fraction of logit difference", &[("circuit".into(), pts), (format!("target {:.0}%", 100.0 * target), tgt)], &stem)?;
+    line_chart(
+        "Faithfulness under mean ablation",
+        "circuit size (nodes, ranked by score)",
+        "fraction of logit difference",
+        &[("circuit".into(), pts), (format!("target {:.0}%", 100.0 * target), tgt)],
+        &stem,
+    )?;
     list.push((stem, "Faithfulness curve: top-k nodes kept, the rest mean-ablated".into()));
     // Circuit graph: nodes placed by layer, edges with the largest |EAP| scores.
     let stem = out.join("circuit_graph");
@@ -351,7 +385,14 @@ fn figures(
     // Attention patterns of the top heads on the first clean prompt.
     let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
     let first = prep.clean.i(0..1)?;
-    let heads: Vec<(usize, usize)> = circuit.iter().filter_map(|n| match n { Node::Head(l, h) => Some((*l, *h)), _ => None }).take(3).collect();
+    let heads: Vec<(usize, usize)> = circuit
+        .iter()
+        .filter_map(|n| match n {
+            Node::Head(l, h) => Some((*l, *h)),
+            _ => None,
+        })
+        .take(3)
+        .collect();
     let pts: Vec<HookPoint> = heads.iter().map(|(l, _)| HookPoint::Pattern(*l)).collect();
     let mut hooks = Hooks::new().cache_hooks(&pts);
     model.run(&first, &mut hooks)?;
@@ -359,7 +400,16 @@ fn figures(
         let pat: Vec<Vec<f32>> = hooks.cache_ref().get(HookPoint::Pattern(l))?.i((0, h))?.to_vec2()?;
         let stem = out.join(format!("pattern_L{l}H{h}"));
         let title = format!("Attention pattern of L{l}H{h} (rows: query position)");
-        heatmap(&Heatmap { title: title.clone(), values: pat.iter().map(|r| r.iter().map(|v| *v as f64).collect()).collect(), row_label: "query position".into(), col_label: "key token".into(), col_ticks: tokens.clone() }, &stem)?;
+        heatmap(
+            &Heatmap {
+                title: title.clone(),
+                values: pat.iter().map(|r| r.iter().map(|v| *v as f64).collect()).collect(),
+                row_label: "query position".into(),
+                col_label: "key token".into(),
+                col_ticks: tokens.clone(),
+            },
+            &stem,
+        )?;
         list.push((stem, title));
     }
     Ok(Figs { list })
@@ -403,7 +453,9 @@ fn circuit_graph(model: &HookedTransformer, circuit: &[Node], edges: &[&ferrolen
     // An edge into a sublayer is drawn to each circuit node of that sublayer.
     let mut lines = Vec::new();
     for e in edges.iter().take(60) {
-        let Some(&a) = index.get(&e.sender) else { continue };
+        let Some(&a) = index.get(&e.sender) else {
+            continue;
+        };
         let targets: Vec<usize> = match receiver_targets(&e.receiver, model, |n| index.contains_key(n)) {
             None => vec![0],
             Some(ns) => ns.iter().map(|n| index[n]).collect(),
@@ -431,7 +483,13 @@ fn write_report(
     let mut r = Report::new(&format!("ferrolens circuit study: {task} on {}", model.cfg.name));
     r.heading("Setup");
     r.kv(&[
-        ("model", format!("{} ({}, {} layers, {} heads, {} KV heads, d_model {})", model.cfg.name, model.cfg.family, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_model)),
+        (
+            "model",
+            format!(
+                "{} ({}, {} layers, {} heads, {} KV heads, d_model {})",
+                model.cfg.name, model.cfg.family, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_model
+            ),
+        ),
         ("task", task.to_string()),
         ("pairs", format!("{} pairs of {} tokens (seed {})", batch.len(), batch.seq_len(), a.task.seed)),
         ("example clean", batch.pairs[0].clean.clone()),
@@ -450,7 +508,14 @@ fn write_report(
     r.heading("Circuit");
     r.kv(&[
         ("size", format!("{} nodes: {} heads, {} MLPs", summary["circuit_size"], summary["n_heads"], summary["n_mlps"])),
-        ("faithfulness", format!("{:.1}% of the full model's logit difference (target {:.0}%)", 100.0 * summary["faithfulness"].as_f64().unwrap_or(f64::NAN), 100.0 * a.target)),
+        (
+            "faithfulness",
+            format!(
+                "{:.1}% of the full model's logit difference (target {:.0}%)",
+                100.0 * summary["faithfulness"].as_f64().unwrap_or(f64::NAN),
+                100.0 * a.target
+            ),
+        ),
     ]);
     figs.add_to(&mut r, &["faithfulness", "circuit"])?;
     if !classes.is_empty() {

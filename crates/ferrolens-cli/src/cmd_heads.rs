@@ -130,9 +130,13 @@ pub fn run(a: Args) -> Result<()> {
         }
         let best = ranked_heads(&s);
         summary.insert(d.name().into(), serde_json::json!(best.iter().take(5).map(|(l, h, v)| format!("L{l}H{h}={v:.3}")).collect::<Vec<_>>()));
-        heatmap(&Heatmap { title: format!("{} score", d.name()), values: s, row_label: "layer".into(), col_label: "head".into(), col_ticks: vec![] }, &out.join(format!("{}", d.name())))?;
+        heatmap(
+            &Heatmap { title: format!("{} score", d.name()), values: s, row_label: "layer".into(), col_label: "head".into(), col_ticks: vec![] },
+            &out.join(format!("{}", d.name())),
+        )?;
     }
-    let t = Table::new().col("detector", Column::Str(det)).col("layer", Column::OptU64(layer)).col("head", Column::OptU64(head)).col("score", Column::F64(score));
+    let t =
+        Table::new().col("detector", Column::Str(det)).col("layer", Column::OptU64(layer)).col("head", Column::OptU64(head)).col("score", Column::F64(score));
     write_table(&t, &out.join("scores"))?;
     println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(summary))?);
     Ok(())
@@ -232,7 +236,13 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
     let runs = runs_table(&base);
     write_table(&runs, &a.out.join("runs"))?;
     heatmap(
-        &Heatmap { title: format!("retrieval score ({} of {} runs correct)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len()), values: scores.clone(), row_label: "layer".into(), col_label: "head".into(), col_ticks: vec![] },
+        &Heatmap {
+            title: format!("retrieval score ({} of {} runs correct)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len()),
+            values: scores.clone(),
+            row_label: "layer".into(),
+            col_label: "head".into(),
+            col_ticks: vec![],
+        },
         &a.out.join("retrieval_heatmap"),
     )?;
 
@@ -245,8 +255,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
     } else {
         sweep("masking baseline", &mask_opts, &[])?
     };
-    let mut mask_rows: Vec<(String, usize, usize, f64, f64, String)> =
-        vec![("none".into(), 0, 0, mask_base.accuracy(), mask_base.mean_rouge(), String::new())];
+    let mut mask_rows: Vec<(String, usize, usize, f64, f64, String)> = vec![("none".into(), 0, 0, mask_base.accuracy(), mask_base.mean_rouge(), String::new())];
     for &k in a.mask_k.iter().filter(|&&k| k > 0) {
         let top: Vec<(usize, usize)> = ranked.iter().take(k).map(|x| (x.0, x.1)).collect();
         let s = sweep(&format!("mask top {k}"), &mask_opts, &top)?;
@@ -300,7 +309,10 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         ("depths", format!("{:?}", depths)),
         ("needles", needles.len().to_string()),
         ("runs correct", format!("{} of {} ({:.1}%)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len(), 100.0 * base.accuracy())),
-        ("retrieval heads (score > threshold)", format!("{} of {} ({:.2}%)", retrieval_heads.len(), n_heads, 100.0 * retrieval_heads.len() as f64 / n_heads.max(1) as f64)),
+        (
+            "retrieval heads (score > threshold)",
+            format!("{} of {} ({:.2}%)", retrieval_heads.len(), n_heads, 100.0 * retrieval_heads.len() as f64 / n_heads.max(1) as f64),
+        ),
         ("top heads", ranked.iter().take(5).map(|(l, h, s)| format!("L{l}H{h} {s:.3}")).collect::<Vec<_>>().join(", ")),
         ("peak memory", peak.map(|b| format!("{:.0} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into())),
         ("time", format!("{:.0} s", t0.elapsed().as_secs_f64())),

@@ -44,17 +44,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let here = if registry::is_present(m) { "yes" } else { "no" };
                 let src = match m.parts {
                     [one] => format!("pypi:{}", one.requirement),
-                    [first, ..] => format!("pypi:{} (+{} parts)", first.requirement, m.parts.len() - 1),
+                    [first, ..] => {
+                        format!("pypi:{} (+{} parts)", first.requirement, m.parts.len() - 1)
+                    }
                     [] => "-".into(),
                 };
                 println!("{:<16} {:<9} {:<40} {}", m.name, here, src, m.about);
             }
             println!("\nmodels dir: {} (set FERROLENS_HOME to move it)", registry::models_dir().display());
-            println!("Any Hugging Face directory, hub id (org/name) or GGUF file of a supported family works with --model too (ferrolens info lists the families).");
+            println!(
+                "Any Hugging Face directory, hub id (org/name) or GGUF file of a supported family works with --model too (ferrolens info lists the families)."
+            );
         }
         Sub::Pull { name, wheel } => {
-            let m = registry::find(&name)
-                .ok_or_else(|| anyhow::anyhow!("unknown model `{name}`; known: {}", registry::names().join(", ")))?;
+            let m = registry::find(&name).ok_or_else(|| anyhow::anyhow!("unknown model `{name}`; known: {}", registry::names().join(", ")))?;
             let path = if wheel.is_empty() { registry::pull(m)? } else { registry::unpack_wheels(m, &wheel)? };
             println!("{}", path.display());
         }

@@ -28,7 +28,13 @@ pub fn run(a: Args) -> Result<()> {
     let (ta, ha) = heads(&a.a)?;
     let (tb, hb) = heads(&a.b)?;
     let shared: Vec<&String> = ha.intersection(&hb).collect();
-    let frac = |n: usize| if n == 0 { f64::NAN } else { shared.len() as f64 / n as f64 };
+    let frac = |n: usize| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            shared.len() as f64 / n as f64
+        }
+    };
     let union = ha.union(&hb).count();
     let out = serde_json::json!({
         "a": {"task": ta, "heads": ha.len()}, "b": {"task": tb, "heads": hb.len()},
@@ -40,9 +46,12 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{ta}: {} heads; {tb}: {} heads; shared: {}", ha.len(), hb.len(), shared.len());
-        println!("shared / {ta} heads = {:.1}%, shared / {tb} heads = {:.1}%, Jaccard {:.1}%",
-            100.0 * out["fraction_of_a"].as_f64().unwrap_or(f64::NAN), 100.0 * out["fraction_of_b"].as_f64().unwrap_or(f64::NAN),
-            100.0 * out["jaccard"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "shared / {ta} heads = {:.1}%, shared / {tb} heads = {:.1}%, Jaccard {:.1}%",
+            100.0 * out["fraction_of_a"].as_f64().unwrap_or(f64::NAN),
+            100.0 * out["fraction_of_b"].as_f64().unwrap_or(f64::NAN),
+            100.0 * out["jaccard"].as_f64().unwrap_or(f64::NAN)
+        );
         println!("shared heads: {}", shared.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
     }
     Ok(())

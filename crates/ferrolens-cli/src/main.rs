@@ -62,7 +62,8 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let opts = ferrolens_model::parse_device(&cli.device).and_then(|device| Ok(ferrolens_model::LoadOptions { device, dtype: ferrolens_model::parse_dtype(&cli.dtype)? }));
+    let opts = ferrolens_model::parse_device(&cli.device)
+        .and_then(|device| Ok(ferrolens_model::LoadOptions { device, dtype: ferrolens_model::parse_dtype(&cli.dtype)? }));
     match opts {
         Ok(o) => {
             let _ = LOAD_OPTIONS.set(o);
@@ -111,6 +112,11 @@ fn info() -> anyhow::Result<()> {
         println!("cuda: built in, but no GPU opened: {}", why.lines().next().unwrap_or(""));
     }
     println!("models dir: {}", ferrolens_model::registry::models_dir().display());
+    println!("families (config.json model_type / GGUF architecture):");
+    for f in ferrolens_model::arch::FAMILIES {
+        let gguf = if f.gguf_archs.is_empty() { "-".to_string() } else { f.gguf_archs.join(", ") };
+        println!("  {:<9} {:<22} {:<8} {}", f.name, f.hf_model_types.join(", "), gguf, f.about);
+    }
     Ok(())
 }
 

@@ -3,8 +3,7 @@
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use ferrolens_methods::{
-    activation_patching, attribution, metric_of, AttributionOptions, Component, Direction, LogitDiff, Metric, Normalised,
-    PatchingData, ScoreGrid, SweepOptions,
+    activation_patching, attribution, metric_of, AttributionOptions, Component, Direction, LogitDiff, Metric, Normalised, PatchingData, ScoreGrid, SweepOptions,
 };
 use ferrolens_model::{HookedTransformer, LrpRules};
 use ferrolens_report::{heatmap, Column, Heatmap, Table};
@@ -113,7 +112,13 @@ pub fn run_methods(
     o: &RunOptions,
 ) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
     let (by_pos, rules, direction, quiet) = (o.by_pos, o.rules, o.direction, o.quiet);
-    let pos_of = |c: &Component| if c.has_heads() { by_pos } else { o.resid_by_pos };
+    let pos_of = |c: &Component| {
+        if c.has_heads() {
+            by_pos
+        } else {
+            o.resid_by_pos
+        }
+    };
     let mut grids = Vec::new();
     let mut times = Vec::new();
     for &m in methods {

@@ -8,10 +8,7 @@ fn ferrolens() -> Command {
 
 #[test]
 fn run_prints_the_ioi_answer_first() {
-    let out = ferrolens()
-        .args(["run", "--prompt", "When Mary and John went to the store, John gave a drink to", "--top-k", "3", "--json"])
-        .output()
-        .unwrap();
+    let out = ferrolens().args(["run", "--prompt", "When Mary and John went to the store, John gave a drink to", "--top-k", "3", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["top_k"][0]["token"], " Mary");
@@ -30,9 +27,11 @@ fn cache_writes_safetensors_grouped_by_length() {
     std::fs::write(&prompts, "The capital of France is\nThe capital of Spain is\n\nOne two three four five six seven\n").unwrap();
     let out = dir.join("c.safetensors");
     let o = ferrolens()
-        .args(["cache", "--prompts"]).arg(&prompts)
+        .args(["cache", "--prompts"])
+        .arg(&prompts)
         .args(["--hooks", "blocks.0.hook_resid_pre,blocks.*.attn.hook_z"])
-        .arg("--out").arg(&out)
+        .arg("--out")
+        .arg(&out)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -44,11 +43,7 @@ fn cache_writes_safetensors_grouped_by_length() {
     assert_eq!(t["len7.prompt_index"].to_vec1::<i64>().unwrap(), vec![2]);
     assert_eq!(t.len(), 2 * (1 + 30 + 1) + 1 + 1);
 
-    let o = ferrolens()
-        .args(["cache", "--prompts"]).arg(&prompts)
-        .args(["--hooks", "blocks.0.hook_resid_prr", "--out"]).arg(&out)
-        .output()
-        .unwrap();
+    let o = ferrolens().args(["cache", "--prompts"]).arg(&prompts).args(["--hooks", "blocks.0.hook_resid_prr", "--out"]).arg(&out).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("did you mean `blocks.0.hook_resid_pre`"), "{err}");
@@ -94,10 +89,7 @@ fn study_commands_reject_bad_input_clearly() {
 /// reports a finite difference from f32, small enough that the methods still agree.
 #[test]
 fn device_check_reports_bf16_against_f32() {
-    let out = ferrolens()
-        .args(["device-check", "--dtype", "bf16", "--n", "2", "--what", "logits,cache,atp,decode", "--context", "200"])
-        .output()
-        .unwrap();
+    let out = ferrolens().args(["device-check", "--dtype", "bf16", "--n", "2", "--what", "logits,cache,atp,decode", "--context", "200"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["dtype"], "BF16");

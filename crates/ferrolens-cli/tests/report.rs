@@ -17,8 +17,18 @@ fn chromium() -> PathBuf {
 
 fn headless(extra: &[&str], url: &str, profile: &std::path::Path) -> std::process::Output {
     Command::new(chromium())
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
         .arg(url)
@@ -44,9 +54,23 @@ fn discover_writes_a_report_that_renders_in_chromium() {
     // 4-pair fixture: 4.066); 8 fresh pairs must land near it.
     let ld = summary["clean_logit_diff"].as_f64().unwrap();
     assert!((2.5..6.0).contains(&ld), "{ld}");
-    for f in ["report.html", "circuit.json", "summary.json", "scores.csv", "scores.parquet", "nodes.csv", "edges.csv",
-              "faithfulness.csv", "faithfulness_curve.svg", "faithfulness_curve.png", "heads_atp.svg", "heads_atp.png",
-              "circuit_graph.svg", "circuit_graph.png", "pairs.jsonl"] {
+    for f in [
+        "report.html",
+        "circuit.json",
+        "summary.json",
+        "scores.csv",
+        "scores.parquet",
+        "nodes.csv",
+        "edges.csv",
+        "faithfulness.csv",
+        "faithfulness_curve.svg",
+        "faithfulness_curve.png",
+        "heads_atp.svg",
+        "heads_atp.png",
+        "circuit_graph.svg",
+        "circuit_graph.png",
+        "pairs.jsonl",
+    ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
     let circuit: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("circuit.json")).unwrap()).unwrap();
@@ -54,7 +78,6 @@ fn discover_writes_a_report_that_renders_in_chromium() {
 
     renders_in_chromium(&out, 5);
 }
-
 
 /// Open `out/report.html` in headless Chromium: no console errors, at least `min_figures` figures,
 /// all laid out with a non-empty box, and a non-blank screenshot saved beside the report.
@@ -64,7 +87,8 @@ fn renders_in_chromium(out: &std::path::Path, min_figures: usize) {
     let dom = headless(&["--dump-dom", "--virtual-time-budget=3000"], &url, &profile);
     let html = String::from_utf8_lossy(&dom.stdout);
     let log = String::from_utf8_lossy(&dom.stderr);
-    let console_errors: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE") && (l.contains("Uncaught") || l.contains("ERROR") || l.contains("rror"))).collect();
+    let console_errors: Vec<&str> =
+        log.lines().filter(|l| l.contains("CONSOLE") && (l.contains("Uncaught") || l.contains("ERROR") || l.contains("rror"))).collect();
     assert!(console_errors.is_empty(), "console errors: {console_errors:?}");
     let attr = |name: &str| -> usize {
         let key = format!("{name}=\"");

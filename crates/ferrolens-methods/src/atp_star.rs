@@ -35,7 +35,11 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
     let (h, kvh) = (model.cfg.n_heads, model.cfg.n_kv_heads);
     let rep = h / kvh;
     let rot = model.hook_points().contains(&HookPoint::RotQ(0));
-    let (qh, kh) = if rot { (HookPoint::RotQ as fn(usize) -> HookPoint, HookPoint::RotK as fn(usize) -> HookPoint) } else { (HookPoint::Q as fn(usize) -> HookPoint, HookPoint::K as fn(usize) -> HookPoint) };
+    let (qh, kh) = if rot {
+        (HookPoint::RotQ as fn(usize) -> HookPoint, HookPoint::RotK as fn(usize) -> HookPoint)
+    } else {
+        (HookPoint::Q as fn(usize) -> HookPoint, HookPoint::K as fn(usize) -> HookPoint)
+    };
     let qk: Vec<HookPoint> = (0..n).flat_map(|l| [qh(l), kh(l)]).collect();
     let span = RunSpan { last_logits_only: true, ..Default::default() };
     let mut hc = Hooks::new().cache_hooks(&qk);
@@ -94,11 +98,7 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
             }
         };
         let s = s.sum(0)?; // [h, pos]
-        let s = if component == Component::HeadK && rep > 1 {
-            s.reshape((kvh, rep, p))?.sum(1)?
-        } else {
-            s
-        };
+        let s = if component == Component::HeadK && rep > 1 { s.reshape((kvh, rep, p))?.sum(1)? } else { s };
         let v: Vec<Vec<f64>> = s.to_vec2()?;
         for (hi, row) in v.iter().enumerate() {
             if by_pos {

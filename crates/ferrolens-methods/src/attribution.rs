@@ -88,8 +88,8 @@ pub fn attribution_with(
             // Sum over batch and features, keeping (pos, head).
             let s = match h.head_axis() {
                 None => prod.sum(0)?.sum(D::Minus1)?.unsqueeze(1)?, // [p, 1]
-                Some(2) => prod.sum(0)?.sum(D::Minus1)?,              // [p, h]
-                Some(_) => prod.sum(0)?.sum(D::Minus1)?.t()?,         // pattern [h, q] -> [q, h]
+                Some(2) => prod.sum(0)?.sum(D::Minus1)?,            // [p, h]
+                Some(_) => prod.sum(0)?.sum(D::Minus1)?.t()?,       // pattern [h, q] -> [q, h]
             };
             let s = if by_pos { s } else { s.sum_keepdim(0)? };
             let v: Vec<Vec<f64>> = s.to_vec2()?;

@@ -167,7 +167,9 @@ pub fn smallest_faithful(
 ) -> Result<(Option<usize>, Vec<CurvePoint>)> {
     let mut pts = faithfulness_curve(model, tokens, means, metric, ranked, sizes, full, max_rows)?;
     let first = pts.iter().position(|p| p.faithfulness >= target);
-    let Some(i) = first else { return Ok((None, pts)) };
+    let Some(i) = first else {
+        return Ok((None, pts));
+    };
     let (mut lo, mut hi) = (if i == 0 { 0 } else { pts[i - 1].size }, pts[i].size);
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;

@@ -21,6 +21,6 @@ pub use attribution::{attribution, attribution_with, Attribution, AttributionOpt
 pub use circuit::{ablated_metric, faithfulness_curve, smallest_faithful, AblationMeans, CurvePoint, Node};
 pub use edges::{edge_attribution, edge_attribution_with, Edge, EdgeOptions, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
-pub use path::{path_patch, HeadInput};
 pub use patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
+pub use path::{path_patch, HeadInput};
 pub use scores::{pearson, Component, ScoreGrid, ScoreRow};

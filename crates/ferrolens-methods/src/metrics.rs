@@ -61,7 +61,6 @@ fn pick(last: &Tensor, ids: &[u32]) -> Result<Tensor> {
     Ok((last * oh)?.sum(1)?)
 }
 
-
 /// `logit[answer] - logit[wrong]` at the last position, per prompt (the IOI logit difference).
 #[derive(Debug, Clone)]
 pub struct LogitDiff {

@@ -66,13 +66,7 @@ struct Site {
 /// `get_act_patch_resid_pre` / `..._attn_head_out_by_pos`) or over all positions at once
 /// (TL's `..._attn_head_out_all_pos`; for residual-like components a whole-layer patch).
 /// Returns the metric of each patched run.
-pub fn activation_patching(
-    model: &HookedTransformer,
-    data: &PatchingData,
-    component: Component,
-    by_pos: bool,
-    opts: &SweepOptions,
-) -> Result<ScoreGrid> {
+pub fn activation_patching(model: &HookedTransformer, data: &PatchingData, component: Component, by_pos: bool, opts: &SweepOptions) -> Result<ScoreGrid> {
     let (target, source) = match opts.direction {
         Direction::Denoise => (data.corrupt, data.clean),
         Direction::Noise => (data.clean, data.corrupt),
@@ -156,7 +150,10 @@ fn site_mask(hook: HookPoint, dims: &[usize], group: &[Site], b: usize) -> Resul
     for (ci, site) in group.iter().enumerate() {
         for bi in 0..b {
             let row = ci * b + bi;
-            let ps: Vec<usize> = match site.pos { Some(p) => vec![p], None => (0..dims[pos_axis]).collect() };
+            let ps: Vec<usize> = match site.pos {
+                Some(p) => vec![p],
+                None => (0..dims[pos_axis]).collect(),
+            };
             let hs: Vec<usize> = match (site.head, head_axis) {
                 (Some(h), Some(_)) => vec![h],
                 (None, Some(ax)) => (0..dims[ax]).collect(),

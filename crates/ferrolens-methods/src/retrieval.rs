@@ -143,13 +143,7 @@ pub fn build_prompt(tok: &Tokenizer, fmt: &PromptFormat, haystack: &[u32], needl
     let answer = answer_window(&needle_ids, &tok.encode(&format!(" {}", needle.answer.trim()))?).ok_or_else(|| {
         Error::Input(format!("the answer {:?} does not occur in the needle {:?}; the answer must be a part of the needle", needle.answer, needle.needle))
     })?;
-    Ok(NiahPrompt {
-        ids,
-        needle_span: start..end,
-        answer_span: start + answer.start..start + answer.end,
-        depth,
-        actual_depth: at as f64 / budget as f64,
-    })
+    Ok(NiahPrompt { ids, needle_span: start..end, answer_span: start + answer.start..start + answer.end, depth, actual_depth: at as f64 / budget as f64 })
 }
 
 /// The window of `needle` (token ids) that best matches `answer`, as Wu et al.'s

@@ -13,12 +13,24 @@ use std::path::Path;
 #[derive(Debug, Clone, Default)]
 pub struct ActivationCache {
     map: BTreeMap<HookPoint, Tensor>,
+    mask: Option<Tensor>,
 }
 
 impl ActivationCache {
     /// An empty cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Which positions are real tokens, `[b, p]` u8 (1 = token), when the forward ran a padded
+    /// batch ([`crate::RunSpan::mask`]); `None` when every position is real. Statistics over a
+    /// cache (means, sums) should skip the zeros.
+    pub fn mask(&self) -> Option<&Tensor> {
+        self.mask.as_ref()
+    }
+
+    pub(crate) fn set_mask(&mut self, mask: Option<Tensor>) {
+        self.mask = mask;
     }
 
     /// Store `t` under `hook` (replacing an earlier value).
@@ -89,24 +101,16 @@ impl ActivationCache {
     /// Write the cache as safetensors keyed by TL hook name (f32 written as f32).
     pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let tensors: Vec<(String, Tensor)> = self
-            .map
-            .iter()
-            .map(|(h, t)| Ok((h.to_string(), t.to_device(&Device::Cpu)?.contiguous()?)))
-            .collect::<Result<_>>()?;
-        candle_core::safetensors::save(
-            &tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            path,
-        )
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
+        let tensors: Vec<(String, Tensor)> =
+            self.map.iter().map(|(h, t)| Ok((h.to_string(), t.to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
+        candle_core::safetensors::save(&tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), path)
+            .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
     }
 
     /// Read a cache written by [`ActivationCache::save_safetensors`] (or by Python with TL names).
     pub fn load_safetensors(path: impl AsRef<Path>, device: &Device) -> Result<ActivationCache> {
         let path = path.as_ref();
-        let tensors = candle_core::safetensors::load(path, device).map_err(|e| {
-            Error::Weights(format!("cannot read cache {}: {e}", path.display()))
-        })?;
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Weights(format!("cannot read cache {}: {e}", path.display())))?;
         let mut out = ActivationCache::new();
         for (k, v) in tensors {
             out.insert(k.parse()?, v);

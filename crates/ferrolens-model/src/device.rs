@@ -24,9 +24,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         None => return Err(Error::Input(format!("unknown device `{s}`: use cpu, cuda or cuda:N"))),
     };
     if !CUDA_BUILT {
-        return Err(Error::Input(format!(
-            "device `{s}` needs a CUDA build: scripts/cuda-env.sh cargo build --release --features cuda"
-        )));
+        return Err(Error::Input(format!("device `{s}` needs a CUDA build: scripts/cuda-env.sh cargo build --release --features cuda")));
     }
     Device::new_cuda(ordinal).map_err(|e| Error::Input(format!("cannot open CUDA device {ordinal}: {e}; check the driver (>= 580) and `nvidia-smi`")))
 }

@@ -70,8 +70,7 @@ pub fn save_hf_dir(model: &HookedTransformer, dir: &Path, weights: ExportWeights
     }
     if let ExportWeights::Dtype(dt) = weights {
         let p = dir.join("model.safetensors");
-        candle_core::safetensors::save(&hf_tensors(model, dt)?, &p)
-            .map_err(|e| Error::Weights(format!("cannot write {}: {e}", p.display())))?;
+        candle_core::safetensors::save(&hf_tensors(model, dt)?, &p).map_err(|e| Error::Weights(format!("cannot write {}: {e}", p.display())))?;
         files.push(p);
     }
     Ok(files)

@@ -110,12 +110,10 @@ impl HookPoint {
         use HookPoint::*;
         match *self {
             Embed | PosEmbed | LnFinalScale | LnFinalNormalized => None,
-            ResidPre(l) | AttnIn(l) | Ln1Scale(l) | Ln1Normalized(l) | Q(l) | K(l) | V(l)
-            | QNormScale(l) | QNormNormalized(l) | KNormScale(l) | KNormNormalized(l) | RotQ(l)
-            | RotK(l) | AttnScores(l) | Pattern(l) | Z(l) | Result(l) | Ln1PostScale(l)
-            | Ln1PostNormalized(l) | AttnOut(l) | ResidMid(l) | MlpIn(l) | Ln2Scale(l)
-            | Ln2Normalized(l) | MlpPre(l) | MlpPreLinear(l) | MlpPost(l) | Ln2PostScale(l)
-            | Ln2PostNormalized(l) | MlpOut(l) | ResidPost(l) => Some(l),
+            ResidPre(l) | AttnIn(l) | Ln1Scale(l) | Ln1Normalized(l) | Q(l) | K(l) | V(l) | QNormScale(l) | QNormNormalized(l) | KNormScale(l)
+            | KNormNormalized(l) | RotQ(l) | RotK(l) | AttnScores(l) | Pattern(l) | Z(l) | Result(l) | Ln1PostScale(l) | Ln1PostNormalized(l) | AttnOut(l)
+            | ResidMid(l) | MlpIn(l) | Ln2Scale(l) | Ln2Normalized(l) | MlpPre(l) | MlpPreLinear(l) | MlpPost(l) | Ln2PostScale(l) | Ln2PostNormalized(l)
+            | MlpOut(l) | ResidPost(l) => Some(l),
         }
     }
 
@@ -129,11 +127,7 @@ impl HookPoint {
             LnFinalNormalized => "ln_final.hook_normalized",
             _ => {
                 let l = self.layer().unwrap_or(0);
-                LAYER_HOOKS
-                    .iter()
-                    .find(|(_, f)| f(l) == *self)
-                    .map(|(s, _)| *s)
-                    .unwrap_or("?")
+                LAYER_HOOKS.iter().find(|(_, f)| f(l) == *self).map(|(s, _)| *s).unwrap_or("?")
             }
         }
     }
@@ -190,10 +184,7 @@ impl HookPoint {
 
     /// Parse a TL hook name. Errors name the closest valid hook.
     pub fn parse_name(name: &str) -> Result<HookPoint> {
-        let bad = || Error::UnknownHook {
-            name: name.to_string(),
-            suggestion: suggest(name),
-        };
+        let bad = || Error::UnknownHook { name: name.to_string(), suggestion: suggest(name) };
         match name {
             "hook_embed" => return Ok(HookPoint::Embed),
             "hook_pos_embed" => return Ok(HookPoint::PosEmbed),
@@ -204,33 +195,17 @@ impl HookPoint {
         let rest = name.strip_prefix("blocks.").ok_or_else(bad)?;
         let (num, suffix) = rest.split_once('.').ok_or_else(bad)?;
         let layer: usize = num.parse().map_err(|_| bad())?;
-        LAYER_HOOKS
-            .iter()
-            .find(|(s, _)| *s == suffix)
-            .map(|(_, f)| f(layer))
-            .ok_or_else(bad)
+        LAYER_HOOKS.iter().find(|(s, _)| *s == suffix).map(|(_, f)| f(layer)).ok_or_else(bad)
     }
 }
 
 /// ", did you mean `X`?" for the closest valid hook name by edit distance, if close.
 fn suggest(name: &str) -> String {
     // Keep the layer number the user typed where there is one.
-    let layer = name
-        .strip_prefix("blocks.")
-        .and_then(|r| r.split('.').next())
-        .and_then(|n| n.parse::<usize>().ok())
-        .unwrap_or(0);
-    let mut candidates: Vec<String> = vec![
-        "hook_embed".into(),
-        "hook_pos_embed".into(),
-        "ln_final.hook_scale".into(),
-        "ln_final.hook_normalized".into(),
-    ];
+    let layer = name.strip_prefix("blocks.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+    let mut candidates: Vec<String> = vec!["hook_embed".into(), "hook_pos_embed".into(), "ln_final.hook_scale".into(), "ln_final.hook_normalized".into()];
     candidates.extend(LAYER_HOOKS.iter().map(|(s, _)| format!("blocks.{layer}.{s}")));
-    let best = candidates
-        .into_iter()
-        .map(|c| (strsim::levenshtein(&c, name), c))
-        .min();
+    let best = candidates.into_iter().map(|c| (strsim::levenshtein(&c, name), c)).min();
     match best {
         Some((d, c)) if d <= name.len().max(4) / 2 => format!(", did you mean `{c}`?"),
         _ => ". Hook names look like `blocks.0.attn.hook_z` (see docs/hooks.md)".to_string(),
@@ -294,8 +269,7 @@ impl NameFilter {
                 regex::Regex::new(&s).map_err(|e| Error::Input(format!("bad glob `{p}`: {e}")))?
             } else {
                 let h = HookPoint::parse_name(p)?;
-                regex::Regex::new(&format!("^{}$", regex::escape(&h.to_string())))
-                    .expect("escaped literal is a valid regex")
+                regex::Regex::new(&format!("^{}$", regex::escape(&h.to_string()))).expect("escaped literal is a valid regex")
             };
             res.push(re);
         }

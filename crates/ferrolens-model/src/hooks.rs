@@ -71,13 +71,8 @@ impl Intervention {
     fn apply(&self, x: &Tensor, hook: HookPoint) -> Result<Tensor> {
         let fit = |t: &Tensor| -> Result<Tensor> {
             let t = t.to_device(x.device())?.to_dtype(x.dtype())?;
-            t.broadcast_as(x.shape()).map_err(|_| {
-                Error::Input(format!(
-                    "intervention tensor of shape {:?} does not broadcast to `{hook}` of shape {:?}",
-                    t.dims(),
-                    x.dims()
-                ))
-            })
+            t.broadcast_as(x.shape())
+                .map_err(|_| Error::Input(format!("intervention tensor of shape {:?} does not broadcast to `{hook}` of shape {:?}", t.dims(), x.dims())))
         };
         Ok(match self {
             Intervention::Replace(t) | Intervention::MeanAblate(t) => fit(t)?,
@@ -87,11 +82,7 @@ impl Intervention {
             Intervention::Func(f) => {
                 let y = f(x, hook)?;
                 if y.dims() != x.dims() {
-                    return Err(Error::Input(format!(
-                        "hook function at `{hook}` returned shape {:?}, expected {:?}",
-                        y.dims(),
-                        x.dims()
-                    )));
+                    return Err(Error::Input(format!("hook function at `{hook}` returned shape {:?}, expected {:?}", y.dims(), x.dims())));
                 }
                 y
             }
@@ -161,9 +152,7 @@ impl Patch {
             axes.push((self.hook.pos_axis(), p));
         }
         if let Some(h) = &self.heads {
-            let ax = self.hook.head_axis().ok_or_else(|| {
-                Error::Input(format!("`{}` has no head axis; drop the head restriction", self.hook))
-            })?;
+            let ax = self.hook.head_axis().ok_or_else(|| Error::Input(format!("`{}` has no head axis; drop the head restriction", self.hook)))?;
             axes.push((ax, h));
         }
         // Build the mask as an outer product of per-axis 0/1 vectors.
@@ -173,10 +162,7 @@ impl Patch {
             let mut v = vec![0f32; n];
             for &i in idx {
                 if i >= n {
-                    return Err(Error::Input(format!(
-                        "index {i} out of range for axis {ax} of `{}` (size {n})",
-                        self.hook
-                    )));
+                    return Err(Error::Input(format!("index {i} out of range for axis {ax} of `{}` (size {n})", self.hook)));
                 }
                 v[i] = 1.0;
             }
@@ -187,9 +173,9 @@ impl Patch {
         }
         if let Some(m) = &self.mask {
             let m = m.to_device(x.device())?.to_dtype(x.dtype())?;
-            mask = mask.broadcast_mul(&m).map_err(|_| {
-                Error::Input(format!("patch mask of shape {:?} does not broadcast to `{}` of shape {:?}", m.dims(), self.hook, dims))
-            })?;
+            mask = mask
+                .broadcast_mul(&m)
+                .map_err(|_| Error::Input(format!("patch mask of shape {:?} does not broadcast to `{}` of shape {:?}", m.dims(), self.hook, dims)))?;
         }
         let mask = mask.broadcast_as(x.shape())?;
         Ok((x + (new - x)?.mul(&mask)?)?)
@@ -300,10 +286,7 @@ impl Hooks {
         let valid_set: HashSet<HookPoint> = valid.iter().copied().collect();
         for h in self.patches.iter().map(|p| &p.hook).chain(self.grad_points.iter()).chain(self.cache_set.iter()) {
             if !valid_set.contains(h) {
-                return Err(Error::HookNotInModel {
-                    name: h.to_string(),
-                    why: "the layer is past the last block or the architecture has no such hook".into(),
-                });
+                return Err(Error::HookNotInModel { name: h.to_string(), why: "the layer is past the last block or the architecture has no such hook".into() });
             }
         }
         if let Some(l) = self.uniform.keys().find(|l| !valid_set.contains(&HookPoint::Pattern(**l))) {
@@ -328,6 +311,12 @@ impl Hooks {
     #[inline]
     pub fn wants(&self, hook: HookPoint) -> bool {
         !self.active.is_empty() && self.active.contains(&hook)
+    }
+
+    /// Record which positions of the current forward are real tokens (`[b,p]`, padded batches)
+    /// in the cache.
+    pub(crate) fn record_mask(&mut self, mask: Option<Tensor>) {
+        self.cache.set_mask(mask);
     }
 
     /// Pass an activation through the hook point: interventions, then the gradient probe, then the cache.

@@ -18,6 +18,7 @@ use candle_core::Tensor;
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    mask: Option<Tensor>,
     len: usize,
     track_argmax: bool,
     fused: bool,
@@ -27,7 +28,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model with `n_layers` blocks.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers], len: 0, track_argmax: false, fused: true, argmax: vec![None; n_layers] }
+        Self { layers: vec![None; n_layers], mask: None, len: 0, track_argmax: false, fused: true, argmax: vec![None; n_layers] }
     }
 
     /// Also record, at every forward, the argmax key position of the last query of each head
@@ -70,8 +71,32 @@ impl KvCache {
         self.track_argmax
     }
 
+    /// Which cached (and announced) positions are real tokens, `[b, T]` u8, after a padded
+    /// prefill ([`crate::HookedTransformer::prefill_padded`]); `None` when all are.
+    pub fn mask(&self) -> Option<&Tensor> {
+        self.mask.as_ref()
+    }
+
+    /// Announce the real-token mask `[b, p]` of the next `p` positions (ones before it).
+    pub(crate) fn push_mask(&mut self, m: &Tensor) -> Result<()> {
+        let (b, _) = m.dims2()?;
+        let have = self.mask.as_ref().map(|x| x.dim(1)).transpose()?.unwrap_or(0);
+        let prev = match self.mask.take() {
+            Some(x) if have < self.len => Some(Tensor::cat(&[x, Tensor::ones((b, self.len - have), candle_core::DType::U8, m.device())?], 1)?),
+            Some(x) => Some(x),
+            None if self.len > 0 => Some(Tensor::ones((b, self.len), candle_core::DType::U8, m.device())?),
+            None => None,
+        };
+        self.mask = Some(match prev {
+            Some(x) => Tensor::cat(&[x, m.clone()], 1)?,
+            None => m.clone(),
+        });
+        Ok(())
+    }
+
     /// Forget every cached token.
     pub fn clear(&mut self) {
+        self.mask = None;
         self.layers.iter_mut().for_each(|l| *l = None);
         self.argmax.iter_mut().for_each(|a| *a = None);
         self.len = 0;
@@ -103,11 +128,7 @@ impl KvCache {
 
     /// Bytes held by the cached keys and values.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
+        self.layers.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
     }
 
     /// Append a block's keys and values at layer `l`; returns the full keys and values.

@@ -35,6 +35,7 @@ pub mod transformer;
 pub mod weights;
 
 pub use cache::ActivationCache;
+pub use candle_core::{DType, Device, Tensor};
 pub use config::{Activation, Config, NormKind, NormPlacement, Positional, QkNorm, RopeFreqs, RopeScaling};
 pub use device::{available_devices, device_name, parse_device, parse_dtype};
 pub use error::{Error, Result};
@@ -43,8 +44,7 @@ pub use hook::{HookPoint, NameFilter};
 pub use hooks::{HookFn, Hooks, Intervention, Patch};
 pub use kv::KvCache;
 pub use loader::{load, load_gguf, load_hf_dir, load_hub, LoadOptions};
-pub use transformer::{AttnWeights, BlockWeights, MlpWeights, NormWeights};
 pub use lrp::LrpRules;
 pub use tokenizer::Tokenizer;
-pub use transformer::{GradRun, HookedTransformer, NormSite, RunSpan, Weights};
-pub use candle_core::{DType, Device, Tensor};
+pub use transformer::{AttnWeights, BlockWeights, MlpWeights, NormWeights};
+pub use transformer::{GradRun, HookedTransformer, NormSite, PadSide, RunSpan, Weights};

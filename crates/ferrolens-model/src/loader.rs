@@ -12,10 +12,10 @@
 use crate::arch::{self, GgufMeta, SourceKind};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::registry;
 use crate::tokenizer::Tokenizer;
 use crate::transformer::HookedTransformer;
 use crate::weights::Weights;
-use crate::registry;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use std::fs::File;
@@ -47,9 +47,7 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
     if p.is_file() {
         return match p.extension().and_then(|e| e.to_str()) {
             Some("gguf") => load_gguf(p, opts),
-            _ => Err(Error::Input(format!(
-                "{spec} is a file but not a .gguf; give a GGUF file or a directory with config.json"
-            ))),
+            _ => Err(Error::Input(format!("{spec} is a file but not a .gguf; give a GGUF file or a directory with config.json"))),
         };
     }
     if p.is_dir() {
@@ -130,9 +128,9 @@ impl TensorSource {
         };
         match self {
             TensorSource::Safetensors(st, path) => {
-                let t = st.load(&real, device).map_err(|e| {
-                    Error::Weights(format!("cannot read `{real}` from {}: {e}; the file may be truncated, download it again", path.display()))
-                })?;
+                let t = st
+                    .load(&real, device)
+                    .map_err(|e| Error::Weights(format!("cannot read `{real}` from {}: {e}; the file may be truncated, download it again", path.display())))?;
                 Ok(t.to_dtype(dtype)?)
             }
             TensorSource::Gguf(ct, path) => {
@@ -172,9 +170,7 @@ fn open_safetensors(dir: &Path) -> Result<TensorSource> {
         vec![single.clone()]
     } else if index.is_file() {
         let j = read_json(&index)?;
-        let map = j["weight_map"].as_object().ok_or_else(|| {
-            Error::Weights(format!("{} has no weight_map", index.display()))
-        })?;
+        let map = j["weight_map"].as_object().ok_or_else(|| Error::Weights(format!("{} has no weight_map", index.display())))?;
         let mut v: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
         v.sort();
         v.dedup();
@@ -191,12 +187,8 @@ fn open_safetensors(dir: &Path) -> Result<TensorSource> {
         }
     }
     // SAFETY: the files are memory-mapped read-only; they must not change while the model is loaded.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-        Error::Weights(format!(
-            "cannot read {}: {e}; the file is truncated or corrupt, download it again",
-            files[0].display()
-        ))
-    })?;
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::Weights(format!("cannot read {}: {e}; the file is truncated or corrupt, download it again", files[0].display())))?;
     Ok(TensorSource::Safetensors(st, files[0].clone()))
 }
 
@@ -214,17 +206,14 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<HookedTransformer> 
     let bos = cfg.bos_token_id;
     let model = HookedTransformer::new(cfg, w)?;
     // A tokenizer.json does not say which token is the BOS: config.json does.
-    let tok = find_tokenizer(|f| Some(dir.join(f)).filter(|p| p.is_file()))?
-        .map(|t| if t.bos_id().is_none() { t.with_bos(bos) } else { t });
+    let tok = find_tokenizer(|f| Some(dir.join(f)).filter(|p| p.is_file()))?.map(|t| if t.bos_id().is_none() { t.with_bos(bos) } else { t });
     Ok(model.with_tokenizer(tok))
 }
 
 /// Build config and weights from a parsed `config.json` and a tensor source, through the family
 /// that `model_type` names ([`crate::arch::FAMILIES`]).
 pub fn from_hf_parts(j: &serde_json::Value, name: &str, src: &TensorSource, opts: &LoadOptions) -> Result<(Config, Weights)> {
-    let mt = j["model_type"].as_str().ok_or_else(|| {
-        Error::Config("config.json has no `model_type`; is it a transformers model config?".into())
-    })?;
+    let mt = j["model_type"].as_str().ok_or_else(|| Error::Config("config.json has no `model_type`; is it a transformers model config?".into()))?;
     let fam = arch::by_model_type(mt)?;
     let mut cfg = (fam.from_hf)(j, name)?;
     cfg.validate()?;
@@ -259,11 +248,7 @@ pub fn load_hub(id: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
     let api = if offline {
         None
     } else {
-        Some(
-            hf_hub::api::sync::ApiBuilder::from_env()
-                .build()
-                .map_err(|e| Error::Fetch(format!("cannot set up the hub client: {e}")))?,
-        )
+        Some(hf_hub::api::sync::ApiBuilder::from_env().build().map_err(|e| Error::Fetch(format!("cannot set up the hub client: {e}")))?)
     };
     let get = |file: &str| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(file) {
@@ -291,11 +276,11 @@ pub fn load_hub(id: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
     let dir = cfg_path.parent().expect("a file has a parent").to_path_buf();
     // Make sure the weight files are present in the snapshot folder.
     if get("model.safetensors")?.is_none() {
-        let idx = get("model.safetensors.index.json")?.ok_or_else(|| {
-            Error::Fetch(format!("{repo_id}@{rev} has neither model.safetensors nor model.safetensors.index.json"))
-        })?;
+        let idx = get("model.safetensors.index.json")?
+            .ok_or_else(|| Error::Fetch(format!("{repo_id}@{rev} has neither model.safetensors nor model.safetensors.index.json")))?;
         let j = read_json(&idx)?;
-        let mut shards: Vec<String> = j["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
+        let mut shards: Vec<String> =
+            j["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
         shards.sort();
         shards.dedup();
         for s in shards {
@@ -338,4 +323,3 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<HookedTransformer> {
     let cfg = Config { bos_token_id: cfg.bos_token_id.or(tokenizer.as_ref().and_then(|t| t.bos_id())), ..cfg };
     Ok(HookedTransformer::new(cfg, w)?.with_tokenizer(tokenizer))
 }
-

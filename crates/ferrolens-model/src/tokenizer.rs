@@ -34,8 +34,7 @@ impl Tokenizer {
     /// Read a `tokenizer.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
         Ok(Tokenizer { inner, bos: None, prepend_bos: false })
     }
 
@@ -48,9 +47,7 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-        inner
-            .add_special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
-            .map_err(|e| Error::Tokenizer(format!("cannot add <|endoftext|>: {e}")))?;
+        inner.add_special_tokens(vec![AddedToken::from("<|endoftext|>", true)]).map_err(|e| Error::Tokenizer(format!("cannot add <|endoftext|>: {e}")))?;
         let bos = inner.token_to_id("<|endoftext|>");
         Ok(Tokenizer { inner, bos, prepend_bos: false })
     }
@@ -71,16 +68,13 @@ impl Tokenizer {
                 "this `{arch}` GGUF file has a SentencePiece (`llama`) vocabulary, which ferrolens reads for Gemma files only; load the Hugging Face checkpoint (with its tokenizer.json) instead"
             )));
         }
-        let mut inner = tokenizers::Tokenizer::from_gguf(ct)
-            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {}", crate::error::first_line(&e))))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_gguf(ct).map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {}", crate::error::first_line(&e))))?;
         let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         let byte_level = ByteLevel::new(false, true, true);
         match pre.as_str() {
             "smollm" | "starcoder" => {
-                let seq = Sequence::new(vec![
-                    PreTokenizerWrapper::Digits(Digits::new(true)),
-                    PreTokenizerWrapper::ByteLevel(byte_level),
-                ]);
+                let seq = Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), PreTokenizerWrapper::ByteLevel(byte_level)]);
                 inner.with_pre_tokenizer(Some(seq));
             }
             "gpt2" | "default" | "" => {
@@ -171,19 +165,14 @@ impl Tokenizer {
                       "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                       "vocab": vocab_json, "merges": merges},
         });
-        let inner: tokenizers::Tokenizer = j
-            .to_string()
-            .parse()
-            .map_err(|e| Error::Tokenizer(format!("cannot build the Gemma tokenizer from the GGUF vocabulary: {e}")))?;
+        let inner: tokenizers::Tokenizer =
+            j.to_string().parse().map_err(|e| Error::Tokenizer(format!("cannot build the Gemma tokenizer from the GGUF vocabulary: {e}")))?;
         Ok(Tokenizer { inner, bos: id("tokenizer.ggml.bos_token_id"), prepend_bos: true })
     }
 
     /// Token ids of `text`, with no special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode {text:?}: {e}")))?;
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(format!("cannot encode {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -263,9 +252,7 @@ impl Tokenizer {
     /// Write a `tokenizer.json` that `tokenizers` (Rust or Python) and [`Tokenizer::from_file`] read.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        self.inner
-            .save(path, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot write {}: {e}", path.display())))
+        self.inner.save(path, false).map_err(|e| Error::Tokenizer(format!("cannot write {}: {e}", path.display())))
     }
 
     /// Vocabulary size including added tokens.

@@ -59,6 +59,34 @@ pub struct RunSpan {
     /// Unembed the last position only: logits `[b,1,V]` (the final-norm hooks then see `[b,1,..]`).
     /// Saves most of the unembedding cost when a metric reads the last position.
     pub last_logits_only: bool,
+    /// Which positions of a padded batch are real tokens: `[b, pos_offset + p]` (1 = token, 0 =
+    /// padding; any numeric dtype), left or right padding or both. Real tokens get the positions
+    /// of the prompt alone (padding is skipped), no query attends to a padding key, and a padding
+    /// query attends to itself only, so padding never changes a real position's activations.
+    /// `None`: every position is real.
+    pub mask: Option<Tensor>,
+}
+
+/// Which side of a prompt padding goes ([`HookedTransformer::tokens_padded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum PadSide {
+    /// Padding before the prompt: every row's last token is at the last position, which is
+    /// where metrics read the answer (the default for patching and decoding).
+    #[default]
+    Left,
+    /// Padding after the prompt.
+    Right,
+}
+
+/// A padded batch's per-row facts for one forward (see [`RunSpan::mask`]).
+#[derive(Debug, Clone)]
+struct Padding {
+    /// `[b][T]`: key `j` is a real token.
+    keys: Vec<Vec<bool>>,
+    /// `[b, p]` u32: the position of each new token in its own prompt (0 for padding).
+    pos: Tensor,
+    /// The largest position + 1.
+    max_pos: usize,
 }
 
 /// The outcome of [`HookedTransformer::run_with_grads`].
@@ -179,13 +207,32 @@ impl HookedTransformer {
             return Err(Error::Input("empty prompt: give at least one token".into()));
         }
         if let Some((i, v)) = ids.iter().enumerate().find(|(_, v)| v.len() != p) {
-            return Err(Error::Input(format!(
-                "prompt {i} has {} tokens but prompt 0 has {p}; a batch needs equal lengths (group prompts by length)",
-                v.len()
-            )));
+            return Err(Error::Input(format!("prompt {i} has {} tokens but prompt 0 has {p}; a batch needs equal lengths (group prompts by length)", v.len())));
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         Ok(Tensor::from_vec(flat, (ids.len(), p), &self.device)?)
+    }
+
+    /// Prompts of different lengths as one padded batch: tokens `[b, T]` (padding is token 0,
+    /// never seen by a real position) and the real-token mask `[b, T]` (u8, 1 = token) to pass as
+    /// [`RunSpan::mask`], with `T` the longest prompt.
+    pub fn tokens_padded(&self, ids: &[Vec<u32>], side: PadSide) -> Result<(Tensor, Tensor)> {
+        let t = ids.iter().map(|v| v.len()).max().unwrap_or(0);
+        if t == 0 || ids.iter().any(|v| v.is_empty()) {
+            return Err(Error::Input("empty prompt: give at least one token in every prompt".into()));
+        }
+        let mut tok = Vec::with_capacity(ids.len() * t);
+        let mut mask = Vec::with_capacity(ids.len() * t);
+        for v in ids {
+            let n = t - v.len();
+            let (pre, post) = match side {
+                PadSide::Left => (n, 0),
+                PadSide::Right => (0, n),
+            };
+            tok.extend(std::iter::repeat_n(0u32, pre).chain(v.iter().copied()).chain(std::iter::repeat_n(0, post)));
+            mask.extend(std::iter::repeat_n(0u8, pre).chain(std::iter::repeat_n(1, v.len())).chain(std::iter::repeat_n(0, post)));
+        }
+        Ok((Tensor::from_vec(tok, (ids.len(), t), &self.device)?, Tensor::from_vec(mask, (ids.len(), t), &self.device)?))
     }
 
     /// Plain forward: tokens `[b,p]` (u32) to logits `[b,p,V]`.
@@ -231,11 +278,24 @@ impl HookedTransformer {
     /// matrix is larger than `[b,h,chunk,T]`. Returns the logits of the last position `[b,1,V]`.
     /// Hooks fire once per block (a cache keeps the last block).
     pub fn prefill(&self, tokens: &Tensor, kv: &mut KvCache, chunk: usize, hooks: &mut Hooks) -> Result<Tensor> {
+        self.prefill_padded(tokens, None, kv, chunk, hooks)
+    }
+
+    /// [`HookedTransformer::prefill`] of a padded batch: `mask` `[b,p]` marks the real tokens
+    /// (see [`RunSpan::mask`]); the cache keeps it, so later decoding steps skip the padding.
+    /// Left padding puts every row's last real token at the last position.
+    pub fn prefill_padded(&self, tokens: &Tensor, mask: Option<&Tensor>, kv: &mut KvCache, chunk: usize, hooks: &mut Hooks) -> Result<Tensor> {
         let (_, p) = tokens.dims2().map_err(|_| Error::Input(format!("tokens must be [batch, pos], got {:?}", tokens.dims())))?;
         if p == 0 {
             return Err(Error::Input("nothing to prefill: the prompt has no tokens".into()));
         }
         self.check_len(p, kv.len())?;
+        if let Some(m) = mask {
+            if m.dims() != tokens.dims() {
+                return Err(Error::Input(format!("the mask {:?} must have the tokens' shape {:?}", m.dims(), tokens.dims())));
+            }
+            kv.push_mask(&m.to_dtype(DType::U8)?)?;
+        }
         let chunk = chunk.max(1);
         let mut start = 0;
         loop {
@@ -249,6 +309,54 @@ impl HookedTransformer {
         }
     }
 
+    /// The per-row positions and visible keys of a forward over `p` new positions after
+    /// `offset` earlier ones, from the span's mask or the KV cache's (`None` when nothing is
+    /// padded).
+    fn padding(&self, span: &RunSpan, kv: Option<&KvCache>, b: usize, p: usize) -> Result<Option<Padding>> {
+        let offset = span.pos_offset;
+        let t = offset + p;
+        let full: Tensor = match (&span.mask, kv.and_then(|k| k.mask())) {
+            (Some(m), _) => {
+                if m.dims() != [b, t] {
+                    return Err(Error::Input(format!("the attention mask must be [batch, earlier + new positions] = [{b}, {t}], got {:?}", m.dims())));
+                }
+                m.to_dtype(DType::U8)?
+            }
+            // The cache's mask covers the keys fed so far (a padded prefill pushes its whole
+            // mask first); tokens past it are real.
+            (None, Some(m)) => {
+                let have = m.dim(1)?;
+                if have >= t {
+                    m.narrow(1, 0, t)?
+                } else {
+                    Tensor::cat(&[m.clone(), Tensor::ones((b, t - have), DType::U8, m.device())?], 1)?
+                }
+            }
+            (None, None) => return Ok(None),
+        };
+        let rows: Vec<Vec<u8>> = full.to_device(&Device::Cpu)?.to_vec2()?;
+        if rows.iter().all(|r| r.iter().all(|&x| x != 0)) {
+            return Ok(None);
+        }
+        let keys: Vec<Vec<bool>> = rows.iter().map(|r| r.iter().map(|&x| x != 0).collect()).collect();
+        let mut pos = Vec::with_capacity(b * p);
+        let mut max_pos = 1;
+        for r in &keys {
+            let mut seen = r[..offset].iter().filter(|&&x| x).count();
+            for &real in &r[offset..] {
+                if real {
+                    pos.push(seen as u32);
+                    seen += 1;
+                    max_pos = max_pos.max(seen);
+                } else {
+                    pos.push(0);
+                }
+            }
+        }
+        let pos = Tensor::from_vec(pos, (b, p), &self.device)?;
+        Ok(Some(Padding { keys, pos, max_pos }))
+    }
+
     fn run_inner(&self, tokens: Option<&Tensor>, span: &RunSpan, mut kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
         hooks.prepare(&self.hook_points())?;
         let cfg = &self.cfg;
@@ -258,6 +366,19 @@ impl HookedTransformer {
                 return Err(Error::Input(format!("uniform attention asked for head {bad} of layer {l}, but layers have {} heads", cfg.n_heads)));
             }
         }
+        let (b, p) = match (&span.start, tokens) {
+            (Some((_, r)), _) => (r.dim(0)?, r.dim(1)?),
+            (None, Some(t)) => t.dims2().map_err(|_| Error::Input(format!("tokens must be [batch, pos], got {:?}", t.dims())))?,
+            (None, None) => return Err(Error::Input("give tokens or a start residual".into())),
+        };
+        let pad = self.padding(span, kv.as_deref(), b, p)?;
+        hooks.record_mask(match &pad {
+            Some(pd) => {
+                let real: Vec<u8> = pd.keys.iter().flat_map(|r| r[span.pos_offset..].iter().map(|&x| u8::from(x))).collect();
+                Some(Tensor::from_vec(real, (b, p), &Device::Cpu)?)
+            }
+            None => None,
+        });
         let (start_layer, mut resid) = match (&span.start, tokens) {
             (Some((l, r)), _) => {
                 if *l > cfg.n_layers {
@@ -270,17 +391,16 @@ impl HookedTransformer {
                 self.check_len(d[1], span.pos_offset)?;
                 (*l, r.to_dtype(self.dtype)?)
             }
-            (None, Some(t)) => (0, self.embed(t, span.pos_offset, hooks)?),
+            (None, Some(t)) => (0, self.embed_at(t, span.pos_offset, pad.as_ref().map(|p| &p.pos), hooks)?),
             (None, None) => return Err(Error::Input("give tokens or a start residual".into())),
         };
-        let p = resid.dim(1)?;
         if p == 0 {
             return Err(Error::Input("the input has no positions: give at least one token".into()));
         }
         let stop = span.stop_at_layer.unwrap_or(cfg.n_layers).min(cfg.n_layers);
-        let rope = self.rope_tables(span.pos_offset, p)?;
+        let rope = self.rope_tables(span.pos_offset, p, pad.as_ref())?;
         for l in start_layer..stop {
-            resid = self.block(l, resid, &rope, kv.as_deref_mut(), hooks)?;
+            resid = self.block(l, resid, &rope, pad.as_ref(), kv.as_deref_mut(), hooks)?;
         }
         if let Some(kv) = kv {
             kv.advance(p);
@@ -296,12 +416,7 @@ impl HookedTransformer {
 
     /// Run, compute `metric(logits)` (a scalar), and return the gradient of the metric at
     /// every hook point registered with [`Hooks::grad`], in one backward pass.
-    pub fn run_with_grads(
-        &self,
-        tokens: &Tensor,
-        hooks: &mut Hooks,
-        metric: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<GradRun> {
+    pub fn run_with_grads(&self, tokens: &Tensor, hooks: &mut Hooks, metric: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<GradRun> {
         self.run_span_with_grads(Some(tokens), &RunSpan::default(), hooks, metric)
     }
 
@@ -353,6 +468,11 @@ impl HookedTransformer {
     /// Token (and learned position) embedding: tokens `[b,p]` to `resid_pre` of block 0 `[b,p,D]`.
     /// Families with [`Config::embed_scale`] (Gemma) scale the token embedding before `hook_embed`.
     pub fn embed(&self, tokens: &Tensor, pos_offset: usize, hooks: &mut Hooks) -> Result<Tensor> {
+        self.embed_at(tokens, pos_offset, None, hooks)
+    }
+
+    /// [`HookedTransformer::embed`] with per-row positions `[b,p]` (u32) for padded batches.
+    fn embed_at(&self, tokens: &Tensor, pos_offset: usize, positions: Option<&Tensor>, hooks: &mut Hooks) -> Result<Tensor> {
         let (b, p) = tokens.dims2().map_err(|_| Error::Input(format!("tokens must be [batch, pos], got {:?}", tokens.dims())))?;
         self.check_len(p, pos_offset)?;
         let tokens = tokens.to_dtype(DType::U32)?;
@@ -370,7 +490,10 @@ impl HookedTransformer {
         let e = hooks.at(HookPoint::Embed, e)?;
         match &self.w.pos_embed {
             Some(wp) => {
-                let pe = wp.narrow(0, pos_offset, p)?.unsqueeze(0)?.broadcast_as((b, p, d))?.contiguous()?;
+                let pe = match positions {
+                    Some(pos) => wp.index_select(&pos.flatten_all()?, 0)?.reshape((b, p, d))?,
+                    None => wp.narrow(0, pos_offset, p)?.unsqueeze(0)?.broadcast_as((b, p, d))?.contiguous()?,
+                };
                 let pe = hooks.at(HookPoint::PosEmbed, pe)?;
                 Ok((e + pe)?)
             }
@@ -426,17 +549,24 @@ impl HookedTransformer {
         Ok(n.broadcast_mul(&w.to_dtype(x.dtype())?)?)
     }
 
-    /// The `dim/2`-wide cos and sin tables `[p, dim/2]` of the positions `offset..offset+p`, one
-    /// pair per distinct set of frequencies (global, local), in the model's dtype.
-    fn rope_tables(&self, offset: usize, p: usize) -> Result<Vec<(RopeFreqs, Tensor, Tensor)>> {
-        let Positional::Rotary { dim, global, local } = &self.cfg.positional else { return Ok(vec![]) };
+    /// The `dim/2`-wide cos and sin tables `[p, dim/2]` of the positions `offset..offset+p`
+    /// (padded batches: `[b, p, dim/2]` of each row's own positions), one pair per distinct set
+    /// of frequencies (global, local), in the model's dtype.
+    fn rope_tables(&self, offset: usize, p: usize, pad: Option<&Padding>) -> Result<Vec<(RopeFreqs, Tensor, Tensor)>> {
+        let Positional::Rotary { dim, global, local } = &self.cfg.positional else {
+            return Ok(vec![]);
+        };
+        let (from, n) = match pad {
+            Some(pd) => (0, pd.max_pos),
+            None => (offset, p),
+        };
         let mut out = Vec::new();
         for f in std::iter::once(global).chain(local.iter()) {
             let inv = f.inv_freq(*dim);
             let half = inv.len();
-            let mut cos = Vec::with_capacity(p * half);
-            let mut sin = Vec::with_capacity(p * half);
-            for pos in offset..offset + p {
+            let mut cos = Vec::with_capacity(n * half);
+            let mut sin = Vec::with_capacity(n * half);
+            for pos in from..from + n {
                 for fr in &inv {
                     // As transformers: angles in f32 (positions and inverse frequencies f32).
                     let a = (pos as f32) * fr;
@@ -444,20 +574,28 @@ impl HookedTransformer {
                     sin.push((a as f64).sin() as f32);
                 }
             }
-            let cos = Tensor::from_vec(cos, (p, half), &self.device)?.to_dtype(self.dtype)?;
-            let sin = Tensor::from_vec(sin, (p, half), &self.device)?.to_dtype(self.dtype)?;
+            let mut cos = Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(self.dtype)?;
+            let mut sin = Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(self.dtype)?;
+            if let Some(pd) = pad {
+                let (b, p) = pd.pos.dims2()?;
+                let idx = pd.pos.flatten_all()?;
+                cos = cos.index_select(&idx, 0)?.reshape((b, p, half))?;
+                sin = sin.index_select(&idx, 0)?.reshape((b, p, half))?;
+            }
             out.push((*f, cos, sin));
         }
         Ok(out)
     }
 
-    /// Rotate-half rotary on the first `dim` features of `x` `[b,p,n,d]`.
+    /// Rotate-half rotary on the first `dim` features of `x` `[b,p,n,d]`, with tables `[p,half]`
+    /// or (padded batches) `[b,p,half]`.
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (_b, _p, _n, d) = x.dims4()?;
-        let half = cos.dim(1)?;
+        let half = cos.dim(D::Minus1)?;
         let dim = 2 * half;
-        let cos = cos.unsqueeze(1)?; // [p,1,half]
-        let sin = sin.unsqueeze(1)?;
+        let axis = cos.rank() - 1;
+        let cos = cos.unsqueeze(axis)?; // [p,1,half] or [b,p,1,half]
+        let sin = sin.unsqueeze(axis)?;
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
         let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
@@ -470,7 +608,15 @@ impl HookedTransformer {
         }
     }
 
-    fn block(&self, l: usize, resid: Tensor, rope: &[(RopeFreqs, Tensor, Tensor)], kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
+    fn block(
+        &self,
+        l: usize,
+        resid: Tensor,
+        rope: &[(RopeFreqs, Tensor, Tensor)],
+        pad: Option<&Padding>,
+        kv: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
         use HookPoint::*;
         let bw = &self.w.blocks[l];
         let resid_pre = hooks.at(ResidPre(l), resid)?;
@@ -479,7 +625,7 @@ impl HookedTransformer {
             Some(n) => self.norm(&attn_in, n, Ln1Scale(l), Ln1Normalized(l), hooks)?,
             None => attn_in,
         };
-        let mut attn_out = self.attention(l, &x, rope, kv, hooks)?;
+        let mut attn_out = self.attention(l, &x, rope, pad, kv, hooks)?;
         if let Some(n) = &bw.ln1_post {
             attn_out = self.norm(&attn_out, n, Ln1PostScale(l), Ln1PostNormalized(l), hooks)?;
         }
@@ -541,7 +687,42 @@ impl HookedTransformer {
         Ok(Some(Tensor::from_vec(mask, (q, k), &self.device)?))
     }
 
-    fn attention(&self, l: usize, x: &Tensor, rope: &[(RopeFreqs, Tensor, Tensor)], mut kv: Option<&mut KvCache>, hooks: &mut Hooks) -> Result<Tensor> {
+    /// [`HookedTransformer::attn_mask`] of a padded batch: `keys` `[b, k]` marks real tokens
+    /// (1); a real query sees the real keys its layer allows, a padding query sees itself only.
+    /// `[b, 1, q, k]` u8.
+    pub fn attn_mask_padded(&self, l: usize, q: usize, keys: &Tensor) -> Result<Tensor> {
+        let rows: Vec<Vec<u8>> = keys.to_dtype(DType::U8)?.to_device(&Device::Cpu)?.to_vec2()?;
+        let rows: Vec<Vec<bool>> = rows.iter().map(|r| r.iter().map(|&x| x != 0).collect()).collect();
+        self.mask_rows(l, q, &rows)
+    }
+
+    fn mask_rows(&self, l: usize, q: usize, keys: &[Vec<bool>]) -> Result<Tensor> {
+        let b = keys.len();
+        let k = keys.first().map(|r| r.len()).unwrap_or(0);
+        let window = self.cfg.window(l);
+        let off = k - q;
+        let mut m = Vec::with_capacity(b * q * k);
+        for r in keys {
+            for i in 0..q {
+                let qi = i + off;
+                for j in 0..k {
+                    let ok = if r[qi] { r[j] && j <= qi && window.is_none_or(|w| qi - j < w) } else { j == qi };
+                    m.push(u8::from(ok));
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, q, k), &self.device)?)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        x: &Tensor,
+        rope: &[(RopeFreqs, Tensor, Tensor)],
+        pad: Option<&Padding>,
+        mut kv: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
         use HookPoint::*;
         let cfg = &self.cfg;
         let aw = &self.w.blocks[l].attn;
@@ -579,6 +760,7 @@ impl HookedTransformer {
                     && h <= 64
                     && d <= 256
                     && cfg.attn_softcap.is_none()
+                    && pad.is_none()
                     && !hooks.wants(AttnScores(l))
                     && !hooks.wants(Pattern(l))
                     && hooks.grad_point_set().is_empty()
@@ -617,7 +799,11 @@ impl HookedTransformer {
             None => scores,
         };
         let t = kt.dim(2)?;
-        let scores = match self.attn_mask(l, p, t)? {
+        let mask = match pad {
+            Some(pd) => Some(self.mask_rows(l, p, &pd.keys)?),
+            None => self.attn_mask(l, p, t)?,
+        };
+        let scores = match mask {
             Some(mask) => {
                 let mask = mask.broadcast_as(scores.shape())?;
                 let neg = Tensor::new(f32::NEG_INFINITY, scores.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
@@ -734,7 +920,9 @@ impl HookedTransformer {
     /// `x` and `g_out` broadcast against each other (e.g. `[b,p,1,D]` and `[b,p,h,D]`).
     /// Identity when the model has no such norm (e.g. OLMo-2's missing pre-norms).
     pub fn norm_vjp(&self, site: NormSite, x: &Tensor, g_out: &Tensor) -> Result<Tensor> {
-        let Some(nw) = self.norm_weights(site) else { return Ok(g_out.to_dtype(DType::F64)?) };
+        let Some(nw) = self.norm_weights(site) else {
+            return Ok(g_out.to_dtype(DType::F64)?);
+        };
         let (n, s) = self.norm_parts(x)?;
         // u = dM/d(normalized before the gain)
         let u = g_out.to_dtype(DType::F64)?.broadcast_mul(&nw.w.to_dtype(DType::F64)?)?;
@@ -751,7 +939,9 @@ impl HookedTransformer {
     /// the model has no such norm. `x` and `dx` broadcast (e.g. `[b,p,1,D]` and `[b,p,h,D]`).
     /// (EAP linearises a post-norm sublayer's output this way.)
     pub fn norm_jvp(&self, site: NormSite, x: &Tensor, dx: &Tensor) -> Result<Tensor> {
-        let Some(nw) = self.norm_weights(site) else { return Ok(dx.to_dtype(DType::F64)?) };
+        let Some(nw) = self.norm_weights(site) else {
+            return Ok(dx.to_dtype(DType::F64)?);
+        };
         let (n, s) = self.norm_parts(x)?;
         let dx = dx.to_dtype(DType::F64)?;
         let dx = match self.cfg.norm {

@@ -70,14 +70,23 @@ where
         .y_desc(&h.row_label)
         .x_labels(cols.min(40))
         .y_labels(rows.min(40))
-        .x_label_formatter(&|x| if ticks.is_empty() { x.to_string() } else { ticks.get(*x).cloned().unwrap_or_default() })
+        .x_label_formatter(&|x| {
+            if ticks.is_empty() {
+                x.to_string()
+            } else {
+                ticks.get(*x).cloned().unwrap_or_default()
+            }
+        })
         .label_style(("sans-serif", 11))
         .draw()
         .map_err(|e| anyhow!("{e:?}"))?;
     chart
-        .draw_series(h.values.iter().enumerate().flat_map(|(r, row)| {
-            row.iter().enumerate().map(move |(c, v)| Rectangle::new([(c, r), (c + 1, r + 1)], color(*v, max).filled()))
-        }))
+        .draw_series(
+            h.values
+                .iter()
+                .enumerate()
+                .flat_map(|(r, row)| row.iter().enumerate().map(move |(c, v)| Rectangle::new([(c, r), (c + 1, r + 1)], color(*v, max).filled()))),
+        )
         .map_err(|e| anyhow!("{e:?}"))?;
     // Colour legend.
     let (_, lh) = legend.dim_in_pixel();
@@ -118,7 +127,13 @@ pub fn heatmap(h: &Heatmap, stem: &Path) -> Result<()> {
 /// Lines `(name, points)` on one chart, to `stem.svg` and `stem.png`.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)], stem: &Path) -> Result<()> {
     register_font();
-    fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, title: &str, xl: &str, yl: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()>
+    fn draw<DB: DrawingBackend>(
+        root: DrawingArea<DB, plotters::coord::Shift>,
+        title: &str,
+        xl: &str,
+        yl: &str,
+        series: &[(String, Vec<(f64, f64)>)],
+    ) -> Result<()>
     where
         DB::ErrorType: 'static,
     {
@@ -231,7 +246,13 @@ pub struct GraphNode {
 /// with |weight|, red for positive, blue for negative. Writes `stem.svg` and `stem.png`.
 pub fn graph(title: &str, nodes: &[GraphNode], edges: &[(usize, usize, f64)], side_labels: &[(f64, String)], stem: &Path) -> Result<()> {
     register_font();
-    fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, title: &str, nodes: &[GraphNode], edges: &[(usize, usize, f64)], side: &[(f64, String)]) -> Result<()>
+    fn draw<DB: DrawingBackend>(
+        root: DrawingArea<DB, plotters::coord::Shift>,
+        title: &str,
+        nodes: &[GraphNode],
+        edges: &[(usize, usize, f64)],
+        side: &[(f64, String)],
+    ) -> Result<()>
     where
         DB::ErrorType: 'static,
     {
@@ -255,10 +276,8 @@ pub fn graph(title: &str, nodes: &[GraphNode], edges: &[(usize, usize, f64)], si
             let (x, y) = px(n);
             root.draw(&Rectangle::new([(x - 30, y - 10), (x + 30, y + 10)], RGBColor(n.fill.0, n.fill.1, n.fill.2).filled())).map_err(e)?;
             root.draw(&Rectangle::new([(x - 30, y - 10), (x + 30, y + 10)], BLACK.stroke_width(1))).map_err(e)?;
-            let style = TextStyle::from(("sans-serif", 11).into_font()).pos(plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Center,
-                plotters::style::text_anchor::VPos::Center,
-            ));
+            let style = TextStyle::from(("sans-serif", 11).into_font())
+                .pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Center));
             root.draw(&Text::new(n.label.clone(), (x, y), style)).map_err(e)?;
         }
         Ok(())

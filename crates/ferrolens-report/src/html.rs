@@ -54,11 +54,7 @@ impl Report {
     pub fn figure(&mut self, svg: &Path, caption: &str) -> Result<&mut Self> {
         let s = std::fs::read_to_string(svg).with_context(|| format!("reading {}", svg.display()))?;
         let start = s.find("<svg").unwrap_or(0);
-        self.body.push_str(&format!(
-            "<figure>{}<figcaption>{}</figcaption></figure>\n",
-            &s[start..],
-            escape(caption)
-        ));
+        self.body.push_str(&format!("<figure>{}<figcaption>{}</figcaption></figure>\n", &s[start..], escape(caption)));
         Ok(self)
     }
 

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 pub const COLORS: [&str; 8] = ["red", "orange", "yellow", "green", "blue", "purple", "brown", "black"];
 /// The 17 objects.
 pub const OBJECTS: [&str; 17] = [
-    "pencil", "notebook", "pen", "cup", "plate", "jug", "mug", "puzzle", "textbook", "leash", "necklace", "bracelet",
-    "bottle", "ball", "envelope", "lighter", "bowl",
+    "pencil", "notebook", "pen", "cup", "plate", "jug", "mug", "puzzle", "textbook", "leash", "necklace", "bracelet", "bottle", "ball", "envelope", "lighter",
+    "bowl",
 ];
 /// Surfaces.
 pub const SURFACES: [&str; 3] = ["table", "desk", "floor"];
@@ -95,8 +95,7 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
     if cfg.n_objects < 2 || cfg.n_objects > 8 {
         return Err(Error::Input(format!("Colored Objects needs 2..=8 objects per question, got {}", cfg.n_objects)));
     }
-    let colors: Vec<&'static str> =
-        COLORS.iter().copied().filter(|c| tok.single_token(&format!(" {}", cap(c))).is_ok()).collect();
+    let colors: Vec<&'static str> = COLORS.iter().copied().filter(|c| tok.single_token(&format!(" {}", cap(c))).is_ok()).collect();
     if colors.len() < cfg.n_objects {
         return Err(Error::Input(format!("only {} colour answers are single tokens for this tokenizer", colors.len())));
     }
@@ -117,10 +116,11 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
         let qi = rng.random_range(0..q.items.len());
         let (qc, qo) = q.items[qi];
         let qlen = tok.encode(&format!(" {qo}"))?.len();
-        let others: Vec<usize> = (0..q.items.len())
-            .filter(|&j| j != qi && tok.encode(&format!(" {}", q.items[j].1)).map(|t| t.len() == qlen).unwrap_or(false))
-            .collect();
-        let Some(&oj) = others.choose(&mut rng) else { continue };
+        let others: Vec<usize> =
+            (0..q.items.len()).filter(|&j| j != qi && tok.encode(&format!(" {}", q.items[j].1)).map(|t| t.len() == qlen).unwrap_or(false)).collect();
+        let Some(&oj) = others.choose(&mut rng) else {
+            continue;
+        };
         let (oc, oo) = q.items[oj];
         let clean = format!("{prefix}{}", q.question(qo));
         let corrupt = format!("{prefix}{}", q.question(oo));
@@ -136,11 +136,7 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
     let (&best, _) = lens.iter().max_by_key(|(_, n)| **n).ok_or_else(|| Error::Input("no Colored Objects prompt could be built".into()))?;
     let out: Vec<PromptPair> = candidates.into_iter().filter(|p| p.labels["end"] + 1 == best).take(cfg.n).collect();
     if out.len() < cfg.n {
-        return Err(Error::Input(format!(
-            "only {} Colored Objects pairs of one token length could be drawn (asked for {}); lower --n",
-            out.len(),
-            cfg.n
-        )));
+        return Err(Error::Input(format!("only {} Colored Objects pairs of one token length could be drawn (asked for {}); lower --n", out.len(), cfg.n)));
     }
     Ok(out)
 }

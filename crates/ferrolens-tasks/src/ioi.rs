@@ -33,15 +33,105 @@ pub const PLACES: [&str; 8] = ["store", "garden", "restaurant", "school", "hospi
 pub const OBJECTS: [&str; 8] = ["ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack"];
 /// The IOI name list (the 99 names given in PAPERS.md; Wang et al. describe 100).
 pub const NAMES: &[&str] = &[
-    "Michael", "Christopher", "Jessica", "Matthew", "Ashley", "Jennifer", "Joshua", "Amanda", "Daniel", "David", "James",
-    "Robert", "John", "Joseph", "Andrew", "Ryan", "Brandon", "Jason", "Justin", "Sarah", "William", "Jonathan", "Stephanie",
-    "Brian", "Nicole", "Nicholas", "Anthony", "Heather", "Eric", "Elizabeth", "Adam", "Megan", "Melissa", "Kevin", "Steven",
-    "Thomas", "Timothy", "Christina", "Kyle", "Rachel", "Laura", "Lauren", "Amber", "Brittany", "Danielle", "Richard",
-    "Kimberly", "Jeffrey", "Amy", "Crystal", "Michelle", "Tiffany", "Jeremy", "Benjamin", "Mark", "Emily", "Aaron",
-    "Charles", "Rebecca", "Jacob", "Stephen", "Patrick", "Sean", "Erin", "Jamie", "Kelly", "Samantha", "Nathan", "Sara",
-    "Dustin", "Paul", "Angela", "Tyler", "Scott", "Katherine", "Andrea", "Gregory", "Erica", "Mary", "Travis", "Lisa",
-    "Kenneth", "Bryan", "Lindsey", "Kristen", "Jose", "Alexander", "Jesse", "Katie", "Lindsay", "Shannon", "Vanessa",
-    "Courtney", "Christine", "Alicia", "Cody", "Allison", "Bradley", "Samuel",
+    "Michael",
+    "Christopher",
+    "Jessica",
+    "Matthew",
+    "Ashley",
+    "Jennifer",
+    "Joshua",
+    "Amanda",
+    "Daniel",
+    "David",
+    "James",
+    "Robert",
+    "John",
+    "Joseph",
+    "Andrew",
+    "Ryan",
+    "Brandon",
+    "Jason",
+    "Justin",
+    "Sarah",
+    "William",
+    "Jonathan",
+    "Stephanie",
+    "Brian",
+    "Nicole",
+    "Nicholas",
+    "Anthony",
+    "Heather",
+    "Eric",
+    "Elizabeth",
+    "Adam",
+    "Megan",
+    "Melissa",
+    "Kevin",
+    "Steven",
+    "Thomas",
+    "Timothy",
+    "Christina",
+    "Kyle",
+    "Rachel",
+    "Laura",
+    "Lauren",
+    "Amber",
+    "Brittany",
+    "Danielle",
+    "Richard",
+    "Kimberly",
+    "Jeffrey",
+    "Amy",
+    "Crystal",
+    "Michelle",
+    "Tiffany",
+    "Jeremy",
+    "Benjamin",
+    "Mark",
+    "Emily",
+    "Aaron",
+    "Charles",
+    "Rebecca",
+    "Jacob",
+    "Stephen",
+    "Patrick",
+    "Sean",
+    "Erin",
+    "Jamie",
+    "Kelly",
+    "Samantha",
+    "Nathan",
+    "Sara",
+    "Dustin",
+    "Paul",
+    "Angela",
+    "Tyler",
+    "Scott",
+    "Katherine",
+    "Andrea",
+    "Gregory",
+    "Erica",
+    "Mary",
+    "Travis",
+    "Lisa",
+    "Kenneth",
+    "Bryan",
+    "Lindsey",
+    "Kristen",
+    "Jose",
+    "Alexander",
+    "Jesse",
+    "Katie",
+    "Lindsay",
+    "Shannon",
+    "Vanessa",
+    "Courtney",
+    "Christine",
+    "Alicia",
+    "Cody",
+    "Allison",
+    "Bradley",
+    "Samuel",
 ];
 
 /// Which template order to sample.
@@ -107,11 +197,7 @@ fn fill(t: &str, io: &str, s: &str, s2: &str, place: &str, object: &str) -> Stri
     if let Some(j) = second_b {
         out.replace_range(j..j + 3, "\u{1}");
     }
-    out.replace("[B]", s)
-        .replace("\u{1}", s2)
-        .replace("[A]", io)
-        .replace("[PLACE]", place)
-        .replace("[OBJECT]", object)
+    out.replace("[B]", s).replace("\u{1}", s2).replace("[A]", io).replace("[PLACE]", place).replace("[OBJECT]", object)
 }
 
 /// Names, places and objects that are one token with a leading space for `tok`.
@@ -124,10 +210,7 @@ pub fn single_token_words<'a>(tok: &Tokenizer, words: &[&'a str]) -> Vec<&'a str
 pub fn generate(tok: &Tokenizer, cfg: &IoiConfig) -> Result<Vec<PromptPair>> {
     let names = single_token_words(tok, NAMES);
     if names.len() < 6 {
-        return Err(Error::Input(format!(
-            "only {} of the 100 IOI names are single tokens for this tokenizer; IOI needs at least 6",
-            names.len()
-        )));
+        return Err(Error::Input(format!("only {} of the 100 IOI names are single tokens for this tokenizer; IOI needs at least 6", names.len())));
     }
     let places = single_token_words(tok, &PLACES);
     let objects = single_token_words(tok, &OBJECTS);

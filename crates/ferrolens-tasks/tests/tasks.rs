@@ -66,7 +66,13 @@ fn bad_task_input_is_a_clear_error() {
     assert!(read_jsonl(&f).unwrap_err().to_string().contains("empty"));
     std::fs::write(&f, "{\"clean\": \"a b\"}\n").unwrap();
     assert!(read_jsonl(&f).unwrap_err().to_string().contains("line 1"));
-    let mk = |c: &str, k: &str, a: &str| ferrolens_tasks::PromptPair { clean: c.into(), corrupt: k.into(), answer: a.into(), wrong: " John".into(), labels: Default::default() };
+    let mk = |c: &str, k: &str, a: &str| ferrolens_tasks::PromptPair {
+        clean: c.into(),
+        corrupt: k.into(),
+        answer: a.into(),
+        wrong: " John".into(),
+        labels: Default::default(),
+    };
     let e = PairBatch::new(&tok, vec![mk("When Mary and John", "When Mary and Johnathan went", " Mary")], "f.jsonl").unwrap_err().to_string();
     assert!(e.contains("pair 0") && e.contains("equal lengths"), "{e}");
     let e = PairBatch::new(&tok, vec![mk("a b c", "a b d", " Mary"), mk("a b c d", "a b c e", " Mary")], "f.jsonl").unwrap_err().to_string();
@@ -76,8 +82,7 @@ fn bad_task_input_is_a_clear_error() {
     // A tokenizer that splits every name (a byte-level BPE with no merges) cannot do IOI.
     let d = dir.join("nomerge");
     std::fs::create_dir_all(&d).unwrap();
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..256u32).map(|b| (tok.id_to_token(b).unwrap(), serde_json::json!(b))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..256u32).map(|b| (tok.id_to_token(b).unwrap(), serde_json::json!(b))).collect();
     std::fs::write(d.join("vocab.json"), serde_json::to_string(&vocab).unwrap()).unwrap();
     std::fs::write(d.join("merges.txt"), "#version: 0.2\n").unwrap();
     let bytes = Tokenizer::gpt2(d.join("vocab.json"), d.join("merges.txt")).unwrap();

@@ -61,9 +61,9 @@ pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
     gemma_flags(&mut cfg, c.query_pre_attn_scalar);
     cfg.attn_softcap = c.attn_logit_softcapping;
     cfg.final_softcap = c.final_logit_softcapping;
-    let types = c.layer_types.unwrap_or_else(|| {
-        (0..cfg.n_layers).map(|i| if (i + 1) % 2 != 0 { "sliding_attention".into() } else { "full_attention".into() }).collect()
-    });
+    let types = c
+        .layer_types
+        .unwrap_or_else(|| (0..cfg.n_layers).map(|i| if (i + 1) % 2 != 0 { "sliding_attention".into() } else { "full_attention".into() }).collect());
     cfg.windows = windows_from_layer_types(&types, c.sliding_window, cfg.n_layers)?;
     Ok(cfg)
 }

@@ -73,9 +73,9 @@ pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
     cfg.attn_softcap = c.attn_logit_softcapping;
     cfg.final_softcap = c.final_logit_softcapping;
     let p = c.sliding_window_pattern.max(1);
-    let types = c.layer_types.unwrap_or_else(|| {
-        (0..cfg.n_layers).map(|i| if (i + 1) % p != 0 { "sliding_attention".into() } else { "full_attention".into() }).collect()
-    });
+    let types = c
+        .layer_types
+        .unwrap_or_else(|| (0..cfg.n_layers).map(|i| if (i + 1) % p != 0 { "sliding_attention".into() } else { "full_attention".into() }).collect());
     cfg.windows = windows_from_layer_types(&types, c.sliding_window, cfg.n_layers)?;
     if let Positional::Rotary { local, .. } = &mut cfg.positional {
         *local = Some(RopeFreqs::plain(c.rope_local_base_freq));

@@ -38,11 +38,7 @@ pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
 
 /// [`Config`] to `config.json`.
 pub fn to_hf(c: &Config, _: &Weights) -> Result<serde_json::Value> {
-    to_json(&MistralConfig {
-        base: DecoderFields::from_config(c)?,
-        hidden_act: activation_name(c.act).into(),
-        sliding_window: super::window_size(&c.windows),
-    })
+    to_json(&MistralConfig { base: DecoderFields::from_config(c)?, hidden_act: activation_name(c.act).into(), sliding_window: super::window_size(&c.windows) })
 }
 
 /// The Mistral family.

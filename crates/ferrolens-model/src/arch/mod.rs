@@ -91,9 +91,7 @@ impl std::fmt::Debug for Family {
 
 /// The family named `name`.
 pub fn family(name: &str) -> Result<&'static Family> {
-    FAMILIES.iter().copied().find(|f| f.name == name).ok_or_else(|| {
-        Error::Config(format!("unknown family `{name}`; ferrolens knows {}", names().join(", ")))
-    })
+    FAMILIES.iter().copied().find(|f| f.name == name).ok_or_else(|| Error::Config(format!("unknown family `{name}`; ferrolens knows {}", names().join(", "))))
 }
 
 /// Every family's name.
@@ -105,10 +103,7 @@ pub fn names() -> Vec<&'static str> {
 pub fn by_model_type(mt: &str) -> Result<&'static Family> {
     FAMILIES.iter().copied().find(|f| f.hf_model_types.contains(&mt)).ok_or_else(|| {
         let known: Vec<&str> = FAMILIES.iter().flat_map(|f| f.hf_model_types.iter().copied()).collect();
-        Error::Config(format!(
-            "model_type `{mt}` is not supported; ferrolens runs {} (docs/architecture.md shows how to add a family)",
-            known.join(", ")
-        ))
+        Error::Config(format!("model_type `{mt}` is not supported; ferrolens runs {} (docs/architecture.md shows how to add a family)", known.join(", ")))
     })
 }
 
@@ -263,7 +258,9 @@ pub fn activation_name(a: Activation) -> &'static str {
 /// A Hugging Face `rope_scaling` object to ferrolens's. `default` or absent is plain rotary;
 /// `linear` and `llama3` are implemented; any other type is an error that names it.
 pub fn rope_scaling(v: &Option<serde_json::Value>) -> Result<RopeScaling> {
-    let Some(v) = v.as_ref().filter(|v| !v.is_null()) else { return Ok(RopeScaling::None) };
+    let Some(v) = v.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(RopeScaling::None);
+    };
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
     let num = |k: &str| -> Result<f64> {
         v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| Error::Config(format!("rope_scaling of type `{kind}` lacks the number `{k}`")))
@@ -289,7 +286,9 @@ pub fn rope_scaling(v: &Option<serde_json::Value>) -> Result<RopeScaling> {
 pub fn rope_scaling_json(f: &RopeFreqs) -> serde_json::Value {
     match f.scaling {
         RopeScaling::None => serde_json::Value::Null,
-        RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Linear { factor } => {
+            serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => serde_json::json!({
             "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
             "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings,
@@ -307,21 +306,15 @@ pub fn windows_from_layer_types(types: &[String], window: Option<usize>, n_layer
         .iter()
         .map(|t| match t.as_str() {
             "full_attention" => Ok(None),
-            "sliding_attention" => window
-                .map(Some)
-                .ok_or_else(|| Error::Config("layer_types has sliding_attention layers but sliding_window is null".into())),
-            other => Err(Error::Config(format!(
-                "layer_types entry `{other}` is not implemented by ferrolens (it has full_attention and sliding_attention)"
-            ))),
+            "sliding_attention" => window.map(Some).ok_or_else(|| Error::Config("layer_types has sliding_attention layers but sliding_window is null".into())),
+            other => Err(Error::Config(format!("layer_types entry `{other}` is not implemented by ferrolens (it has full_attention and sliding_attention)"))),
         })
         .collect()
 }
 
 /// `layer_types` from per-layer windows.
 pub fn layer_types(windows: &[Option<usize>], n_layers: usize) -> Vec<String> {
-    (0..n_layers)
-        .map(|l| if windows.get(l).copied().flatten().is_some() { "sliding_attention".into() } else { "full_attention".into() })
-        .collect()
+    (0..n_layers).map(|l| if windows.get(l).copied().flatten().is_some() { "sliding_attention".into() } else { "full_attention".into() }).collect()
 }
 
 /// The one window size of a config's windowed layers (families have one `sliding_window`).
@@ -385,7 +378,9 @@ pub fn gguf_to_hf(fam: &Family, meta: &GgufMeta, has_output: bool) -> Result<ser
         if let Some(v) = meta.get(key) {
             // llama.cpp writes epsilons as f32: round them back to the decimal HF wrote.
             let v = match v.as_f64() {
-                Some(x) if field.ends_with("eps") || field.ends_with("epsilon") => serde_json::json!(format!("{:e}", x as f32).parse::<f64>().unwrap_or(x)),
+                Some(x) if field.ends_with("eps") || field.ends_with("epsilon") => {
+                    serde_json::json!(format!("{:e}", x as f32).parse::<f64>().unwrap_or(x))
+                }
                 _ => v,
             };
             m.insert((*field).into(), v);
@@ -451,7 +446,9 @@ pub fn load_weights(fam: &Family, cfg: &Config, src: &TensorSource, opts: &LoadO
     for t in fam.tensors {
         let count = if per_layer(t) { cfg.n_layers } else { 1 };
         for l in 0..count {
-            let Some(name) = name_of(t, kind, l) else { continue };
+            let Some(name) = name_of(t, kind, l) else {
+                continue;
+            };
             if t.slot == Slot::Unembed && cfg.tied_embeddings {
                 continue;
             }
@@ -778,10 +775,7 @@ impl DecoderFields {
     pub fn config(&self, name: &str, family: &str, eps: f64, theta: f64, tied: bool, act: Activation) -> Result<Config> {
         let h = self.num_attention_heads;
         if h == 0 || self.hidden_size % h != 0 && self.head_dim.is_none() {
-            return Err(Error::Config(format!(
-                "hidden_size {} is not divisible by num_attention_heads {h}, and there is no head_dim",
-                self.hidden_size
-            )));
+            return Err(Error::Config(format!("hidden_size {} is not divisible by num_attention_heads {h}, and there is no head_dim", self.hidden_size)));
         }
         let d_head = self.head_dim.unwrap_or(self.hidden_size / h);
         let global = RopeFreqs { base: self.rope_theta.unwrap_or(theta), scaling: rope_scaling(&self.rope_scaling)? };

@@ -44,9 +44,7 @@ pub fn qwen_windows(use_sw: bool, window: Option<usize>, max_window_layers: usiz
     let window = if use_sw { window } else { None };
     let types: Vec<String> = match types {
         Some(t) => t.clone(),
-        None => (0..n)
-            .map(|i| if window.is_some() && i >= max_window_layers { "sliding_attention".into() } else { "full_attention".into() })
-            .collect(),
+        None => (0..n).map(|i| if window.is_some() && i >= max_window_layers { "sliding_attention".into() } else { "full_attention".into() }).collect(),
     };
     if window.is_none() {
         // transformers drops the window when use_sliding_window is off, whatever layer_types says.
