@@ -35,15 +35,18 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(Tensor::stack(&out, 0)?)
     }));
-    let (c, k) = (metric_of(&model, &clean, raw.as_ref())?, metric_of(&model, &corrupt, raw.as_ref())?);
+    let (c, k) = (metric_of(&model, &clean, None, raw.as_ref())?, metric_of(&model, &corrupt, None, raw.as_ref())?);
     let metric = Normalised::new(raw, c, k)?;
     println!("p(IO) - p(S): clean {c:.3}, corrupt {k:.3}");
-    // PatchingData borrows, so it lives in a block (a notebook cannot keep a borrowing variable).
+    // PatchingData borrows, so it lives in blocks (a notebook cannot keep a borrowing variable).
     let act = {
-        let data = PatchingData { clean: &clean, corrupt: &corrupt, metric: &metric };
-        activation_patching(&model, &data, Component::HeadZ, false, &SweepOptions::default())?
+        let data = PatchingData::new(&clean, &corrupt, &metric);
+        activation_patching(&model, &data, Component::HeadZ, &Positions::All, &SweepOptions::default())?
     };
-    let atp = attribution(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "atp", &AttributionOptions::default())?;
+    let atp = {
+        let data = PatchingData::new(&clean, &corrupt, &metric);
+        attribution(&model, &data, &AttributionOptions::atp(&[Component::HeadZ]))?
+    };
     let r = pearson(&act.values, &atp.grids[0].values);
     println!("top head by activation patching L{}H{}, by AtP L{}H{}; Pearson r {r:.3}", top(&act).0, top(&act).1, top(&atp.grids[0]).0, top(&atp.grids[0]).1);
     assert!(c > k + 0.1, "the metric must separate clean from corrupt");

@@ -27,11 +27,11 @@ pub mod getting_started {}
 /// The names most probes need.
 pub mod prelude {
     pub use ferrolens_methods::{
-        activation_patching, attribution, AttributionOptions, Component, Direction, FnMetric, LogProb, LogitDiff, Metric, Normalised, PatchingData, ScoreGrid,
-        SweepOptions,
+        activation_patching, attribution, AttributionOptions, Component, Direction, FnMetric, LogProb, LogitDiff, Metric, Normalised, PatchingData, Positions,
+        ScoreGrid, SweepOptions,
     };
     pub use ferrolens_model::{
-        load, ActivationCache, DType, Device, HookPoint, HookedTransformer, Hooks, Intervention, LoadOptions, LrpRules, Patch, RunSpan, Tensor,
+        load, ActivationCache, DType, Device, HookPoint, HookedTransformer, Hooks, Intervention, LoadOptions, LrpRules, PadSide, Patch, RunSpan, Tensor,
     };
     pub use ferrolens_tasks::{PairBatch, PromptPair};
 }

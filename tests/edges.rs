@@ -15,7 +15,7 @@ fn edge_scores_decompose_the_receiver_input() {
     let clean = Tensor::cat(&[ids(&r, "p4.input_ids").narrow(1, 0, p).unwrap(), ids(&r, "p5.input_ids").narrow(1, 0, p).unwrap()], 0).unwrap();
     let corrupt = Tensor::cat(&[ids(&r, "p6.input_ids").narrow(1, 0, p).unwrap(), ids(&r, "p7.input_ids").narrow(1, 0, p).unwrap()], 0).unwrap();
     let metric = LogitDiff { answer: vec![17, 40], wrong: vec![423, 9] };
-    let edges = edge_attribution(&model, &clean, &corrupt, &metric).unwrap();
+    let edges = edge_attribution(&model, &PatchingData::new(&clean, &corrupt, &metric), &Default::default()).unwrap();
     // The logits receiver's input is resid_post(last), which feeds nothing else: its gradient is
     // autograd's gradient there. Sum of all senders' edges into LOGITS + the embedding term
     // = (resid_post_clean - resid_post_corrupt) . g  (biases cancel in the difference).
@@ -49,17 +49,17 @@ fn path_patching_identities() {
     let model = tiny_gpt2(DType::F64);
     let (clean, corrupt) = tiny_pair();
     let raw: Arc<dyn Metric> = Arc::new(LogitDiff { answer: vec![17], wrong: vec![423] });
-    let c = ferrolens::methods::metric_of(&model, &clean, raw.as_ref()).unwrap();
-    let k = ferrolens::methods::metric_of(&model, &corrupt, raw.as_ref()).unwrap();
+    let c = ferrolens::methods::metric_of(&model, &clean, None, raw.as_ref()).unwrap();
+    let k = ferrolens::methods::metric_of(&model, &corrupt, None, raw.as_ref()).unwrap();
     let metric = Normalised::new(raw, c, k).unwrap();
-    let none = path_patch(&model, &clean, &corrupt, &metric, (0, 1), &[]).unwrap();
+    let none = path_patch(&model, &PatchingData::new(&clean, &corrupt, &metric), (0, 1), &[]).unwrap();
     assert!((none - 1.0).abs() < 1e-12, "{none}");
     // Sender in layer 0 -> all of layer 1's queries, keys and values. In a 2-layer model with
     // layer-1 heads receiving everything the sender writes into them, this equals a manual run:
     // clean run whose layer-1 q/k/v are computed from a residual where head (0,1) is corrupt and
     // the MLP0 sees it (step 2), then only those q/k/v patched (step 3).
     let recv: Vec<(usize, usize, HeadInput)> = (0..4).flat_map(|h| [(1, h, HeadInput::Q), (1, h, HeadInput::K), (1, h, HeadInput::V)]).collect();
-    let all = path_patch(&model, &clean, &corrupt, &metric, (0, 1), &recv).unwrap();
+    let all = path_patch(&model, &PatchingData::new(&clean, &corrupt, &metric), (0, 1), &recv).unwrap();
     let mut hk = Hooks::new().cache_hooks(&[HookPoint::Z(0)]);
     model.run(&corrupt, &mut hk).unwrap();
     let zc = hk.cache_ref().get(HookPoint::Z(0)).unwrap().clone();
@@ -74,7 +74,7 @@ fn path_patching_identities() {
     assert!((all - manual).abs() < 1e-12, "{all} vs {manual}");
     assert!((all - 1.0).abs() > 1e-4, "the path carries nothing: {all}");
     // A receiver upstream of the sender is an error.
-    assert!(path_patch(&model, &clean, &corrupt, &metric, (1, 0), &[(0, 0, HeadInput::Q)]).is_err());
+    assert!(path_patch(&model, &PatchingData::new(&clean, &corrupt, &metric), (1, 0), &[(0, 0, HeadInput::Q)]).is_err());
 }
 
 /// Per-head receivers (EdgeOptions::head_inputs): a sender's scores into every head's query and
@@ -83,11 +83,12 @@ fn path_patching_identities() {
 /// grouped-query attention, f32).
 #[test]
 fn head_receivers_add_up_to_the_block() {
-    use ferrolens::methods::{edge_attribution_with, EdgeOptions, HeadInput};
+    use ferrolens::methods::{EdgeOptions, HeadInput};
     use std::collections::HashMap;
     let check = |model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric, rel: f64| {
-        let blocks = edge_attribution(model, clean, corrupt, metric).unwrap();
-        let heads = edge_attribution_with(model, clean, corrupt, metric, &EdgeOptions { head_inputs: true }).unwrap();
+        let data = PatchingData::new(clean, corrupt, metric);
+        let blocks = edge_attribution(model, &data, &EdgeOptions::default()).unwrap();
+        let heads = edge_attribution(model, &data, &EdgeOptions { head_inputs: true }).unwrap();
         let (nh, nkv) = (model.cfg.n_heads, model.cfg.n_kv_heads);
         let per_block: usize = nh + 2 * nkv;
         assert_eq!(heads.iter().filter(|e| e.sender == Node::Head(0, 0) && matches!(e.receiver, Receiver::Head(1, ..))).count(), per_block);
@@ -128,11 +129,11 @@ fn head_receivers_add_up_to_the_block() {
 /// recomputed by hand from `ln1(resid_pre + eps * delta)` and patched in.
 #[test]
 fn head_receiver_scores_are_directional_derivatives() {
-    use ferrolens::methods::{edge_attribution_with, EdgeOptions, HeadInput};
+    use ferrolens::methods::{EdgeOptions, HeadInput};
     let model = tiny_gpt2(DType::F64);
     let (clean, corrupt) = tiny_pair();
     let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
-    let edges = edge_attribution_with(&model, &clean, &corrupt, &metric, &EdgeOptions { head_inputs: true }).unwrap();
+    let edges = edge_attribution(&model, &PatchingData::new(&clean, &corrupt, &metric), &EdgeOptions { head_inputs: true }).unwrap();
     let (sl, sh, rl) = (0usize, 2usize, 1usize);
     let mut hc = Hooks::new().cache_hooks(&[HookPoint::Result(sl)]);
     model.run(&clean, &mut hc).unwrap();

@@ -271,8 +271,8 @@ fn setup(model: &HookedTransformer, r: &HashMap<String, Tensor>) -> (Tensor, Ten
     let corrupt = Tensor::cat(&[b, a], 0).unwrap();
     let raw = LogitDiff { answer: vec![5, 9], wrong: vec![7, 11] };
     let arc: Arc<dyn Metric> = Arc::new(raw.clone());
-    let c = metric_of(model, &clean, arc.as_ref()).unwrap();
-    let k = metric_of(model, &corrupt, arc.as_ref()).unwrap();
+    let c = metric_of(model, &clean, None, arc.as_ref()).unwrap();
+    let k = metric_of(model, &corrupt, None, arc.as_ref()).unwrap();
     (clean, corrupt, raw, Normalised::new(arc, c, k).unwrap())
 }
 
@@ -287,21 +287,22 @@ fn every_method_on_every_family() {
         let r = refs(name);
         let (clean, corrupt, raw, norm) = setup(&model, &r);
         let n = model.cfg.n_layers;
-        let data = PatchingData { clean: &clean, corrupt: &corrupt, metric: &norm };
+        let data = PatchingData::new(&clean, &corrupt, &norm);
+        let rawd = PatchingData::new(&clean, &corrupt, &raw);
 
         // Activation patching: all of resid_pre at any layer is the clean run.
-        let all = activation_patching(&model, &data, Component::ResidPre, false, &SweepOptions::default()).unwrap();
+        let all = activation_patching(&model, &data, Component::ResidPre, &Positions::All, &SweepOptions::default()).unwrap();
         for l in 0..n {
             assert!((all.get(l, 0, 0) - 1.0).abs() < 1e-10, "{name} resid_pre L{l}: {}", all.get(l, 0, 0));
         }
         // Batched head sweeps equal one patch at a time.
-        let a = activation_patching(&model, &data, Component::HeadZ, true, &SweepOptions { max_rows: 2, ..Default::default() }).unwrap();
-        let b = activation_patching(&model, &data, Component::HeadZ, true, &SweepOptions { max_rows: 1000, ..Default::default() }).unwrap();
+        let a = activation_patching(&model, &data, Component::HeadZ, &Positions::Each, &SweepOptions { max_rows: 2, ..Default::default() }).unwrap();
+        let b = activation_patching(&model, &data, Component::HeadZ, &Positions::Each, &SweepOptions { max_rows: 1000, ..Default::default() }).unwrap();
         assert!(a.values.iter().zip(&b.values).all(|(x, y)| (x - y).abs() < 1e-10), "{name}: batched sweep");
 
         // AtP = gradient x difference at the corrupt run.
         let comps = [Component::HeadZ, Component::MlpOut];
-        let atp = attribution(&model, &clean, &corrupt, &raw, &comps, "atp", &AttributionOptions { by_pos: true, ..Default::default() }).unwrap();
+        let atp = attribution(&model, &rawd, &AttributionOptions::atp(&comps).positions(Positions::Each)).unwrap();
         let pts = [HookPoint::Z(1), HookPoint::MlpOut(0)];
         let mut hc = Hooks::new().cache_hooks(&pts);
         model.run(&clean, &mut hc).unwrap();
@@ -332,8 +333,8 @@ fn every_method_on_every_family() {
         // scale, soft-cap and sliding window). The patch is of a head's rotated query / key (equal
         // to patching hook_q / hook_k except under OLMo-2's full-width norms, where one head's
         // pre-norm key moves every head's normalised key).
-        let kq = qk_fix(&model, &clean, &corrupt, &raw, Component::HeadK, true).unwrap();
-        let qq = qk_fix(&model, &clean, &corrupt, &raw, Component::HeadQ, true).unwrap();
+        let kq = qk_fix(&model, &rawd, Component::HeadK, &Positions::Each).unwrap();
+        let qq = qk_fix(&model, &rawd, Component::HeadQ, &Positions::Each).unwrap();
         let l = n - 1;
         let pats: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
         let mut hk = Hooks::new().grad(&pats).cache_hooks(&pats);
@@ -372,8 +373,8 @@ fn every_method_on_every_family() {
 
         // EAP: per-head receivers add up to the block receiver; into the logits, the senders plus
         // the embedding add up to the residual difference times its gradient.
-        let blocks = edge_attribution_with(&model, &clean, &corrupt, &raw, &EdgeOptions { head_inputs: false }).unwrap();
-        let heads = edge_attribution_with(&model, &clean, &corrupt, &raw, &EdgeOptions { head_inputs: true }).unwrap();
+        let blocks = edge_attribution(&model, &rawd, &EdgeOptions { head_inputs: false }).unwrap();
+        let heads = edge_attribution(&model, &rawd, &EdgeOptions { head_inputs: true }).unwrap();
         for rl in 1..n {
             for sender in [Node::Head(0, 1), Node::Mlp(0)] {
                 let block: f64 = blocks.iter().filter(|e| e.sender == sender && e.receiver == Receiver::Attn(rl)).map(|e| e.score).sum();

@@ -166,3 +166,62 @@ fn bad_masks_are_refused() {
     let e = model.tokens_padded(&[vec![5], vec![]], PadSide::Left).unwrap_err().to_string();
     assert!(e.contains("every prompt"), "{e}");
 }
+
+/// A mixed-length prompt set as one left-padded batch gives exactly the numbers of its length
+/// groups run separately, combined by the metric's own averaging (a mean over prompts, so each
+/// group weighs by its share): metrics, activation patching (all positions and by label), AtP,
+/// RelP, AtP*'s QK fix by label, and EAP.
+#[test]
+fn a_padded_mixed_batch_equals_its_length_groups() {
+    use ferrolens::methods::*;
+    let model = family("qwen3", DType::F64);
+    let r = reference("families/qwen3/reference.safetensors");
+    let (a, b, c) = (ids_of(&r, "p0.input_ids"), ids_of(&r, "p1.input_ids"), ids_of(&r, "p2.input_ids"));
+    let rev = |v: &[u32]| v.iter().rev().copied().collect::<Vec<u32>>();
+    // Four pairs: two of 12 tokens, two of 9 (each corrupt prompt as long as its clean one).
+    let clean = vec![a.clone(), c.clone(), b.clone(), c[1..].iter().chain(&c[..1]).copied().collect()];
+    let corrupt = vec![b.clone(), rev(&c), rev(&a), rev(&c[1..].iter().chain(&c[..1]).copied().collect::<Vec<_>>())];
+    let answer = vec![5, 9, 11, 13];
+    let wrong = vec![7, 3, 17, 19];
+    let labels = |row: &[u32], pad: usize| vec![2 + pad, row.len() - 1 + pad];
+    let names = ["second", "end"];
+
+    let run_set = |idx: &[usize]| {
+        let cl: Vec<Vec<u32>> = idx.iter().map(|&i| clean[i].clone()).collect();
+        let co: Vec<Vec<u32>> = idx.iter().map(|&i| corrupt[i].clone()).collect();
+        let (ct, mask) = model.tokens_padded(&cl, PadSide::Left).unwrap();
+        let (kt, _) = model.tokens_padded(&co, PadSide::Left).unwrap();
+        let t = ct.dim(1).unwrap();
+        let uniform = cl.iter().all(|v| v.len() == t);
+        let mask = if uniform { None } else { Some(mask) };
+        let metric = LogitDiff { answer: idx.iter().map(|&i| answer[i]).collect(), wrong: idx.iter().map(|&i| wrong[i]).collect() };
+        let pos = Positions::Labels(names.iter().enumerate().map(|(j, n)| (n.to_string(), cl.iter().map(|v| labels(v, t - v.len())[j]).collect())).collect());
+        let data = PatchingData::new(&ct, &kt, &metric).with_mask(mask.as_ref());
+        let m = metric_of(&model, &ct, mask.as_ref(), &metric).unwrap();
+        let heads = activation_patching(&model, &data, Component::HeadZ, &Positions::All, &SweepOptions::default()).unwrap();
+        let resid = activation_patching(&model, &data, Component::ResidPre, &pos, &SweepOptions::default()).unwrap();
+        let atp = attribution(&model, &data, &AttributionOptions::atp(&[Component::HeadZ, Component::MlpOut]).positions(pos.clone())).unwrap();
+        let relp = attribution(&model, &data, &AttributionOptions::relp(&[Component::HeadZ])).unwrap();
+        let qk = qk_fix(&model, &data, Component::HeadK, &pos).unwrap();
+        let eap = edge_attribution(&model, &data, &EdgeOptions { head_inputs: true }).unwrap();
+        let mut v = vec![m];
+        for g in [&heads, &resid, &atp.grids[0], &atp.grids[1], &relp.grids[0], &qk] {
+            v.extend(&g.values);
+        }
+        v.extend(eap.iter().map(|e| e.score));
+        v
+    };
+    let all = run_set(&[0, 1, 2, 3]);
+    let long = run_set(&[0, 2]);
+    let short = run_set(&[1, 3]);
+    assert_eq!(all.len(), long.len());
+    let mut worst = 0f64;
+    for ((x, l), s) in all.iter().zip(&long).zip(&short) {
+        let want = 0.5 * l + 0.5 * s;
+        worst = worst.max((x - want).abs() / want.abs().max(1.0));
+    }
+    eprintln!("padded batch vs its length groups: worst relative difference {worst:.1e} over {} numbers", all.len());
+    assert!(worst < 1e-9, "{worst}");
+    // The groups really differ (the check can fail).
+    assert!(long.iter().zip(&short).any(|(x, y)| (x - y).abs() > 1e-3));
+}

@@ -21,8 +21,8 @@ fn smol_ioi() -> Setup {
     let clean = model.tokens_tensor(&batch.clean).unwrap();
     let corrupt = model.tokens_tensor(&batch.corrupt).unwrap();
     let raw: Arc<dyn Metric> = Arc::new(LogitDiff { answer: batch.answer.clone(), wrong: batch.wrong.clone() });
-    let c = ferrolens::methods::metric_of(model, &clean, raw.as_ref()).unwrap();
-    let k = ferrolens::methods::metric_of(model, &corrupt, raw.as_ref()).unwrap();
+    let c = ferrolens::methods::metric_of(model, &clean, None, raw.as_ref()).unwrap();
+    let k = ferrolens::methods::metric_of(model, &corrupt, None, raw.as_ref()).unwrap();
     Setup { clean, corrupt, metric: Normalised::new(raw, c, k).unwrap() }
 }
 
@@ -42,8 +42,8 @@ fn baselines_match_transformer_lens() {
 fn head_sweep_matches_transformer_lens() {
     let s = smol_ioi();
     let model = smollm2();
-    let data = PatchingData { clean: &s.clean, corrupt: &s.corrupt, metric: &s.metric };
-    let g = activation_patching(model, &data, Component::HeadZ, false, &SweepOptions::default()).unwrap();
+    let data = PatchingData::new(&s.clean, &s.corrupt, &s.metric);
+    let g = activation_patching(model, &data, Component::HeadZ, &Positions::All, &SweepOptions::default()).unwrap();
     let r = tl_reference();
     let mut worst = 0f64;
     for l in 0..30 {
@@ -62,10 +62,10 @@ fn head_sweep_matches_transformer_lens() {
 fn residual_sweeps_match_transformer_lens() {
     let s = smol_ioi();
     let model = smollm2();
-    let data = PatchingData { clean: &s.clean, corrupt: &s.corrupt, metric: &s.metric };
+    let data = PatchingData::new(&s.clean, &s.corrupt, &s.metric);
     let r = tl_reference();
     for (c, key) in [(Component::ResidPre, "resid_pre"), (Component::AttnOut, "attn_out"), (Component::MlpOut, "mlp_out")] {
-        let g = activation_patching(model, &data, c, true, &SweepOptions { max_rows: 128, ..Default::default() }).unwrap();
+        let g = activation_patching(model, &data, c, &Positions::Each, &SweepOptions { max_rows: 128, ..Default::default() }).unwrap();
         let mut worst = 0f64;
         for l in 0..30 {
             for p in 0..g.n_pos {
@@ -84,12 +84,12 @@ fn exactness_identities() {
     let clean = ids(&r, "p3.input_ids");
     let corrupt = ids(&r, "p4.input_ids").narrow(1, 0, clean.dim(1).unwrap()).unwrap();
     let raw: Arc<dyn Metric> = Arc::new(LogitDiff { answer: vec![17], wrong: vec![423] });
-    let c = ferrolens::methods::metric_of(&model, &clean, raw.as_ref()).unwrap();
-    let k = ferrolens::methods::metric_of(&model, &corrupt, raw.as_ref()).unwrap();
+    let c = ferrolens::methods::metric_of(&model, &clean, None, raw.as_ref()).unwrap();
+    let k = ferrolens::methods::metric_of(&model, &corrupt, None, raw.as_ref()).unwrap();
     let metric = Normalised::new(raw, c, k).unwrap();
-    let data = PatchingData { clean: &clean, corrupt: &corrupt, metric: &metric };
+    let data = PatchingData::new(&clean, &corrupt, &metric);
     // Every position of resid_pre at layer 0 patched: exactly the clean run (1); layer L too.
-    let all = activation_patching(&model, &data, Component::ResidPre, false, &SweepOptions::default()).unwrap();
+    let all = activation_patching(&model, &data, Component::ResidPre, &Positions::All, &SweepOptions::default()).unwrap();
     for l in 0..2 {
         assert!((all.get(l, 0, 0) - 1.0).abs() < 1e-12, "layer {l}: {}", all.get(l, 0, 0));
     }
@@ -100,11 +100,11 @@ fn exactness_identities() {
     assert!(v.abs() < 1e-12, "{v}");
     // Patching the last position of the final resid_pre gives what recomputation says, and
     // noising at every position gives the corrupt run (0).
-    let noise = activation_patching(&model, &data, Component::ResidPre, false, &SweepOptions { direction: Direction::Noise, ..Default::default() }).unwrap();
+    let noise = activation_patching(&model, &data, Component::ResidPre, &Positions::All, &SweepOptions { direction: Direction::Noise, ..Default::default() }).unwrap();
     assert!(noise.get(0, 0, 0).abs() < 1e-12);
     // Batched sweeps equal one-patch-at-a-time sweeps.
-    let a = activation_patching(&model, &data, Component::HeadZ, true, &SweepOptions { max_rows: 1, ..Default::default() }).unwrap();
-    let b = activation_patching(&model, &data, Component::HeadZ, true, &SweepOptions { max_rows: 1000, ..Default::default() }).unwrap();
+    let a = activation_patching(&model, &data, Component::HeadZ, &Positions::Each, &SweepOptions { max_rows: 1, ..Default::default() }).unwrap();
+    let b = activation_patching(&model, &data, Component::HeadZ, &Positions::Each, &SweepOptions { max_rows: 1000, ..Default::default() }).unwrap();
     let worst = a.values.iter().zip(&b.values).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-10, "{worst}");
 }
@@ -118,8 +118,9 @@ fn atp_equals_gradient_times_difference_and_relp_off_equals_atp() {
     let corrupt = Tensor::cat(&[ids(&r, "p4.input_ids").narrow(1, 0, p).unwrap(), ids(&r, "p6.input_ids").narrow(1, 0, p).unwrap()], 0).unwrap();
     let metric = LogitDiff { answer: vec![17, 40], wrong: vec![423, 9] };
     let comps = [Component::HeadZ, Component::ResidPre, Component::MlpOut, Component::HeadPattern];
-    let opts = AttributionOptions { by_pos: true, ..Default::default() };
-    let atp = attribution(&model, &clean, &corrupt, &metric, &comps, "atp", &opts).unwrap();
+    let opts = AttributionOptions::atp(&comps).positions(Positions::Each);
+    let data = PatchingData::new(&clean, &corrupt, &metric);
+    let atp = attribution(&model, &data, &opts).unwrap();
     // By hand: one gradient at the corrupt run, times the clean - corrupt difference.
     let mut hc = Hooks::new().cache_hooks(&[HookPoint::Z(1), HookPoint::MlpOut(0)]);
     model.run(&clean, &mut hc).unwrap();
@@ -134,12 +135,12 @@ fn atp_equals_gradient_times_difference_and_relp_off_equals_atp() {
     assert!((atp.grids[2].get(0, 6, 0) - want).abs() < 1e-12);
     assert!(want.abs() > 1e-6);
     // RelP with every rule off is AtP.
-    let off = attribution(&model, &clean, &corrupt, &metric, &comps, "relp", &AttributionOptions { rules: LrpRules::NONE, ..opts }).unwrap();
+    let off = attribution(&model, &data, &AttributionOptions { rules: LrpRules::NONE, name: Some("relp".into()), ..opts.clone() }).unwrap();
     for (a, b) in atp.grids.iter().zip(&off.grids) {
         assert_eq!(a.values, b.values);
     }
     // And the rules change the answer.
-    let on = attribution(&model, &clean, &corrupt, &metric, &comps, "relp", &AttributionOptions { rules: LrpRules::RELP, ..opts }).unwrap();
+    let on = attribution(&model, &data, &AttributionOptions { rules: LrpRules::RELP, ..opts }).unwrap();
     assert!(on.grids[0].values.iter().zip(&atp.grids[0].values).any(|(x, y)| (x - y).abs() > 1e-6));
 }
 
@@ -215,9 +216,10 @@ fn qk_fix_equals_recomputed_patterns() {
     let model = tiny_gpt2(DType::F64);
     let (clean, corrupt) = tiny_pair();
     let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
-    let kq = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadK, true).unwrap();
-    let qq = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadQ, true).unwrap();
-    let kall = qk_fix(&model, &clean, &corrupt, &metric, Component::HeadK, false).unwrap();
+    let data = PatchingData::new(&clean, &corrupt, &metric);
+    let kq = qk_fix(&model, &data, Component::HeadK, &Positions::Each).unwrap();
+    let qq = qk_fix(&model, &data, Component::HeadQ, &Positions::Each).unwrap();
+    let kall = qk_fix(&model, &data, Component::HeadK, &Positions::All).unwrap();
     // Gradient at the corrupt run's patterns and the corrupt patterns themselves.
     let pats: Vec<HookPoint> = (0..2).map(HookPoint::Pattern).collect();
     let mut hk = Hooks::new().grad(&pats).cache_hooks(&pats);
@@ -248,20 +250,20 @@ fn qk_fix_equals_recomputed_patterns() {
 /// GradDrop: the mean over layers of |AtP| with that layer's residual writes stop-gradiented.
 #[test]
 fn grad_drop_is_the_mean_of_per_layer_absolute_atp() {
-    use ferrolens::methods::{attribution_with, grad_drop};
+    use ferrolens::methods::grad_drop;
     let model = tiny_gpt2(DType::F64);
     let (clean, corrupt) = tiny_pair();
     let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
-    let opts = AttributionOptions::default();
-    let gd = grad_drop(&model, &clean, &corrupt, &metric, &[Component::HeadZ], &opts).unwrap();
-    let plain = attribution(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "atp", &opts).unwrap();
+    let opts = AttributionOptions::atp(&[Component::HeadZ]);
+    let data = PatchingData::new(&clean, &corrupt, &metric);
+    let gd = grad_drop(&model, &data, &opts).unwrap();
+    let plain = attribution(&model, &data, &opts).unwrap();
     // Layer 1's writes stopped: layer-0 heads reach the logits only through layer 1's attention,
     // whose output write is stopped, and through the residual directly.
     let stop = |h| Patch::new(h, Intervention::func(|x, _| Ok(x.detach())));
-    let l1 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(1)), stop(HookPoint::MlpOut(1))])
-        .unwrap();
-    let l0 = attribution_with(&model, &clean, &corrupt, &metric, &[Component::HeadZ], "x", &opts, &[stop(HookPoint::AttnOut(0)), stop(HookPoint::MlpOut(0))])
-        .unwrap();
+    let with = |extra: Vec<Patch>| attribution(&model, &data, &AttributionOptions { extra, ..opts.clone() }).unwrap();
+    let l1 = with(vec![stop(HookPoint::AttnOut(1)), stop(HookPoint::MlpOut(1))]);
+    let l0 = with(vec![stop(HookPoint::AttnOut(0)), stop(HookPoint::MlpOut(0))]);
     for (i, v) in gd[0].values.iter().enumerate() {
         let want = (l0.grids[0].values[i].abs() + l1.grids[0].values[i].abs()) / 2.0;
         assert!((v - want).abs() < 1e-12);
@@ -279,11 +281,10 @@ fn atp_and_relp_match_the_official_relp_code() {
     let model = smollm2();
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/relp_reference.json")).unwrap()).unwrap();
     for (name, rules) in [("atp", LrpRules::NONE), ("relp", LrpRules::RELP)] {
-        let heads =
-            attribution(model, &s.clean, &s.corrupt, &s.metric, &[Component::HeadZ], name, &AttributionOptions { rules, at_clean: false, by_pos: false })
-                .unwrap();
+        let data = PatchingData::new(&s.clean, &s.corrupt, &s.metric);
+        let heads = attribution(model, &data, &AttributionOptions { rules, ..AttributionOptions::atp(&[Component::HeadZ]) }).unwrap();
         let comps = [Component::ResidPre, Component::AttnOut, Component::MlpOut];
-        let res = attribution(model, &s.clean, &s.corrupt, &s.metric, &comps, name, &AttributionOptions { rules, at_clean: false, by_pos: true }).unwrap();
+        let res = attribution(model, &data, &AttributionOptions { rules, ..AttributionOptions::atp(&comps) }.positions(Positions::Each)).unwrap();
         let mut worst = 0f64;
         for l in 0..30 {
             for h in 0..9 {

@@ -3,7 +3,7 @@
 use crate::study::prepare;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use ferrolens_methods::{activation_patching, attribution, edge_attribution_with, AttributionOptions, Component, EdgeOptions, PatchingData, SweepOptions};
+use ferrolens_methods::{activation_patching, attribution, edge_attribution, AttributionOptions, Component, EdgeOptions, Positions, SweepOptions};
 use ferrolens_model::{HookPoint, Hooks, KvCache, LrpRules};
 use ferrolens_tasks::{read_jsonl, PairBatch};
 use std::time::Instant;
@@ -123,23 +123,14 @@ pub fn run(a: Args) -> Result<()> {
                 let rules = if w.trim() == "atp" { LrpRules::NONE } else { LrpRules::RELP };
                 let comps = [Component::HeadZ, Component::ResidPre, Component::AttnOut, Component::MlpOut];
                 let t = time(dev, a.repeat, || {
-                    attribution(
-                        &model,
-                        &prep.clean,
-                        &prep.corrupt,
-                        &prep.metric,
-                        &comps,
-                        w.trim(),
-                        &AttributionOptions { rules, at_clean: false, by_pos: true },
-                    )?;
+                    attribution(&model, &prep.data(), &AttributionOptions { components: comps.to_vec(), rules, positions: Positions::Each, ..Default::default() })?;
                     Ok(())
                 })?;
                 out.insert(format!("{}_s", w.trim()), t.into());
             }
             "heads" => {
-                let data = PatchingData { clean: &prep.clean, corrupt: &prep.corrupt, metric: &prep.metric };
                 let t0 = Instant::now();
-                activation_patching(&model, &data, Component::HeadZ, false, &SweepOptions::default())?;
+                activation_patching(&model, &prep.data(), Component::HeadZ, &Positions::All, &SweepOptions::default())?;
                 dev.synchronize()?;
                 let t = t0.elapsed().as_secs_f64();
                 // FLOPs actually done: each layer-L patch runs layers L.. for b rows.
@@ -160,7 +151,7 @@ pub fn run(a: Args) -> Result<()> {
                 // EAP over every edge, attention receivers per block and per head input.
                 for (tag, head_inputs) in [("blocks", false), ("heads", true)] {
                     let t = time(dev, a.repeat, || {
-                        edge_attribution_with(&model, &prep.clean, &prep.corrupt, &prep.metric, &EdgeOptions { head_inputs })?;
+                        edge_attribution(&model, &prep.data(), &EdgeOptions { head_inputs })?;
                         Ok(())
                     })?;
                     out.insert(format!("edges_{tag}_s"), t.into());

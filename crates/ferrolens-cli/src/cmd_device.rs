@@ -8,7 +8,7 @@ use crate::cmd_discover::TaskArgs;
 use crate::study::prepare;
 use anyhow::{bail, Result};
 use ferrolens_methods::retrieval::{build_prompt, decode_with_copy_hits, default_needles, stop_tokens, PromptFormat};
-use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, PatchingData, ScoreGrid, SweepOptions};
+use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, Positions, ScoreGrid, SweepOptions};
 use ferrolens_model::{device_name, load, DType, Device, HookPoint, HookedTransformer, Hooks, LoadOptions, LrpRules, Tensor};
 use ferrolens_tasks::PairBatch;
 use std::time::Instant;
@@ -111,8 +111,7 @@ pub fn run(a: Args) -> Result<()> {
     if want("heads") {
         let (gc, gd, tc, td) = both(&cpu, &dev, |m, i| {
             let p = prep[i];
-            let data = PatchingData { clean: &p.clean, corrupt: &p.corrupt, metric: &p.metric };
-            Ok(activation_patching(m, &data, Component::HeadZ, false, &SweepOptions::default())?)
+            Ok(activation_patching(m, &p.data(), Component::HeadZ, &Positions::All, &SweepOptions::default())?)
         })?;
         check(&mut rows, "head_sweep_scores", grid_diff(&gc, &gd), tc, td);
     }
@@ -120,7 +119,8 @@ pub fn run(a: Args) -> Result<()> {
         let comps = [Component::HeadZ, Component::ResidPre, Component::MlpOut];
         let (ac, ad, tc, td) = both(&cpu, &dev, |m, i| {
             let p = prep[i];
-            Ok(attribution(m, &p.clean, &p.corrupt, &p.metric, &comps, name, &AttributionOptions { rules, at_clean: false, by_pos: true })?)
+            let opts = AttributionOptions { components: comps.to_vec(), rules, positions: Positions::Each, name: Some(name.into()), ..Default::default() };
+            Ok(attribution(m, &p.data(), &opts)?)
         })?;
         let d = ac.grids.iter().zip(&ad.grids).map(|(x, y)| grid_diff(x, y)).fold(0.0, f64::max);
         check(&mut rows, &format!("{name}_scores"), d, tc, td);

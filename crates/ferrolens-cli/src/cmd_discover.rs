@@ -10,7 +10,7 @@ use crate::study::{correlations, prepare, run_methods, scores_table, Method, Pre
 use anyhow::{Context, Result};
 use candle_core::IndexOp;
 use ferrolens_methods::heads::attention_between;
-use ferrolens_methods::{edge_attribution_with, smallest_faithful, AblationMeans, Component, CurvePoint, Direction, EdgeOptions, Node, Receiver, ScoreGrid};
+use ferrolens_methods::{edge_attribution, smallest_faithful, AblationMeans, Component, CurvePoint, Direction, EdgeOptions, Node, Receiver, ScoreGrid};
 use ferrolens_model::{HookPoint, HookedTransformer, Hooks, LrpRules};
 use ferrolens_report::{bar_chart, heatmap, line_chart, write_table, Column, Heatmap, Report, Table};
 use ferrolens_tasks::{colored, ioi, read_jsonl, PairBatch, PromptPair, Task};
@@ -39,12 +39,16 @@ pub struct TaskArgs {
     /// Colored Objects: solved examples before the query.
     #[arg(long, default_value_t = 1)]
     pub shots: usize,
+    /// IOI: use every template, whatever its token length (one padded batch; per-position scores
+    /// by label: IO, S1, S1+1, S2, end). By default only the most common length is used.
+    #[arg(long)]
+    pub all_templates: bool,
 }
 
 impl TaskArgs {
     /// The pairs of this task for `model`'s tokenizer.
     pub fn pairs(&self, model: &HookedTransformer) -> Result<Vec<PromptPair>> {
-        task_pairs(model, Task::parse(&self.task)?, self.n, self.seed, &self.corruption, self.objects, self.shots)
+        task_pairs(model, Task::parse(&self.task)?, self)
     }
 }
 
@@ -91,8 +95,9 @@ pub struct Args {
 }
 
 /// Pairs of a built-in task for `model`'s tokenizer.
-pub fn task_pairs(model: &HookedTransformer, task: Task, n: usize, seed: u64, corruption: &str, objects: usize, shots: usize) -> Result<Vec<PromptPair>> {
+pub fn task_pairs(model: &HookedTransformer, task: Task, a: &TaskArgs) -> Result<Vec<PromptPair>> {
     let tok = model.tokenizer()?;
+    let (n, seed, corruption, objects, shots) = (a.n, a.seed, a.corruption.as_str(), a.objects, a.shots);
     Ok(match task {
         Task::Ioi => {
             let corruption = match corruption {
@@ -100,7 +105,7 @@ pub fn task_pairs(model: &HookedTransformer, task: Task, n: usize, seed: u64, co
                 "s2io" | "s2-io" => ioi::IoiCorruption::S2Io,
                 o => anyhow::bail!("unknown IOI corruption `{o}`; use abc or s2io"),
             };
-            ioi::generate(tok, &ioi::IoiConfig { n, seed, corruption, ..Default::default() })?
+            ioi::generate(tok, &ioi::IoiConfig { n, seed, corruption, all_lengths: a.all_templates, ..Default::default() })?
         }
         Task::ColoredObjects => colored::generate(tok, &colored::ColoredConfig { n, seed, n_objects: objects, shots })?,
     })
@@ -132,7 +137,9 @@ fn head_classes(
     circuit: &[Node],
     scores: &BTreeMap<Node, f64>,
 ) -> Result<Vec<(Node, String, f64)>> {
-    let labels: Vec<BTreeMap<String, usize>> = pairs.iter().map(|p| p.labels.clone()).collect();
+    // Label positions in the (left-padded) batch.
+    let labels: Vec<BTreeMap<String, usize>> =
+        pairs.iter().zip(&prep.pads).map(|(p, pad)| p.labels.iter().map(|(k, v)| (k.clone(), v + pad)).collect()).collect();
     let probes = [
         ("end", "IO", "name mover"),
         ("end", "S2", "S-inhibition"),
@@ -141,7 +148,7 @@ fn head_classes(
         ("S1+1", "S1", "previous-token"),
     ];
     let pairs: Vec<(&str, &str)> = probes.iter().map(|(q, k, _)| (*q, *k)).collect();
-    let Some(scores_by_probe) = attention_between(model, &prep.clean, &labels, &pairs)? else {
+    let Some(scores_by_probe) = attention_between(model, &prep.clean, prep.mask.as_ref(), &labels, &pairs)? else {
         return Ok(vec![]);
     };
     let maps: Vec<(&str, Vec<Vec<f64>>)> = probes.iter().map(|p| p.2).zip(scores_by_probe).collect();
@@ -215,7 +222,7 @@ pub fn run(a: Args) -> Result<()> {
     let t0 = Instant::now();
     let bar = crate::progress_bar(a.quiet, "faithfulness");
     bar.set_length(1);
-    let means = AblationMeans::new(&model, &prep.corrupt)?;
+    let means = AblationMeans::new(&model, &prep.corrupt, prep.mask.as_ref())?;
     let (size, curve): (Option<usize>, Vec<CurvePoint>) = match a.top_k {
         Some(k) => {
             let mut sizes = size_grid(ranked.len());
@@ -223,9 +230,9 @@ pub fn run(a: Args) -> Result<()> {
                 sizes.push(k);
                 sizes.sort();
             }
-            (Some(k), ferrolens_methods::faithfulness_curve(&model, &prep.clean, &means, prep.raw.as_ref(), &ranked, &sizes, prep.clean_value, 240)?)
+            (Some(k), ferrolens_methods::faithfulness_curve(&model, &prep.raw_data(), &means, &ranked, &sizes, prep.clean_value, 240)?)
         }
-        None => smallest_faithful(&model, &prep.clean, &means, prep.raw.as_ref(), &ranked, &size_grid(ranked.len()), prep.clean_value, a.target, 240)?,
+        None => smallest_faithful(&model, &prep.raw_data(), &means, &ranked, &size_grid(ranked.len()), prep.clean_value, a.target, 240)?,
     };
     bar.finish_and_clear();
     let t_faith = t0.elapsed().as_secs_f64();
@@ -240,7 +247,7 @@ pub fn run(a: Args) -> Result<()> {
         "blocks" => false,
         other => anyhow::bail!("--edge-receivers `{other}`: use heads or blocks"),
     };
-    let edges = edge_attribution_with(&model, &prep.clean, &prep.corrupt, &prep.metric, &EdgeOptions { head_inputs })?;
+    let edges = edge_attribution(&model, &prep.data(), &EdgeOptions { head_inputs })?;
     let in_circ = |n: &Node| circuit.contains(n);
     let recv_in = |r: &Receiver| receiver_targets(r, &model, |n| circuit.contains(n)).is_some_and(|t| !t.is_empty());
     let mut circ_edges: Vec<&ferrolens_methods::Edge> = edges.iter().filter(|e| in_circ(&e.sender) && recv_in(&e.receiver)).collect();
@@ -384,7 +391,9 @@ fn figures(
     list.push((stem, "Circuit graph: nodes by layer; edges are the 60 largest |EAP| scores among circuit nodes (red positive, blue negative)".into()));
     // Attention patterns of the top heads on the first clean prompt.
     let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
-    let first = prep.clean.i(0..1)?;
+    // The first prompt alone (without the batch's padding).
+    let pad0 = prep.pads.first().copied().unwrap_or(0);
+    let first = prep.clean.i(0..1)?.narrow(1, pad0, tokens.len())?;
     let heads: Vec<(usize, usize)> = circuit
         .iter()
         .filter_map(|n| match n {

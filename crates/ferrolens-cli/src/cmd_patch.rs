@@ -11,7 +11,8 @@ pub struct Args {
     /// Model: a registry name, a .gguf file, a HF directory or a hub id.
     #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
     model: String,
-    /// JSONL of {"clean","corrupt","answer","wrong"}; all prompts of one token length.
+    /// JSONL of {"clean","corrupt","answer","wrong"[,"labels"]}; a pair's two prompts of one token
+    /// length; pairs of different lengths are padded, and then per-position scores are by label.
     #[arg(long)]
     data: std::path::PathBuf,
     /// Methods: act, atp, relp, atp_qk (AtP* QK fix), atp_graddrop (AtP* GradDrop), comma-separated.

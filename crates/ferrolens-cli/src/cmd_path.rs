@@ -57,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
             receivers.push((l, idx, input));
         }
     }
-    let v = path_patch(&model, &prep.clean, &prep.corrupt, &prep.metric, sender, &receivers).context("path patching")?;
+    let v = path_patch(&model, &prep.data(), sender, &receivers).context("path patching")?;
     let out = serde_json::json!({"sender": a.sender, "receivers": a.receivers, "normalised_metric": v, "effect": v - 1.0,
         "clean_logit_diff": prep.clean_value, "corrupt_logit_diff": prep.corrupt_value, "n_pairs": batch.len()});
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -3,19 +3,27 @@
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use ferrolens_methods::{
-    activation_patching, attribution, metric_of, AttributionOptions, Component, Direction, LogitDiff, Metric, Normalised, PatchingData, ScoreGrid, SweepOptions,
+    activation_patching, attribution, metric_of, AttributionOptions, Component, Direction, LogitDiff, Metric, Normalised, PatchingData, Positions, ScoreGrid,
+    SweepOptions,
 };
-use ferrolens_model::{HookedTransformer, LrpRules};
+use ferrolens_model::{HookedTransformer, LrpRules, PadSide};
 use ferrolens_report::{heatmap, Column, Heatmap, Table};
 use ferrolens_tasks::PairBatch;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Tokens and metrics of a pair batch.
+/// Tokens and metrics of a pair batch: one batch, left-padded with a mask when pairs differ in
+/// length.
 pub struct Prepared {
     pub clean: Tensor,
     pub corrupt: Tensor,
+    /// Real tokens of the padded batch (`None`: every pair has one length).
+    pub mask: Option<Tensor>,
+    /// Per-position slots: every position when pairs share a length, else the common labels.
+    pub positions: Positions,
+    /// Left padding of each pair in the batch.
+    pub pads: Vec<usize>,
     pub raw: Arc<LogitDiff>,
     pub metric: Normalised,
     pub clean_value: f64,
@@ -24,18 +32,36 @@ pub struct Prepared {
     pub clean_accuracy: f64,
 }
 
+impl Prepared {
+    /// The patching data (normalised metric).
+    pub fn data(&self) -> PatchingData<'_> {
+        PatchingData::new(&self.clean, &self.corrupt, &self.metric).with_mask(self.mask.as_ref())
+    }
+
+    /// The same prompts under the raw logit difference.
+    pub fn raw_data(&self) -> PatchingData<'_> {
+        self.data().with_metric(self.raw.as_ref())
+    }
+}
+
 pub fn prepare(model: &HookedTransformer, batch: &PairBatch) -> Result<Prepared> {
-    let clean = model.tokens_tensor(&batch.clean)?;
-    let corrupt = model.tokens_tensor(&batch.corrupt)?;
+    let (clean, corrupt, mask, positions) = if batch.uniform_len().is_some() {
+        (model.tokens_tensor(&batch.clean)?, model.tokens_tensor(&batch.corrupt)?, None, Positions::Each)
+    } else {
+        let (c, m) = model.tokens_padded(&batch.clean, PadSide::Left)?;
+        let (k, _) = model.tokens_padded(&batch.corrupt, PadSide::Left)?;
+        (c, k, Some(m), Positions::Labels(batch.label_indices()))
+    };
     let raw = Arc::new(LogitDiff { answer: batch.answer.clone(), wrong: batch.wrong.clone() });
-    let span = ferrolens_model::RunSpan { last_logits_only: true, ..Default::default() };
+    let span = ferrolens_model::RunSpan { last_logits_only: true, mask: mask.clone(), ..Default::default() };
     let logits = model.run_span(Some(&clean), &span, &mut ferrolens_model::Hooks::new())?;
-    let per = raw.per_row(&logits)?.to_vec1::<f32>()?;
+    let per = raw.per_row(&logits)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
     let clean_accuracy = per.iter().filter(|v| **v > 0.0).count() as f64 / per.len() as f64;
     let clean_value = per.iter().map(|v| *v as f64).sum::<f64>() / per.len() as f64;
-    let corrupt_value = metric_of(model, &corrupt, raw.as_ref())?;
+    let corrupt_value = metric_of(model, &corrupt, mask.as_ref(), raw.as_ref())?;
     let metric = Normalised::new(raw.clone(), clean_value, corrupt_value)?;
-    Ok(Prepared { clean, corrupt, raw, metric, clean_value, corrupt_value, clean_accuracy })
+    let pads = (0..batch.len()).map(|i| batch.pad(i)).collect();
+    Ok(Prepared { clean, corrupt, mask, positions, pads, raw, metric, clean_value, corrupt_value, clean_accuracy })
 }
 
 /// Which methods to run.
@@ -103,22 +129,20 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
-/// Run `methods` x `components`; returns grids and (method, seconds) timings.
-pub fn run_methods(
-    model: &HookedTransformer,
-    prep: &Prepared,
-    methods: &[Method],
-    components: &[Component],
-    o: &RunOptions,
-) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
-    let (by_pos, rules, direction, quiet) = (o.by_pos, o.rules, o.direction, o.quiet);
-    let pos_of = |c: &Component| {
-        if c.has_heads() {
-            by_pos
-        } else {
-            o.resid_by_pos
-        }
-    };
+/// Run `methods` x `components`; returns grids and (method, seconds) timings. Per-position
+/// scores are by position when every pair has one length, else by label (an error when the
+/// pairs have no labels in common).
+pub fn run_methods(model: &HookedTransformer, prep: &Prepared, methods: &[Method], components: &[Component], o: &RunOptions) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
+    let (rules, direction, quiet) = (o.rules, o.direction, o.quiet);
+    if (o.by_pos || o.resid_by_pos) && matches!(&prep.positions, Positions::Labels(l) if l.is_empty()) {
+        anyhow::bail!(
+            "the pairs have different token lengths and no labels in common, so there are no per-position scores to report; \
+             give every pair `labels` (name -> token index, as `ferrolens data` writes), or pairs of one length, or drop --by-pos"
+        );
+    }
+    let pos_for = |by: bool| if by { prep.positions.clone() } else { Positions::All };
+    let pos_of = |c: &Component| pos_for(if c.has_heads() { o.by_pos } else { o.resid_by_pos });
+    let data = prep.data();
     let mut grids = Vec::new();
     let mut times = Vec::new();
     for &m in methods {
@@ -131,23 +155,22 @@ pub fn run_methods(
                         bar.set_length(total as u64);
                         bar.set_position(done as u64);
                     };
-                    let data = PatchingData { clean: &prep.clean, corrupt: &prep.corrupt, metric: &prep.metric };
                     let opts = SweepOptions { direction, progress: Some(&cb), ..Default::default() };
-                    grids.push(activation_patching(model, &data, c, pos_of(&c), &opts)?);
+                    grids.push(activation_patching(model, &data, c, &pos_of(&c), &opts)?);
                     bar.finish_and_clear();
                 }
             }
             Method::AtpQk | Method::AtpGd => {
                 let (heads, resid): (Vec<Component>, Vec<Component>) = components.iter().partition(|c| c.has_heads());
-                for (cs, bp) in [(heads, by_pos), (resid, o.resid_by_pos)] {
-                    let opts = AttributionOptions { rules: LrpRules::NONE, at_clean: o.at_clean, by_pos: bp };
+                for (cs, by) in [(heads, o.by_pos), (resid, o.resid_by_pos)] {
                     for &c in &cs {
+                        let opts = AttributionOptions { at_clean: o.at_clean, positions: pos_for(by), ..AttributionOptions::atp(&[c]) };
                         let mut g = if m == Method::AtpQk && matches!(c, Component::HeadQ | Component::HeadK) {
-                            ferrolens_methods::qk_fix(model, &prep.clean, &prep.corrupt, &prep.metric, c, bp)?
+                            ferrolens_methods::qk_fix(model, &data, c, &pos_for(by))?
                         } else if m == Method::AtpGd {
-                            ferrolens_methods::grad_drop(model, &prep.clean, &prep.corrupt, &prep.metric, &[c], &opts)?.remove(0)
+                            ferrolens_methods::grad_drop(model, &data, &opts)?.remove(0)
                         } else {
-                            attribution(model, &prep.clean, &prep.corrupt, &prep.metric, &[c], m.name(), &opts)?.grids.remove(0)
+                            attribution(model, &data, &opts)?.grids.remove(0)
                         };
                         g.method = m.name().to_string();
                         grids.push(g);
@@ -157,12 +180,19 @@ pub fn run_methods(
             Method::Atp | Method::Relp => {
                 let r = if m == Method::Atp { LrpRules::NONE } else { rules };
                 let (heads, resid): (Vec<Component>, Vec<Component>) = components.iter().partition(|c| c.has_heads());
-                for (cs, bp) in [(heads, by_pos), (resid, o.resid_by_pos)] {
+                for (cs, by) in [(heads, o.by_pos), (resid, o.resid_by_pos)] {
                     if cs.is_empty() {
                         continue;
                     }
-                    let opts = AttributionOptions { rules: r, at_clean: o.at_clean, by_pos: bp };
-                    grids.extend(attribution(model, &prep.clean, &prep.corrupt, &prep.metric, &cs, m.name(), &opts)?.grids);
+                    let opts = AttributionOptions {
+                        components: cs.clone(),
+                        rules: r,
+                        at_clean: o.at_clean,
+                        positions: pos_for(by),
+                        name: Some(m.name().into()),
+                        ..Default::default()
+                    };
+                    grids.extend(attribution(model, &data, &opts)?.grids);
                 }
             }
         }
@@ -171,29 +201,37 @@ pub fn run_methods(
     Ok((grids, times))
 }
 
-/// The rows of all grids as the scores table (`method,component,layer,head,pos,score`).
+/// The rows of all grids as the scores table (`method,component,layer,head,pos,score`, and
+/// `label` when positions are labelled).
 pub fn scores_table(grids: &[ScoreGrid]) -> Table {
     let rows: Vec<_> = grids.iter().flat_map(|g| g.rows()).collect();
-    Table::new()
+    let mut t = Table::new()
         .col("method", Column::Str(rows.iter().map(|r| r.method.clone()).collect()))
         .col("component", Column::Str(rows.iter().map(|r| r.component.clone()).collect()))
         .col("layer", Column::OptU64(rows.iter().map(|r| Some(r.layer as u64)).collect()))
         .col("head", Column::OptU64(rows.iter().map(|r| r.head.map(|h| h as u64)).collect()))
         .col("pos", Column::OptU64(rows.iter().map(|r| r.pos.map(|p| p as u64)).collect()))
-        .col("score", Column::F64(rows.iter().map(|r| r.score).collect()))
+        .col("score", Column::F64(rows.iter().map(|r| r.score).collect()));
+    // Pairs of different lengths score positions by label (IO, S1, S2, end, ...).
+    if rows.iter().any(|r| r.label.is_some()) {
+        t = t.col("label", Column::Str(rows.iter().map(|r| r.label.clone().unwrap_or_default()).collect()));
+    }
+    t
 }
 
 /// A heatmap per grid, as `DIR/heatmap_{method}_{component}.svg|png`; returns the stems.
 pub fn grid_heatmaps(grids: &[ScoreGrid], tokens: &[String], dir: &Path) -> Result<Vec<(std::path::PathBuf, String)>> {
     let mut out = Vec::new();
     for g in grids {
+        // Labelled positions (pairs of different lengths) are ticked by label.
+        let (pos_label, pos_ticks) = if g.labels.is_empty() { ("position", tokens.to_vec()) } else { ("label", g.labels.clone()) };
         let (values, row_label, col_label, ticks): (Vec<Vec<f64>>, &str, &str, Vec<String>) = if g.component.has_heads() && !g.by_pos {
             ((0..g.n_layers).map(|l| (0..g.n_heads).map(|h| g.get(l, 0, h)).collect()).collect(), "layer", "head", vec![])
         } else if g.component.has_heads() {
             let v = (0..g.n_layers).flat_map(|l| (0..g.n_heads).map(move |h| (l, h))).map(|(l, h)| (0..g.n_pos).map(|p| g.get(l, p, h)).collect()).collect();
-            (v, "layer * n_heads + head", "position", tokens.to_vec())
+            (v, "layer * n_heads + head", pos_label, pos_ticks)
         } else {
-            ((0..g.n_layers).map(|l| (0..g.n_pos).map(|p| g.get(l, p, 0)).collect()).collect(), "layer", "position", tokens.to_vec())
+            ((0..g.n_layers).map(|l| (0..g.n_pos).map(|p| g.get(l, p, 0)).collect()).collect(), "layer", pos_label, pos_ticks)
         };
         let title = format!("{} on {}", g.method, g.component.name());
         let stem = dir.join(format!("heatmap_{}_{}", g.method, g.component.name()));

@@ -20,17 +20,20 @@
 //! `l` of the absolute AtP scores, `(1/L) sum_l |AtP_l(n)|`, which counters cancellation between
 //! paths. (The paper leaves out the layer of the node itself; here every layer is used.)
 
-use crate::attribution::AttributionOptions;
-use crate::metrics::Metric;
-use crate::scores::{Component, ScoreGrid};
+use crate::attribution::{attribution, gather_slots, AttributionOptions};
+use crate::patching::PatchingData;
+use crate::scores::{Component, Positions, ScoreGrid};
 use candle_core::{DType, Tensor, D};
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result};
 
-/// QK-fixed AtP scores for `HeadQ` or `HeadK`, by position or over all positions.
-pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric, component: Component, by_pos: bool) -> Result<ScoreGrid> {
+/// QK-fixed AtP scores for `HeadQ` or `HeadK`, over all positions, at each position, or at
+/// labelled positions.
+pub fn qk_fix(model: &HookedTransformer, data: &PatchingData, component: Component, positions: &Positions) -> Result<ScoreGrid> {
     if !matches!(component, Component::HeadQ | Component::HeadK) {
         return Err(Error::Input(format!("the QK fix applies to heads_q and heads_k, not {}", component.name())));
     }
+    let (b, p) = data.check()?;
+    positions.check(b, p)?;
     let n = model.cfg.n_layers;
     let (h, kvh) = (model.cfg.n_heads, model.cfg.n_kv_heads);
     let rep = h / kvh;
@@ -41,19 +44,19 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
         (HookPoint::Q as fn(usize) -> HookPoint, HookPoint::K as fn(usize) -> HookPoint)
     };
     let qk: Vec<HookPoint> = (0..n).flat_map(|l| [qh(l), kh(l)]).collect();
-    let span = RunSpan { last_logits_only: true, ..Default::default() };
+    let span = data.span(true);
     let mut hc = Hooks::new().cache_hooks(&qk);
-    model.run_span(Some(clean), &span, &mut hc)?;
+    model.run_span(Some(data.clean), &span, &mut hc)?;
     let hc = hc.take_cache();
     let pats: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
     let mut cache_pts = qk.clone();
     cache_pts.extend(pats.iter().copied());
     let mut hk = Hooks::new().cache_hooks(&cache_pts).grad(&pats);
-    let run = model.run_span_with_grads(Some(corrupt), &span, &mut hk, |l| Ok(metric.per_row(l)?.mean_all()?))?;
+    let metric = data.metric;
+    let run = model.run_span_with_grads(Some(data.corrupt), &span, &mut hk, |l| Ok(metric.per_row(l)?.mean_all()?))?;
     let hk = hk.take_cache();
-    let (_, p) = corrupt.dims2()?;
     let nh = if component == Component::HeadQ { h } else { kvh };
-    let mut grid = ScoreGrid::zeros("atp_qk", component, by_pos, n, p, nh);
+    let mut grid = ScoreGrid::for_positions("atp_qk", component, positions, n, p, nh);
     // [b,p,heads,d] -> [b,heads,p,d], repeating KV heads for the query heads.
     let heads_first = |t: &Tensor, repeat: usize| -> Result<Tensor> {
         let t = ferrolens_model::transformer::repeat_kv(&t.to_dtype(DType::F64)?, repeat)?;
@@ -64,10 +67,11 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
         let g = run.grads[&HookPoint::Pattern(l)].to_dtype(DType::F64)?;
         let q = heads_first(hk.get(qh(l))?, 1)?;
         let k = heads_first(hk.get(kh(l))?, rep)?;
-        // The layer's mask (causal and sliding window), 1 = allowed, as f64 [p,p].
-        let mask = match model.attn_mask(l, p, p)? {
-            Some(m) => m.to_dtype(DType::F64)?,
-            None => Tensor::ones((p, p), DType::F64, model.device())?,
+        // The layer's mask (causal, sliding window, padding), 1 = allowed, as f64 [p,p] or [b,1,p,p].
+        let mask = match (data.mask, model.attn_mask(l, p, p)?) {
+            (Some(m), _) => model.attn_mask_padded(l, p, m)?.to_dtype(DType::F64)?,
+            (None, Some(m)) => m.to_dtype(DType::F64)?,
+            (None, None) => Tensor::ones((p, p), DType::F64, model.device())?,
         };
         // sum_k (A' - A) . g per query row, with A' the exact masked softmax of the model's own
         // scores of qq and kk: [b,h,q].
@@ -79,7 +83,7 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
             Ok(((a2 - &a)? * &g)?.sum(D::Minus1)?)
         };
         // s[b, h, pos] for query heads, later summed into KV heads for keys.
-        let s = match (component, by_pos) {
+        let s = match (component, positions.separate()) {
             (Component::HeadQ, _) => exact(&heads_first(hc.get(qh(l))?, 1)?, &k)?,
             // Every key position patched at once is not the sum of single-key patches: recompute.
             (_, false) => exact(&q, &heads_first(hc.get(kh(l))?, rep)?)?,
@@ -97,18 +101,12 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
                 term.sum(2)? // over queries -> [b,h,s]
             }
         };
-        let s = s.sum(0)?; // [h, pos]
-        let s = if component == Component::HeadK && rep > 1 { s.reshape((kvh, rep, p))?.sum(1)? } else { s };
-        let v: Vec<Vec<f64>> = s.to_vec2()?;
-        for (hi, row) in v.iter().enumerate() {
-            if by_pos {
-                for (pi, x) in row.iter().enumerate() {
-                    let i = grid.idx(l, pi, hi);
-                    grid.values[i] = *x;
-                }
-            } else {
-                let i = grid.idx(l, 0, hi);
-                grid.values[i] = row.iter().sum();
+        let s = if component == Component::HeadK && rep > 1 { s.reshape((b, kvh, rep, p))?.sum(2)? } else { s };
+        let per = gather_slots(&s.transpose(1, 2)?.contiguous()?, positions, p)?; // [slots][heads]
+        for (slot, row) in per.iter().enumerate() {
+            for (hi, x) in row.iter().enumerate() {
+                let i = grid.idx(l, slot, hi);
+                grid.values[i] = *x;
             }
         }
     }
@@ -116,21 +114,16 @@ pub fn qk_fix(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metri
 }
 
 /// GradDrop AtP scores: the mean over layers `l` of |AtP| with the gradient through layer `l`'s
-/// residual writes stopped. `components` and `opts` as in [`crate::attribution::attribution`].
-pub fn grad_drop(
-    model: &HookedTransformer,
-    clean: &Tensor,
-    corrupt: &Tensor,
-    metric: &dyn Metric,
-    components: &[Component],
-    opts: &AttributionOptions,
-) -> Result<Vec<ScoreGrid>> {
+/// residual writes stopped. `opts` as in [`attribution`] (its `extra` patches are kept).
+pub fn grad_drop(model: &HookedTransformer, data: &PatchingData, opts: &AttributionOptions) -> Result<Vec<ScoreGrid>> {
     let n = model.cfg.n_layers;
     let mut acc: Option<Vec<ScoreGrid>> = None;
     for l in 0..n {
         let stop = |h: HookPoint| Patch::new(h, Intervention::func(|x, _| Ok(x.detach())));
-        let patches = vec![stop(HookPoint::AttnOut(l)), stop(HookPoint::MlpOut(l))];
-        let a = crate::attribution::attribution_with(model, clean, corrupt, metric, components, "atp_graddrop", opts, &patches)?;
+        let mut o = opts.clone();
+        o.extra.extend([stop(HookPoint::AttnOut(l)), stop(HookPoint::MlpOut(l))]);
+        o.name = Some("atp_graddrop".into());
+        let a = attribution(model, data, &o)?;
         match &mut acc {
             None => {
                 let mut g = a.grids;

@@ -5,7 +5,7 @@
 //! mean over a reference distribution, per position; for IOI the ABC corrupt prompts), run the
 //! clean prompts, and report `metric(ablated) / metric(full model)` (Wang et al. 2022, Sec. 4).
 
-use crate::metrics::Metric;
+use crate::patching::PatchingData;
 use candle_core::{DType, Tensor};
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
 use serde::{Deserialize, Serialize};
@@ -47,40 +47,56 @@ impl Node {
 }
 
 /// Per-position means of every `hook_z` and `hook_mlp_out` over a reference batch `[b, p]`.
+/// In a left-padded batch (`mask`), position `i` averages the prompts that have a token there
+/// (positions are aligned at the end, where every prompt's answer is read); padding never enters.
 pub struct AblationMeans {
     z: Vec<Tensor>,   // per layer [p, h, d]
     mlp: Vec<Tensor>, // per layer [p, D]
 }
 
 impl AblationMeans {
-    /// Means over `reference` tokens `[b, p]`.
-    pub fn new(model: &HookedTransformer, reference: &Tensor) -> Result<Self> {
+    /// Means over `reference` tokens `[b, p]` (`mask` `[b, p]` for a left-padded batch).
+    pub fn new(model: &HookedTransformer, reference: &Tensor, mask: Option<&Tensor>) -> Result<Self> {
         let n = model.cfg.n_layers;
         let pts: Vec<HookPoint> = (0..n).flat_map(|l| [HookPoint::Z(l), HookPoint::MlpOut(l)]).collect();
         let mut hooks = Hooks::new().cache_hooks(&pts);
-        model.run_span(Some(reference), &RunSpan { last_logits_only: true, ..Default::default() }, &mut hooks)?;
+        model.run_span(Some(reference), &RunSpan { last_logits_only: true, mask: mask.cloned(), ..Default::default() }, &mut hooks)?;
         let c = hooks.cache_ref();
+        // Weights [b, p]: 1/count of real rows at each position (0 at padding).
+        let w = match mask {
+            Some(m) => {
+                let m = m.to_dtype(DType::F32)?;
+                let count = m.sum_keepdim(0)?.maximum(1.0)?; // [1, p]
+                Some(m.broadcast_div(&count)?)
+            }
+            None => None,
+        };
+        let mean = |t: &Tensor| -> Result<Tensor> {
+            Ok(match &w {
+                None => t.mean(0)?,
+                Some(w) => {
+                    let mut shape = w.dims().to_vec();
+                    shape.resize(t.rank(), 1);
+                    t.broadcast_mul(&w.to_dtype(t.dtype())?.reshape(shape)?)?.sum(0)?
+                }
+            })
+        };
         let mut z = Vec::new();
         let mut mlp = Vec::new();
         for l in 0..n {
-            z.push(c.get(HookPoint::Z(l))?.mean(0)?);
-            mlp.push(c.get(HookPoint::MlpOut(l))?.mean(0)?);
+            z.push(mean(c.get(HookPoint::Z(l))?)?);
+            mlp.push(mean(c.get(HookPoint::MlpOut(l))?)?);
         }
         Ok(AblationMeans { z, mlp })
     }
 }
 
-/// Mean metric of `tokens` with everything outside each circuit mean-ablated: one value per
-/// circuit. Circuits ride in batched forwards of at most `max_rows` rows.
-pub fn ablated_metric(
-    model: &HookedTransformer,
-    tokens: &Tensor,
-    means: &AblationMeans,
-    metric: &dyn Metric,
-    circuits: &[Vec<Node>],
-    max_rows: usize,
-) -> Result<Vec<f64>> {
-    let (b, p) = tokens.dims2()?;
+/// Mean metric of `data.clean` (with `data.mask`) under `data.metric`, with everything outside
+/// each circuit mean-ablated: one value per circuit. Circuits ride in batched forwards of at most
+/// `max_rows` rows.
+pub fn ablated_metric(model: &HookedTransformer, data: &PatchingData, means: &AblationMeans, circuits: &[Vec<Node>], max_rows: usize) -> Result<Vec<f64>> {
+    let (tokens, metric) = (data.clean, data.metric);
+    let (b, p) = data.check()?;
     if means.z.first().map(|t| t.dim(0).ok() != Some(p)).unwrap_or(true) {
         return Err(Error::Input("the ablation means were taken on prompts of another length".into()));
     }
@@ -117,7 +133,8 @@ pub fn ablated_metric(
                 .patch(Patch::new(HookPoint::Z(l), Intervention::MeanAblate(means.z[l].clone())).mask(hmask))
                 .patch(Patch::new(HookPoint::MlpOut(l), Intervention::MeanAblate(means.mlp[l].clone())).mask(mmask));
         }
-        let logits = model.run_span(Some(&rows), &RunSpan { last_logits_only: true, ..Default::default() }, &mut hooks)?;
+        let span = RunSpan { last_logits_only: true, mask: data.mask_rows(c)?, ..Default::default() };
+        let logits = model.run_span(Some(&rows), &span, &mut hooks)?;
         let v = metric.per_row(&logits)?.to_dtype(DType::F64)?.reshape((c, b))?.mean(1)?.to_vec1::<f64>()?;
         out.extend(v);
     }
@@ -137,16 +154,15 @@ pub struct CurvePoint {
 /// model's mean metric `full`.
 pub fn faithfulness_curve(
     model: &HookedTransformer,
-    tokens: &Tensor,
+    data: &PatchingData,
     means: &AblationMeans,
-    metric: &dyn Metric,
     ranked: &[Node],
     sizes: &[usize],
     full: f64,
     max_rows: usize,
 ) -> Result<Vec<CurvePoint>> {
     let circuits: Vec<Vec<Node>> = sizes.iter().map(|&k| ranked[..k.min(ranked.len())].to_vec()).collect();
-    let v = ablated_metric(model, tokens, means, metric, &circuits, max_rows)?;
+    let v = ablated_metric(model, data, means, &circuits, max_rows)?;
     Ok(sizes.iter().zip(v).map(|(&size, m)| CurvePoint { size, faithfulness: m / full }).collect())
 }
 
@@ -156,16 +172,15 @@ pub fn faithfulness_curve(
 #[allow(clippy::too_many_arguments)]
 pub fn smallest_faithful(
     model: &HookedTransformer,
-    tokens: &Tensor,
+    data: &PatchingData,
     means: &AblationMeans,
-    metric: &dyn Metric,
     ranked: &[Node],
     sizes: &[usize],
     full: f64,
     target: f64,
     max_rows: usize,
 ) -> Result<(Option<usize>, Vec<CurvePoint>)> {
-    let mut pts = faithfulness_curve(model, tokens, means, metric, ranked, sizes, full, max_rows)?;
+    let mut pts = faithfulness_curve(model, data, means, ranked, sizes, full, max_rows)?;
     let first = pts.iter().position(|p| p.faithfulness >= target);
     let Some(i) = first else {
         return Ok((None, pts));
@@ -173,7 +188,7 @@ pub fn smallest_faithful(
     let (mut lo, mut hi) = (if i == 0 { 0 } else { pts[i - 1].size }, pts[i].size);
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
-        let p = faithfulness_curve(model, tokens, means, metric, ranked, &[mid], full, max_rows)?.remove(0);
+        let p = faithfulness_curve(model, data, means, ranked, &[mid], full, max_rows)?.remove(0);
         if p.faithfulness >= target {
             hi = mid;
         } else {

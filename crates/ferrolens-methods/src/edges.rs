@@ -18,10 +18,10 @@
 //! into one receiver layer are one matrix product.
 
 use crate::circuit::Node;
-use crate::metrics::Metric;
+use crate::patching::PatchingData;
 use crate::path::HeadInput;
 use candle_core::{DType, Tensor};
-use ferrolens_model::{HookPoint, HookedTransformer, Hooks, NormSite, Result, RunSpan};
+use ferrolens_model::{HookPoint, HookedTransformer, Hooks, NormSite, Result};
 use serde::{Deserialize, Serialize};
 
 /// A receiver of an edge.
@@ -63,7 +63,7 @@ impl Receiver {
     }
 }
 
-/// Options of [`edge_attribution_with`].
+/// Options of [`edge_attribution`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EdgeOptions {
     /// Split attention receivers into per-head query inputs and per-KV-head key and value inputs.
@@ -82,17 +82,14 @@ pub struct Edge {
 }
 
 /// EAP scores of every (sender, receiver) edge with the sender upstream of the receiver
-/// (attention receivers per block).
-pub fn edge_attribution(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric) -> Result<Vec<Edge>> {
-    edge_attribution_with(model, clean, corrupt, metric, &EdgeOptions::default())
-}
-
-/// [`edge_attribution`] with options (per-head receivers).
-pub fn edge_attribution_with(model: &HookedTransformer, clean: &Tensor, corrupt: &Tensor, metric: &dyn Metric, opts: &EdgeOptions) -> Result<Vec<Edge>> {
+/// (attention receivers per block, or per head input with [`EdgeOptions::head_inputs`]).
+pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &EdgeOptions) -> Result<Vec<Edge>> {
+    data.check()?;
+    let (clean, corrupt, metric) = (data.clean, data.corrupt, data.metric);
     let cfg = &model.cfg;
     let n = cfg.n_layers;
     let (nh, nkv, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
-    let span = RunSpan::default();
+    let span = data.span(false);
     let senders: Vec<HookPoint> = (0..n).flat_map(|l| [HookPoint::Result(l), HookPoint::MlpOut(l)]).collect();
     let mut hc = Hooks::new().cache_hooks(&senders);
     model.run_span(Some(clean), &span, &mut hc)?;

@@ -2,15 +2,17 @@
 //! and TransformerLens's head detectors (previous-token, duplicate-token, induction).
 
 use candle_core::{DType, IndexOp, Tensor};
-use ferrolens_model::{HookPoint, HookedTransformer, Hooks, Result};
+use ferrolens_model::{HookPoint, HookedTransformer, Hooks, Result, RunSpan};
 use std::collections::BTreeMap;
 
 /// Mean attention (over prompts) from a query label to a key label, for every head and every
 /// `(query, key)` probe: `[probe][layer][head]`, from one forward pass. `labels[i]` maps label names
-/// to token positions of prompt `i`; `None` when some prompt lacks a label.
+/// to token positions of prompt `i` in `tokens` (a left-padded batch with `mask`: positions in the
+/// padded rows); `None` when some prompt lacks a label.
 pub fn attention_between(
     model: &HookedTransformer,
     tokens: &Tensor,
+    mask: Option<&Tensor>,
     labels: &[BTreeMap<String, usize>],
     probes: &[(&str, &str)],
 ) -> Result<Option<Vec<Vec<Vec<f64>>>>> {
@@ -20,7 +22,7 @@ pub fn attention_between(
     let n = model.cfg.n_layers;
     let pts: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
     let mut hooks = Hooks::new().cache_hooks(&pts);
-    model.run(tokens, &mut hooks)?;
+    model.run_span(Some(tokens), &RunSpan { mask: mask.cloned(), ..Default::default() }, &mut hooks)?;
     let c = hooks.cache_ref();
     let mut out = vec![vec![vec![0f64; model.cfg.n_heads]; n]; probes.len()];
     for l in 0..n {

@@ -17,10 +17,10 @@ pub mod retrieval;
 pub mod scores;
 
 pub use atp_star::{grad_drop, qk_fix};
-pub use attribution::{attribution, attribution_with, Attribution, AttributionOptions};
+pub use attribution::{attribution, Attribution, AttributionOptions};
 pub use circuit::{ablated_metric, faithfulness_curve, smallest_faithful, AblationMeans, CurvePoint, Node};
-pub use edges::{edge_attribution, edge_attribution_with, Edge, EdgeOptions, Receiver};
+pub use edges::{edge_attribution, Edge, EdgeOptions, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
 pub use patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
 pub use path::{path_patch, HeadInput};
-pub use scores::{pearson, Component, ScoreGrid, ScoreRow};
+pub use scores::{pearson, Component, Positions, ScoreGrid, ScoreRow};

@@ -10,9 +10,9 @@
 //! With a normalised metric the result is 1 when the path carries nothing and falls as the path
 //! carries more of the behaviour.
 
-use crate::metrics::{mean_value, Metric};
-use candle_core::Tensor;
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
+use crate::metrics::mean_value;
+use crate::patching::PatchingData;
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result};
 
 /// Which input of a receiver head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -37,14 +37,9 @@ impl HeadInput {
 
 /// The metric after path patching sender head `sender = (layer, head)` into `receivers`
 /// (`(layer, head, input)`, each downstream of the sender).
-pub fn path_patch(
-    model: &HookedTransformer,
-    clean: &Tensor,
-    corrupt: &Tensor,
-    metric: &dyn Metric,
-    sender: (usize, usize),
-    receivers: &[(usize, usize, HeadInput)],
-) -> Result<f64> {
+pub fn path_patch(model: &HookedTransformer, data: &PatchingData, sender: (usize, usize), receivers: &[(usize, usize, HeadInput)]) -> Result<f64> {
+    data.check()?;
+    let (clean, corrupt, metric) = (data.clean, data.corrupt, data.metric);
     let n = model.cfg.n_layers;
     let (ls, hs) = sender;
     if ls >= n || hs >= model.cfg.n_heads {
@@ -53,7 +48,7 @@ pub fn path_patch(
     if let Some(r) = receivers.iter().find(|r| r.0 <= ls) {
         return Err(Error::Input(format!("receiver L{}H{} is not downstream of the sender L{ls}H{hs}", r.0, r.1)));
     }
-    let span = RunSpan { last_logits_only: true, ..Default::default() };
+    let span = data.span(true);
     // 1 + clean outputs of every head.
     let zs: Vec<HookPoint> = (ls..n).map(HookPoint::Z).collect();
     let mut hk = Hooks::new().cache_hooks(&[HookPoint::Z(ls)]);

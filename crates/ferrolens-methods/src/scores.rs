@@ -92,6 +92,67 @@ impl Component {
     }
 }
 
+/// Which positions a method scores separately.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Positions {
+    /// All positions at once (a whole-layer patch; gradient scores summed over positions).
+    #[default]
+    All,
+    /// Every position index of the batch (prompts of one length, or a padded batch's indices).
+    Each,
+    /// Named positions that differ per prompt (IOI's `IO`, `S1`, `S2`, `end`, ...): each label
+    /// with the index it has in every prompt row (in the padded batch), `[prompts]`.
+    Labels(Vec<(String, Vec<usize>)>),
+}
+
+impl Positions {
+    /// Whether scores are per position (or per label).
+    pub fn separate(&self) -> bool {
+        !matches!(self, Positions::All)
+    }
+
+    /// The number of position slots for a batch of `p` positions.
+    pub fn slots(&self, p: usize) -> usize {
+        match self {
+            Positions::All => 1,
+            Positions::Each => p,
+            Positions::Labels(l) => l.len(),
+        }
+    }
+
+    /// The label names (empty unless [`Positions::Labels`]).
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Positions::Labels(l) => l.iter().map(|(n, _)| n.clone()).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// The position index of slot `slot` in prompt row `row` (`None`: every position).
+    pub fn index(&self, slot: usize, row: usize) -> Option<usize> {
+        match self {
+            Positions::All => None,
+            Positions::Each => Some(slot),
+            Positions::Labels(l) => Some(l[slot].1[row]),
+        }
+    }
+
+    /// Check label indices against a batch of `b` prompts of `p` positions.
+    pub fn check(&self, b: usize, p: usize) -> Result<()> {
+        if let Positions::Labels(l) = self {
+            for (name, idx) in l {
+                if idx.len() != b {
+                    return Err(Error::Input(format!("label `{name}` has {} indices for {b} prompts", idx.len())));
+                }
+                if let Some(i) = idx.iter().find(|&&i| i >= p) {
+                    return Err(Error::Input(format!("label `{name}` points at position {i} of {p}-position prompts")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One scored component.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreRow {
@@ -103,8 +164,11 @@ pub struct ScoreRow {
     pub layer: usize,
     /// Head (None for residual-like components).
     pub head: Option<usize>,
-    /// Position (None for head scores over all positions).
+    /// Position (None for head scores over all positions; the label's slot for labelled positions).
     pub pos: Option<usize>,
+    /// The position's label (IOI's `S2`, ...) when scores are by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// The score.
     pub score: f64,
 }
@@ -128,6 +192,9 @@ pub struct ScoreGrid {
     pub n_heads: usize,
     /// `[layer][pos][head]` values.
     pub values: Vec<f64>,
+    /// The names of the position slots when scores are by label (empty otherwise).
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 impl ScoreGrid {
@@ -135,7 +202,14 @@ impl ScoreGrid {
     pub fn zeros(method: &str, component: Component, by_pos: bool, n_layers: usize, n_pos: usize, n_heads: usize) -> Self {
         let n_pos = if by_pos { n_pos } else { 1 };
         let n_heads = n_heads.max(1);
-        ScoreGrid { method: method.into(), component, by_pos, n_layers, n_pos, n_heads, values: vec![0.0; n_layers * n_pos * n_heads] }
+        ScoreGrid { method: method.into(), component, by_pos, n_layers, n_pos, n_heads, values: vec![0.0; n_layers * n_pos * n_heads], labels: vec![] }
+    }
+
+    /// A zero grid over the slots of `positions` for a batch of `p` positions.
+    pub fn for_positions(method: &str, component: Component, positions: &Positions, n_layers: usize, p: usize, n_heads: usize) -> Self {
+        let mut g = Self::zeros(method, component, positions.separate(), n_layers, positions.slots(p), n_heads);
+        g.labels = positions.names();
+        g
     }
 
     /// Index of (layer, pos, head) in `values`.
@@ -160,6 +234,7 @@ impl ScoreGrid {
                         layer: l,
                         head: self.component.has_heads().then_some(h),
                         pos: self.by_pos.then_some(p),
+                        label: self.labels.get(p).cloned(),
                         score: self.get(l, p, h),
                     });
                 }

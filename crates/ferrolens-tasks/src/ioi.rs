@@ -167,11 +167,15 @@ pub struct IoiConfig {
     pub corruption: IoiCorruption,
     /// Restrict to these template indices (0-based); all when empty.
     pub templates: Vec<usize>,
+    /// Use every chosen template whatever its token length (pairs then differ in length and run
+    /// as one padded batch, positions by label); otherwise only the templates of the most common
+    /// length.
+    pub all_lengths: bool,
 }
 
 impl Default for IoiConfig {
     fn default() -> Self {
-        IoiConfig { n: 32, seed: 0, order: IoiOrder::Mixed, corruption: IoiCorruption::Abc, templates: vec![] }
+        IoiConfig { n: 32, seed: 0, order: IoiOrder::Mixed, corruption: IoiCorruption::Abc, templates: vec![], all_lengths: false }
     }
 }
 
@@ -206,7 +210,8 @@ pub fn single_token_words<'a>(tok: &Tokenizer, words: &[&'a str]) -> Vec<&'a str
 }
 
 /// Generate IOI pairs for `tok`: names filtered to single tokens; only templates whose prompts
-/// share the most common token length are used, so that one batch holds them all.
+/// share the most common token length are used (unless [`IoiConfig::all_lengths`]), so that the
+/// prompts share positions.
 pub fn generate(tok: &Tokenizer, cfg: &IoiConfig) -> Result<Vec<PromptPair>> {
     let names = single_token_words(tok, NAMES);
     if names.len() < 6 {
@@ -227,7 +232,8 @@ pub fn generate(tok: &Tokenizer, cfg: &IoiConfig) -> Result<Vec<PromptPair>> {
         let text = fill(BABA_TEMPLATES[t], names[0], names[1], names[1], places[0], objects[0]);
         by_len.entry(tok.encode_prompt(&text)?.len()).or_default().push(t);
     }
-    let (_, templates) = by_len.iter().max_by_key(|(l, v)| (v.len(), std::cmp::Reverse(**l))).expect("non-empty");
+    let all: Vec<usize> = by_len.values().flatten().copied().collect();
+    let templates = if cfg.all_lengths { &all } else { by_len.iter().max_by_key(|(l, v)| (v.len(), std::cmp::Reverse(**l))).expect("non-empty").1 };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::with_capacity(cfg.n);
     for i in 0..cfg.n {

@@ -17,19 +17,23 @@ pub struct PromptPair {
     pub answer: String,
     /// The answer that the corruption promotes (the metric is `logit[answer] - logit[wrong]`).
     pub wrong: String,
-    /// Named token positions (IOI: `IO`, `S1`, `S1+1`, `S2`, `end`), where the task knows them.
+    /// Named token positions (IOI: `IO`, `S1`, `S1+1`, `S2`, `end`), where the task knows them:
+    /// token indices in the prompt as the model tokenizes it (BOS included where the model puts
+    /// one first). Pairs of different lengths report per-position scores by these labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, usize>,
 }
 
-/// Pairs tokenized into equal-length batches: `clean`/`corrupt` are `[n][p]` ids.
+/// Pairs tokenized: `clean`/`corrupt` are `[n][len_i]` ids. A clean prompt and its corrupt twin
+/// have one length; different pairs may differ, and then run as one left-padded batch
+/// ([`PairBatch::pad`]) with positions aligned by label ([`PairBatch::label_indices`]).
 #[derive(Debug, Clone)]
 pub struct PairBatch {
     /// The pairs.
     pub pairs: Vec<PromptPair>,
-    /// Clean token ids, all of length `p`.
+    /// Clean token ids (BOS first when the model wants it).
     pub clean: Vec<Vec<u32>>,
-    /// Corrupt token ids, all of length `p`.
+    /// Corrupt token ids, each as long as its clean twin.
     pub corrupt: Vec<Vec<u32>>,
     /// Answer token per pair.
     pub answer: Vec<u32>,
@@ -38,8 +42,9 @@ pub struct PairBatch {
 }
 
 impl PairBatch {
-    /// Tokenize and check: every prompt of the batch has one common length, and answers are single
-    /// tokens. Errors name the offending pair (`what` says where pairs came from, e.g. a file name).
+    /// Tokenize and check: each clean prompt and its corrupt twin have one length, and answers
+    /// are single tokens. Errors name the offending pair (`what` says where pairs came from, e.g.
+    /// a file name).
     pub fn new(tok: &Tokenizer, pairs: Vec<PromptPair>, what: &str) -> Result<PairBatch> {
         if pairs.is_empty() {
             return Err(Error::Input(format!("{what}: no prompt pairs")));
@@ -48,27 +53,19 @@ impl PairBatch {
         let mut corrupt = Vec::new();
         let mut answer = Vec::new();
         let mut wrong = Vec::new();
-        let mut len0 = None;
         for (i, p) in pairs.iter().enumerate() {
             let c = tok.encode_prompt(&p.clean)?;
             let k = tok.encode_prompt(&p.corrupt)?;
             let at = format!("{what}, pair {} (line {})", i, i + 1);
             if c.len() != k.len() {
                 return Err(Error::Input(format!(
-                    "{at}: clean prompt has {} tokens but corrupt prompt has {}; a pair must tokenize to equal lengths",
+                    "{at}: clean prompt has {} tokens but corrupt prompt has {}; a pair must tokenize to equal lengths (pairs may differ from each other)",
                     c.len(),
                     k.len()
                 )));
             }
-            match len0 {
-                None => len0 = Some(c.len()),
-                Some(l) if l != c.len() => {
-                    return Err(Error::Input(format!(
-                        "{at}: prompts have {} tokens but the first pair has {l}; all pairs in a file must share one token length",
-                        c.len()
-                    )))
-                }
-                _ => {}
+            if let Some((name, &pos)) = p.labels.iter().find(|(_, &pos)| pos >= c.len()) {
+                return Err(Error::Input(format!("{at}: label `{name}` points at token {pos}, but the prompt has {} tokens", c.len())));
             }
             answer.push(tok.single_token(&p.answer).map_err(|e| Error::Input(format!("{at}: {e}")))?);
             wrong.push(tok.single_token(&p.wrong).map_err(|e| Error::Input(format!("{at}: {e}")))?);
@@ -88,9 +85,64 @@ impl PairBatch {
         self.pairs.is_empty()
     }
 
-    /// Token length of every prompt.
+    /// The longest prompt's token length (the padded batch's length).
     pub fn seq_len(&self) -> usize {
-        self.clean[0].len()
+        self.clean.iter().map(|c| c.len()).max().unwrap_or(0)
+    }
+
+    /// The one token length of every prompt, or `None` when pairs differ.
+    pub fn uniform_len(&self) -> Option<usize> {
+        let n = self.clean.first()?.len();
+        self.clean.iter().all(|c| c.len() == n).then_some(n)
+    }
+
+    /// Left padding of pair `i` in the batch ([`PairBatch::seq_len`] minus its length).
+    pub fn pad(&self, i: usize) -> usize {
+        self.seq_len() - self.clean[i].len()
+    }
+
+    /// The pairs' indices grouped by token length, shortest first.
+    pub fn length_groups(&self) -> Vec<(usize, Vec<usize>)> {
+        let mut m: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, c) in self.clean.iter().enumerate() {
+            m.entry(c.len()).or_default().push(i);
+        }
+        m.into_iter().collect()
+    }
+
+    /// The pairs `idx` as a batch of their own.
+    pub fn subset(&self, idx: &[usize]) -> PairBatch {
+        let pick = |v: &Vec<Vec<u32>>| idx.iter().map(|&i| v[i].clone()).collect();
+        PairBatch {
+            pairs: idx.iter().map(|&i| self.pairs[i].clone()).collect(),
+            clean: pick(&self.clean),
+            corrupt: pick(&self.corrupt),
+            answer: idx.iter().map(|&i| self.answer[i]).collect(),
+            wrong: idx.iter().map(|&i| self.wrong[i]).collect(),
+        }
+    }
+
+    /// The labels every pair has (IOI: `IO`, `S1`, `S1+1`, `S2`, `end`), in a fixed order.
+    pub fn common_labels(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.pairs.first().map(|p| p.labels.keys().cloned().collect()).unwrap_or_default();
+        names.retain(|n| self.pairs.iter().all(|p| p.labels.contains_key(n)));
+        // Prompt order of the first pair.
+        if let Some(p) = self.pairs.first() {
+            names.sort_by_key(|n| p.labels[n]);
+        }
+        names
+    }
+
+    /// Each common label's token index in every pair of the left-padded batch (`labels` are
+    /// counted in the prompt's own tokens; the padding shifts them).
+    pub fn label_indices(&self) -> Vec<(String, Vec<usize>)> {
+        self.common_labels()
+            .into_iter()
+            .map(|n| {
+                let idx = self.pairs.iter().enumerate().map(|(i, p)| p.labels[&n] + self.pad(i)).collect();
+                (n, idx)
+            })
+            .collect()
     }
 }
 

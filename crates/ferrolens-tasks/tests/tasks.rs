@@ -75,8 +75,18 @@ fn bad_task_input_is_a_clear_error() {
     };
     let e = PairBatch::new(&tok, vec![mk("When Mary and John", "When Mary and Johnathan went", " Mary")], "f.jsonl").unwrap_err().to_string();
     assert!(e.contains("pair 0") && e.contains("equal lengths"), "{e}");
-    let e = PairBatch::new(&tok, vec![mk("a b c", "a b d", " Mary"), mk("a b c d", "a b c e", " Mary")], "f.jsonl").unwrap_err().to_string();
-    assert!(e.contains("pair 1") && e.contains("one token length"), "{e}");
+    // Pairs of different lengths are one left-padded batch, with labels shifted by the padding.
+    let mut long = mk("a b c d", "a b c e", " Mary");
+    long.labels.insert("end".into(), 3);
+    let mut short = mk("a b c", "a b d", " Mary");
+    short.labels.insert("end".into(), 2);
+    let batch = PairBatch::new(&tok, vec![short.clone(), long], "f.jsonl").unwrap();
+    assert_eq!((batch.seq_len(), batch.uniform_len(), batch.pad(0), batch.pad(1)), (4, None, 1, 0));
+    assert_eq!(batch.label_indices(), vec![("end".to_string(), vec![3, 3])]);
+    assert_eq!(batch.length_groups(), vec![(3, vec![0]), (4, vec![1])]);
+    short.labels.insert("end".into(), 9);
+    let e = PairBatch::new(&tok, vec![short], "f.jsonl").unwrap_err().to_string();
+    assert!(e.contains("pair 0") && e.contains("label `end` points at token 9"), "{e}");
     let e = PairBatch::new(&tok, vec![mk("a b c", "a b d", " Christopherson")], "f.jsonl").unwrap_err().to_string();
     assert!(e.contains("not one"), "{e}");
     // A tokenizer that splits every name (a byte-level BPE with no merges) cannot do IOI.
