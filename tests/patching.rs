@@ -100,7 +100,8 @@ fn exactness_identities() {
     assert!(v.abs() < 1e-12, "{v}");
     // Patching the last position of the final resid_pre gives what recomputation says, and
     // noising at every position gives the corrupt run (0).
-    let noise = activation_patching(&model, &data, Component::ResidPre, &Positions::All, &SweepOptions { direction: Direction::Noise, ..Default::default() }).unwrap();
+    let noise =
+        activation_patching(&model, &data, Component::ResidPre, &Positions::All, &SweepOptions { direction: Direction::Noise, ..Default::default() }).unwrap();
     assert!(noise.get(0, 0, 0).abs() < 1e-12);
     // Batched sweeps equal one-patch-at-a-time sweeps.
     let a = activation_patching(&model, &data, Component::HeadZ, &Positions::Each, &SweepOptions { max_rows: 1, ..Default::default() }).unwrap();

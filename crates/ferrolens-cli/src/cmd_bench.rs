@@ -123,7 +123,11 @@ pub fn run(a: Args) -> Result<()> {
                 let rules = if w.trim() == "atp" { LrpRules::NONE } else { LrpRules::RELP };
                 let comps = [Component::HeadZ, Component::ResidPre, Component::AttnOut, Component::MlpOut];
                 let t = time(dev, a.repeat, || {
-                    attribution(&model, &prep.data(), &AttributionOptions { components: comps.to_vec(), rules, positions: Positions::Each, ..Default::default() })?;
+                    attribution(
+                        &model,
+                        &prep.data(),
+                        &AttributionOptions { components: comps.to_vec(), rules, positions: Positions::Each, ..Default::default() },
+                    )?;
                     Ok(())
                 })?;
                 out.insert(format!("{}_s", w.trim()), t.into());

@@ -6,7 +6,7 @@
 //! 3. EAP edge scores between the circuit's nodes (receivers: head q/k/v inputs or blocks), 4. IOI head classes from attention at the
 //!    labelled positions, 5. tables, figures, circuit.json and report.html.
 
-use crate::study::{correlations, prepare, run_methods, scores_table, Method, Prepared, RunOptions};
+use crate::study::{correlations, prepare, run_methods_batched, scores_table, Batching, Method, Prepared, RunOptions};
 use anyhow::{Context, Result};
 use candle_core::IndexOp;
 use ferrolens_methods::heads::attention_between;
@@ -92,6 +92,11 @@ pub struct Args {
     /// inputs, as TransformerLens's split-qkv receivers) or `blocks` (one per attention block).
     #[arg(long, default_value = "heads")]
     edge_receivers: String,
+    /// Node scoring over pairs of different lengths: one padded batch, one batch per length, or
+    /// whichever the padding overhead favours (same numbers either way). Faithfulness and EAP
+    /// always run the padded batch.
+    #[arg(long, value_enum, default_value_t = Batching::Auto)]
+    batching: Batching,
 }
 
 /// Pairs of a built-in task for `model`'s tokenizer.
@@ -208,7 +213,7 @@ pub fn run(a: Args) -> Result<()> {
     // scores are turned into the same drop (1 - patched metric, in normalised units).
     let noise = direction == Direction::Noise;
     let opts = RunOptions { by_pos: false, resid_by_pos: false, rules: LrpRules::RELP, direction, at_clean: noise, quiet: a.quiet };
-    let (mut grids, times) = run_methods(&model, &prep, &methods, &comps, &opts)?;
+    let (mut grids, times, _) = run_methods_batched(&model, &batch, &prep, a.batching, &methods, &comps, &opts)?;
     if noise {
         grids.iter_mut().filter(|g| g.method == "act").for_each(|g| g.values.iter_mut().for_each(|v| *v = 1.0 - *v));
     }

@@ -1,6 +1,6 @@
 //! `ferrolens patch`: activation patching, AtP and RelP on a JSONL file of pairs.
 
-use crate::study::{correlations, grid_heatmaps, parse_rules, prepare, run_methods, scores_table, Method, RunOptions};
+use crate::study::{correlations, grid_heatmaps, parse_rules, prepare, run_methods_batched, scores_table, Batching, Method, RunOptions};
 use anyhow::{Context, Result};
 use ferrolens_methods::{Component, Direction};
 use ferrolens_tasks::{read_jsonl, PairBatch};
@@ -30,6 +30,10 @@ pub struct Args {
     /// RelP rules: ln, identity, half, attn (comma-separated); `default` = ln,identity,half.
     #[arg(long, default_value = "default")]
     rules: String,
+    /// Pairs of different lengths: one padded batch, one batch per length, or whichever
+    /// the padding overhead favours (same numbers either way).
+    #[arg(long, value_enum, default_value_t = Batching::Auto)]
+    batching: Batching,
     /// Output directory.
     #[arg(long)]
     out: std::path::PathBuf,
@@ -53,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
     let direction = if a.noising { Direction::Noise } else { Direction::Denoise };
     // Residual-like components by position, as TL's sweeps; gradients at the corrupt run.
     let opts = RunOptions { by_pos: a.by_pos, resid_by_pos: true, rules, direction, at_clean: false, quiet: a.quiet };
-    let (grids, times) = run_methods(&model, &prep, &methods, &components, &opts)?;
+    let (grids, times, grouped) = run_methods_batched(&model, &batch, &prep, a.batching, &methods, &components, &opts)?;
     ferrolens_report::write_table(&scores_table(&grids), &a.out.join("scores"))?;
     let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
     grid_heatmaps(&grids, &tokens, &a.out)?;
@@ -63,6 +67,9 @@ pub fn run(a: Args) -> Result<()> {
         "data": a.data.display().to_string(),
         "n_pairs": batch.len(),
         "seq_len": batch.seq_len(),
+        "uniform_length": batch.uniform_len().is_some(),
+        "batching": if grouped { "group" } else { "pad" },
+        "padding_overhead": batch.padding_overhead(),
         "metric": "normalised logit difference (answer - wrong, last position)",
         "clean_logit_diff": prep.clean_value,
         "corrupt_logit_diff": prep.corrupt_value,

@@ -45,12 +45,22 @@ impl Prepared {
 }
 
 pub fn prepare(model: &HookedTransformer, batch: &PairBatch) -> Result<Prepared> {
+    prepare_as(model, batch, None, None)
+}
+
+/// [`prepare`], optionally normalising with given clean/corrupt values (a length group of a
+/// larger set keeps the set's normalisation) and with given label names for positions.
+fn prepare_as(model: &HookedTransformer, batch: &PairBatch, norm: Option<(f64, f64)>, labels: Option<&[String]>) -> Result<Prepared> {
     let (clean, corrupt, mask, positions) = if batch.uniform_len().is_some() {
         (model.tokens_tensor(&batch.clean)?, model.tokens_tensor(&batch.corrupt)?, None, Positions::Each)
     } else {
         let (c, m) = model.tokens_padded(&batch.clean, PadSide::Left)?;
         let (k, _) = model.tokens_padded(&batch.corrupt, PadSide::Left)?;
         (c, k, Some(m), Positions::Labels(batch.label_indices()))
+    };
+    let positions = match labels {
+        Some(names) => Positions::Labels(batch.label_indices_for(names)),
+        None => positions,
     };
     let raw = Arc::new(LogitDiff { answer: batch.answer.clone(), wrong: batch.wrong.clone() });
     let span = ferrolens_model::RunSpan { last_logits_only: true, mask: mask.clone(), ..Default::default() };
@@ -59,10 +69,27 @@ pub fn prepare(model: &HookedTransformer, batch: &PairBatch) -> Result<Prepared>
     let clean_accuracy = per.iter().filter(|v| **v > 0.0).count() as f64 / per.len() as f64;
     let clean_value = per.iter().map(|v| *v as f64).sum::<f64>() / per.len() as f64;
     let corrupt_value = metric_of(model, &corrupt, mask.as_ref(), raw.as_ref())?;
-    let metric = Normalised::new(raw.clone(), clean_value, corrupt_value)?;
+    let (nc, nk) = norm.unwrap_or((clean_value, corrupt_value));
+    let metric = Normalised::new(raw.clone(), nc, nk)?;
     let pads = (0..batch.len()).map(|i| batch.pad(i)).collect();
     Ok(Prepared { clean, corrupt, mask, positions, pads, raw, metric, clean_value, corrupt_value, clean_accuracy })
 }
+
+/// How prompt pairs of different lengths are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Batching {
+    /// Group by length when padding would add more than [`GROUP_ABOVE`] of the real positions,
+    /// else pad (docs/benchmarks.md has the measurements behind the threshold).
+    Auto,
+    /// One left-padded batch with a mask.
+    Pad,
+    /// One batch per token length, combined by the metric's averaging (a prompt-weighted mean).
+    Group,
+}
+
+/// [`Batching::Auto`] groups by length above this padding overhead (padding positions over
+/// real ones).
+pub const GROUP_ABOVE: f64 = 0.25;
 
 /// Which methods to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +159,13 @@ pub struct RunOptions {
 /// Run `methods` x `components`; returns grids and (method, seconds) timings. Per-position
 /// scores are by position when every pair has one length, else by label (an error when the
 /// pairs have no labels in common).
-pub fn run_methods(model: &HookedTransformer, prep: &Prepared, methods: &[Method], components: &[Component], o: &RunOptions) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
+pub fn run_methods(
+    model: &HookedTransformer,
+    prep: &Prepared,
+    methods: &[Method],
+    components: &[Component],
+    o: &RunOptions,
+) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>)> {
     let (rules, direction, quiet) = (o.rules, o.direction, o.quiet);
     if (o.by_pos || o.resid_by_pos) && matches!(&prep.positions, Positions::Labels(l) if l.is_empty()) {
         anyhow::bail!(
@@ -199,6 +232,59 @@ pub fn run_methods(model: &HookedTransformer, prep: &Prepared, methods: &[Method
         times.push((m.name().to_string(), t0.elapsed().as_secs_f64()));
     }
     Ok((grids, times))
+}
+
+/// [`run_methods`] over pairs of any lengths: one padded batch, or one batch per length whose
+/// grids are combined by the prompts' share (the metrics are means over prompts, so both give the
+/// same numbers; tests/padding.rs). Returns grids, timings and whether it grouped.
+#[allow(clippy::too_many_arguments)]
+pub fn run_methods_batched(
+    model: &HookedTransformer,
+    batch: &PairBatch,
+    prep: &Prepared,
+    batching: Batching,
+    methods: &[Method],
+    components: &[Component],
+    o: &RunOptions,
+) -> Result<(Vec<ScoreGrid>, Vec<(String, f64)>, bool)> {
+    let groups = batch.length_groups();
+    let group = groups.len() > 1
+        && match batching {
+            Batching::Pad => false,
+            Batching::Group => true,
+            Batching::Auto => batch.padding_overhead() > GROUP_ABOVE,
+        };
+    if !group {
+        let (g, t) = run_methods(model, prep, methods, components, o)?;
+        return Ok((g, t, false));
+    }
+    let names = batch.common_labels();
+    let n = batch.len() as f64;
+    let mut grids: Option<Vec<ScoreGrid>> = None;
+    let mut times: Vec<(String, f64)> = Vec::new();
+    for (_, idx) in &groups {
+        let sub = batch.subset(idx);
+        let sp = prepare_as(model, &sub, Some((prep.clean_value, prep.corrupt_value)), Some(&names))?;
+        let (g, t) = run_methods(model, &sp, methods, components, o)?;
+        let w = idx.len() as f64 / n;
+        match &mut grids {
+            None => {
+                let mut g = g;
+                g.iter_mut().for_each(|g| g.values.iter_mut().for_each(|v| *v *= w));
+                grids = Some(g);
+                times = t;
+            }
+            Some(acc) => {
+                for (a, b) in acc.iter_mut().zip(g) {
+                    a.values.iter_mut().zip(b.values).for_each(|(x, y)| *x += w * y);
+                }
+                for (a, b) in times.iter_mut().zip(t) {
+                    a.1 += b.1;
+                }
+            }
+        }
+    }
+    Ok((grids.unwrap_or_default(), times, true))
 }
 
 /// The rows of all grids as the scores table (`method,component,layer,head,pos,score`, and

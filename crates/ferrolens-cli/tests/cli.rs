@@ -108,3 +108,43 @@ fn device_check_reports_bf16_against_f32() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--features cuda"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+/// IOI pairs from every template (different token lengths): `patch` scores positions by label and
+/// gives the same numbers as one padded batch and as one batch per length.
+#[test]
+fn patch_accepts_pairs_of_different_lengths() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-cli-mixed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("mixed.jsonl");
+    let o = ferrolens().args(["data", "--task", "ioi", "--all-templates", "--n", "4", "--seed", "2", "--out"]).arg(&data).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |batching: &str| -> (Vec<String>, Vec<f64>) {
+        let out = dir.join(batching);
+        let o = ferrolens()
+            .args(["patch", "--method", "act,atp", "--component", "heads,resid_pre", "--quiet", "--batching", batching, "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(s["uniform_length"], false);
+        assert_eq!(s["batching"], batching);
+        let csv = std::fs::read_to_string(out.join("scores.csv")).unwrap();
+        let mut lines = csv.lines();
+        let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let (si, li) = (head.iter().position(|c| *c == "score").unwrap(), head.iter().position(|c| *c == "label").expect("a label column"));
+        let rows: Vec<Vec<String>> = lines.map(|l| l.split(',').map(String::from).collect()).collect();
+        (rows.iter().map(|r| r[li].clone()).collect(), rows.iter().map(|r| r[si].parse().unwrap()).collect())
+    };
+    let (labels, pad) = read("pad");
+    let (labels2, group) = read("group");
+    assert_eq!(labels, labels2);
+    for want in ["IO", "S1", "S1+1", "S2", "end"] {
+        assert!(labels.iter().any(|l| l == want), "no {want} rows");
+    }
+    let worst = pad.iter().zip(&group).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-4, "padded and grouped scores differ by {worst}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -91,8 +91,8 @@ pub fn attribution(model: &HookedTransformer, data: &PatchingData, opts: &Attrib
             let prod = ((clean_act - corrupt_act)? * &run.grads[&h])?.to_dtype(DType::F64)?;
             // Sum over features, keeping (batch, pos, head): [b, p, heads].
             let s = match h.head_axis() {
-                None => prod.sum(D::Minus1)?.unsqueeze(2)?,   // [b, p, 1]
-                Some(2) => prod.sum(D::Minus1)?,              // [b, p, h]
+                None => prod.sum(D::Minus1)?.unsqueeze(2)?,       // [b, p, 1]
+                Some(2) => prod.sum(D::Minus1)?,                  // [b, p, h]
                 Some(_) => prod.sum(D::Minus1)?.transpose(1, 2)?, // pattern [b, h, q] -> [b, q, h]
             };
             let v: Vec<Vec<Vec<f64>>> = s.to_vec3()?;

@@ -63,11 +63,7 @@ impl<'a> PatchingData<'a> {
     /// Check shapes: clean and corrupt equal, the mask (if any) of their shape. Returns `(b, p)`.
     pub fn check(&self) -> Result<(usize, usize)> {
         if self.clean.dims() != self.corrupt.dims() {
-            return Err(Error::Input(format!(
-                "clean tokens {:?} and corrupt tokens {:?} must have the same shape",
-                self.clean.dims(),
-                self.corrupt.dims()
-            )));
+            return Err(Error::Input(format!("clean tokens {:?} and corrupt tokens {:?} must have the same shape", self.clean.dims(), self.corrupt.dims())));
         }
         let (b, p) = self.clean.dims2()?;
         if let Some(m) = self.mask {
@@ -129,7 +125,13 @@ struct Site {
 /// whole-layer patch), at every position ([`Positions::Each`]; TL's `get_act_patch_resid_pre`,
 /// `..._attn_head_out_by_pos`), or at labelled positions that differ per prompt
 /// ([`Positions::Labels`]). Returns the metric of each patched run.
-pub fn activation_patching(model: &HookedTransformer, data: &PatchingData, component: Component, positions: &Positions, opts: &SweepOptions) -> Result<ScoreGrid> {
+pub fn activation_patching(
+    model: &HookedTransformer,
+    data: &PatchingData,
+    component: Component,
+    positions: &Positions,
+    opts: &SweepOptions,
+) -> Result<ScoreGrid> {
     let (target, source) = match opts.direction {
         Direction::Denoise => (data.corrupt, data.clean),
         Direction::Noise => (data.clean, data.corrupt),

@@ -136,13 +136,24 @@ impl PairBatch {
     /// Each common label's token index in every pair of the left-padded batch (`labels` are
     /// counted in the prompt's own tokens; the padding shifts them).
     pub fn label_indices(&self) -> Vec<(String, Vec<usize>)> {
-        self.common_labels()
-            .into_iter()
+        self.label_indices_for(&self.common_labels())
+    }
+
+    /// [`PairBatch::label_indices`] of the given labels (every pair must have them).
+    pub fn label_indices_for(&self, names: &[String]) -> Vec<(String, Vec<usize>)> {
+        names
+            .iter()
             .map(|n| {
-                let idx = self.pairs.iter().enumerate().map(|(i, p)| p.labels[&n] + self.pad(i)).collect();
-                (n, idx)
+                let idx = self.pairs.iter().enumerate().map(|(i, p)| p.labels[n] + self.pad(i)).collect();
+                (n.clone(), idx)
             })
             .collect()
+    }
+
+    /// Padding positions over real ones when the batch is padded to one length (0 for one length).
+    pub fn padding_overhead(&self) -> f64 {
+        let real: usize = self.clean.iter().map(|c| c.len()).sum();
+        (self.seq_len() * self.len()) as f64 / real.max(1) as f64 - 1.0
     }
 }
 
