@@ -31,6 +31,9 @@ pub struct Args {
 /// numbers among the non-empty lines), so nothing is padded.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = crate::load_model(&a.model)?;
+    // Check the filter against the model before any work: a typo or a layer past the last one
+    // fails here instead of writing an empty file.
+    let wanted = model.hooks_matching(&a.hooks)?;
     let tok = model.tokenizer()?;
     let text = std::fs::read_to_string(&a.prompts).with_context(|| format!("reading {}", a.prompts.display()))?;
     let prompts: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -40,8 +43,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let ids = tok.encode_prompt(p)?;
         groups.entry(ids.len()).or_default().push((i, ids));
     }
-    // Check the filter once, up front, so a typo fails before any work.
-    Hooks::new().cache(&a.hooks)?;
     let bar = indicatif::ProgressBar::new(prompts.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} prompts {elapsed}").unwrap());
     let single = groups.len() == 1;
@@ -52,7 +53,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for chunk in items.chunks(a.batch_size.max(1)) {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, v)| v.clone()).collect();
             let tokens = model.tokens_tensor(&ids)?;
-            let mut hooks = Hooks::new().cache(&a.hooks)?;
+            let mut hooks = Hooks::new().cache_hooks(&wanted);
             model.run(&tokens, &mut hooks)?;
             caches.push(hooks.take_cache());
             bar.inc(chunk.len() as u64);

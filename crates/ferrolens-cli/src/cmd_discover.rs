@@ -176,6 +176,17 @@ pub fn run(a: Args) -> Result<()> {
     let t_start = Instant::now();
     let method = Method::parse(&a.method)?;
     let model = crate::load_model(&a.model)?;
+    // Checked before the long work: a circuit cannot have more nodes than the model.
+    let n_nodes = model.cfg.n_layers * (model.cfg.n_heads + 1);
+    if let Some(k) = a.top_k {
+        anyhow::ensure!(
+            (1..=n_nodes).contains(&k),
+            "--top-k {k}: {} has {n_nodes} nodes ({} heads and {} MLPs); give 1..={n_nodes}",
+            model.cfg.name,
+            model.cfg.n_layers * model.cfg.n_heads,
+            model.cfg.n_layers
+        );
+    }
     let (task_name, pairs) = match &a.data {
         Some(p) => (format!("jsonl:{}", p.display()), read_jsonl(p)?),
         None => (Task::parse(&a.task.task)?.name().to_string(), a.task.pairs(&model)?),

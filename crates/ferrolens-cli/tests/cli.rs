@@ -82,6 +82,25 @@ fn study_commands_reject_bad_input_clearly() {
     assert!(e.contains("pair 1 (line 2)") && e.contains("equal lengths"), "{e}");
     let e = run(&["patch", "--data", uneven.to_str().unwrap(), "--component", "headz", "--out", dir.join("o").to_str().unwrap()]);
     assert!(e.contains("unknown component `headz`"), "{e}");
+    // Requests that used to run long and then fail, or succeed emptily, fail first.
+    let e = run(&["discover", "--task", "ioi", "--top-k", "100000", "--out", dir.join("o").to_str().unwrap()]);
+    assert!(e.contains("--top-k 100000") && e.contains("300 nodes"), "{e}");
+    let prompts = dir.join("p.txt");
+    std::fs::write(&prompts, "The capital of France is\n").unwrap();
+    let e =
+        run(&["cache", "--prompts", prompts.to_str().unwrap(), "--hooks", "blocks.99.hook_resid_pre", "--out", dir.join("c.safetensors").to_str().unwrap()]);
+    assert!(e.contains("30 layers") && !dir.join("c.safetensors").exists(), "{e}");
+    let e =
+        run(&["cache", "--prompts", prompts.to_str().unwrap(), "--hooks", "blocks.*.attn.hook_nothing*", "--out", dir.join("c.safetensors").to_str().unwrap()]);
+    assert!(e.contains("matches none"), "{e}");
+    let e = run(&["data", "--task", "ioi", "--n", "100000000", "--out", dir.join("d.jsonl").to_str().unwrap()]);
+    assert!(e.contains("distinct clean prompts") && e.contains("at most 1000000"), "{e}");
+    // No backtrace in any message.
+    let cut = dir.join("cut.gguf");
+    let gguf = std::fs::read(ferrolens_model::registry::local_path(ferrolens_model::registry::find("smollm2-135m").unwrap())).unwrap();
+    std::fs::write(&cut, &gguf[..20_000_000]).unwrap();
+    let e = run(&["run", "--model", cut.to_str().unwrap(), "--prompt", "Hi"]);
+    assert!(e.contains("truncated or corrupt") && !e.contains("stack backtrace") && !e.contains("candle_core::"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

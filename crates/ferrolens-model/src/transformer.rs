@@ -185,6 +185,27 @@ impl HookedTransformer {
             .collect()
     }
 
+    /// The model's hook points that `pattern` (names, globs or `re:REGEX`, comma-separated; see
+    /// [`crate::NameFilter`]) matches, in forward order. An exact name the model lacks, or a
+    /// pattern that matches nothing, is an error that says why.
+    pub fn hooks_matching(&self, pattern: &str) -> Result<Vec<HookPoint>> {
+        let f = crate::hook::NameFilter::parse(pattern)?;
+        for part in pattern.split(',').map(str::trim).filter(|p| !p.is_empty() && !p.starts_with("re:") && !p.contains(['*', '?'])) {
+            self.hook(part)?;
+        }
+        let hooks: Vec<HookPoint> = self.hook_points().into_iter().filter(|h| f.matches(h)).collect();
+        if hooks.is_empty() {
+            return Err(Error::Input(format!(
+                "`{pattern}` matches none of {}'s {} hook points ({} layers, 0..={}); see docs/hooks.md for the names",
+                self.cfg.name,
+                self.hook_points().len(),
+                self.cfg.n_layers,
+                self.cfg.n_layers - 1
+            )));
+        }
+        Ok(hooks)
+    }
+
     /// Validate a hook name against this model.
     pub fn hook(&self, name: &str) -> Result<HookPoint> {
         let h: HookPoint = name.parse()?;

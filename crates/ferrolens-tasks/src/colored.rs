@@ -92,6 +92,13 @@ fn scene(rng: &mut StdRng, n_objects: usize, colors: &[&'static str], objects: &
 /// corrupt query object must have the clean query object's token length, and all pairs share the
 /// most common total length (others are redrawn).
 pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>> {
+    if cfg.n > crate::MAX_PAIRS {
+        return Err(Error::Input(format!(
+            "asked for {} Colored Objects pairs; one call makes at most {} (several files with different --seed give more)",
+            cfg.n,
+            crate::MAX_PAIRS
+        )));
+    }
     if cfg.n_objects < 2 || cfg.n_objects > 8 {
         return Err(Error::Input(format!("Colored Objects needs 2..=8 objects per question, got {}", cfg.n_objects)));
     }

@@ -233,6 +233,21 @@ pub fn generate(tok: &Tokenizer, cfg: &IoiConfig) -> Result<Vec<PromptPair>> {
         by_len.entry(tok.encode_prompt(&text)?.len()).or_default().push(t);
     }
     let all: Vec<usize> = by_len.values().flatten().copied().collect();
+    // Refuse impossible or runaway requests before generating anything.
+    let used = if cfg.all_lengths { all.len() } else { by_len.values().map(|v| v.len()).max().unwrap_or(0) };
+    let orders = if cfg.order == IoiOrder::Mixed { 2 } else { 1 };
+    let distinct = (used * orders) as u128 * (names.len() * (names.len() - 1)) as u128 * places.len() as u128 * objects.len() as u128;
+    if cfg.n as u128 > distinct.min(crate::MAX_PAIRS as u128) {
+        return Err(Error::Input(format!(
+            "asked for {} IOI pairs; with this tokenizer IOI makes {distinct} distinct clean prompts ({used} templates x {orders} name orders x {} names x {} other names x {} places x {} objects), and one call makes at most {} pairs: ask for fewer (several files with different --seed give more)",
+            cfg.n,
+            names.len(),
+            names.len() - 1,
+            places.len(),
+            objects.len(),
+            crate::MAX_PAIRS
+        )));
+    }
     let templates = if cfg.all_lengths { &all } else { by_len.iter().max_by_key(|(l, v)| (v.len(), std::cmp::Reverse(**l))).expect("non-empty").1 };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::with_capacity(cfg.n);

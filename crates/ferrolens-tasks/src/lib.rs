@@ -1,7 +1,8 @@
 //! # ferrolens-tasks
 //!
 //! Prompt sets for circuit studies: IOI ([`ioi`]), Colored Objects ([`colored`]) and the user's
-//! own pairs as JSONL ([`pairs`]), all filtered for a model's tokenizer into equal-length batches.
+//! own pairs as JSONL ([`pairs`]), filtered for a model's tokenizer; pairs of different lengths
+//! become one left-padded batch ([`PairBatch`]).
 #![warn(missing_docs)]
 
 pub mod colored;
@@ -9,6 +10,10 @@ pub mod ioi;
 pub mod pairs;
 
 pub use pairs::{read_jsonl, write_jsonl, PairBatch, PromptPair};
+
+/// The most pairs one call of a task generator makes (a study uses tens to thousands; a larger
+/// request is almost always a typo and would only fill memory).
+pub const MAX_PAIRS: usize = 1_000_000;
 
 /// A built-in task by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
