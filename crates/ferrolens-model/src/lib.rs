@@ -27,6 +27,7 @@ pub mod fused;
 pub mod hook;
 pub mod hooks;
 pub mod kv;
+pub mod lens;
 pub mod loader;
 pub mod lrp;
 pub mod registry;
