@@ -1,8 +1,8 @@
 //! `ferrolens bench`: timings that docs/benchmarks.md reports (JSON on stdout).
 
-use crate::study::prepare;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use ferrolens_methods::study::prepare;
 use ferrolens_methods::{activation_patching, attribution, edge_attribution, AttributionOptions, Component, EdgeOptions, Positions, SweepOptions};
 use ferrolens_model::{HookPoint, Hooks, KvCache, LrpRules};
 use ferrolens_tasks::{read_jsonl, PairBatch};

@@ -5,9 +5,9 @@
 //! the mixed-precision path does not rot.
 
 use crate::cmd_discover::TaskArgs;
-use crate::study::prepare;
 use anyhow::{bail, Result};
 use ferrolens_methods::retrieval::{build_prompt, decode_with_copy_hits, default_needles, stop_tokens, PromptFormat};
+use ferrolens_methods::study::prepare;
 use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, Positions, ScoreGrid, SweepOptions};
 use ferrolens_model::{device_name, load, DType, Device, HookPoint, HookedTransformer, Hooks, LoadOptions, LrpRules, Tensor};
 use ferrolens_tasks::PairBatch;

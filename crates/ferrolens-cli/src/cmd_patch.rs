@@ -1,7 +1,8 @@
 //! `ferrolens patch`: activation patching, AtP and RelP on a JSONL file of pairs.
 
-use crate::study::{correlations, grid_heatmaps, parse_rules, prepare, run_methods_batched, scores_table, Batching, Method, RunOptions};
+use crate::study::{grid_heatmaps, scores_table, Bars};
 use anyhow::{Context, Result};
+use ferrolens_methods::study::{correlations, parse_rules, prepare, run_methods, Batching, Method, RunOptions};
 use ferrolens_methods::{Component, Direction};
 use ferrolens_tasks::{read_jsonl, PairBatch};
 
@@ -15,12 +16,12 @@ pub struct Args {
     /// length; pairs of different lengths are padded, and then per-position scores are by label.
     #[arg(long)]
     data: std::path::PathBuf,
-    /// Methods: act, atp, relp, atp_qk (AtP* QK fix), atp_graddrop (AtP* GradDrop), comma-separated.
-    #[arg(long, default_value = "act,atp,relp")]
-    method: String,
-    /// Components: heads, resid_pre, resid_mid, attn_out, mlp_out, heads_q, heads_k, heads_v, heads_pattern.
-    #[arg(long, default_value = "heads,resid_pre,attn_out,mlp_out")]
-    component: String,
+    /// Methods, comma-separated (atp_qk: AtP* QK fix; atp_graddrop: AtP* GradDrop).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "act,atp,relp")]
+    method: Vec<Method>,
+    /// Components, comma-separated (heads = hook_z).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "heads,resid_pre,attn_out,mlp_out")]
+    component: Vec<Component>,
     /// Head scores per position too (residual-like components are always per position).
     #[arg(long)]
     by_pos: bool,
@@ -46,8 +47,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let methods: Vec<Method> = a.method.split(',').map(|s| Method::parse(s.trim())).collect::<Result<_>>()?;
-    let components: Vec<Component> = a.component.split(',').map(|s| Component::parse(s.trim())).collect::<Result<_, _>>()?;
+    let (methods, components) = (a.method.clone(), a.component.clone());
     let rules = parse_rules(&a.rules)?;
     let model = crate::load_model(&a.model)?;
     let pairs = read_jsonl(&a.data)?;
@@ -56,8 +56,12 @@ pub fn run(a: Args) -> Result<()> {
     let prep = prepare(&model, &batch)?;
     let direction = if a.noising { Direction::Noise } else { Direction::Denoise };
     // Residual-like components by position, as TL's sweeps; gradients at the corrupt run.
-    let opts = RunOptions { by_pos: a.by_pos, resid_by_pos: true, rules, direction, at_clean: false, quiet: a.quiet };
-    let (grids, times, grouped) = run_methods_batched(&model, &batch, &prep, a.batching, &methods, &components, &opts)?;
+    let bars = Bars::new(a.quiet);
+    let progress = |what: &str, done: usize, total: usize| bars.report(what, done, total);
+    let opts = RunOptions { by_pos: a.by_pos, resid_by_pos: true, rules, direction, at_clean: false, batching: a.batching, progress: Some(&progress) };
+    let run = run_methods(&model, &batch, &prep, &methods, &components, &opts)?;
+    bars.finish();
+    let (grids, times, grouped) = (run.grids, run.times, run.grouped);
     ferrolens_report::write_table(&scores_table(&grids), &a.out.join("scores"))?;
     let tokens = model.to_str_tokens(&batch.pairs[0].clean)?;
     grid_heatmaps(&grids, &tokens, &a.out)?;
@@ -76,7 +80,7 @@ pub fn run(a: Args) -> Result<()> {
         "clean_accuracy": prep.clean_accuracy,
         "direction": if a.noising { "noising" } else { "denoising" },
         "relp_rules": rules,
-        "timings_s": times.iter().map(|(m, t)| (m.clone(), serde_json::json!(t))).collect::<serde_json::Map<_, _>>(),
+        "timings_s": times.iter().map(|(m, t)| (m.to_string(), serde_json::json!(t))).collect::<serde_json::Map<_, _>>(),
         "pearson_vs_act": corr.iter().map(|(m, c, r, n)| serde_json::json!({"method": m, "component": c, "r": r, "n": n})).collect::<Vec<_>>(),
     });
     std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;

@@ -1,7 +1,7 @@
 //! `ferrolens path-patch`: confirm a circuit edge set by path patching (Wang et al. 2022).
 
-use crate::study::prepare;
 use anyhow::{Context, Result};
+use ferrolens_methods::study::prepare;
 use ferrolens_methods::{path_patch, HeadInput};
 use ferrolens_tasks::{read_jsonl, PairBatch};
 

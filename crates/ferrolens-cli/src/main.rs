@@ -11,6 +11,7 @@ mod cmd_overlap;
 mod cmd_patch;
 mod cmd_path;
 mod cmd_run;
+mod discover_report;
 mod study;
 
 use clap::{Parser, Subcommand};

@@ -4,11 +4,30 @@
 //! Faithfulness of a circuit C: mean-ablate every node outside C (replace its activation by the
 //! mean over a reference distribution, per position; for IOI the ABC corrupt prompts), run the
 //! clean prompts, and report `metric(ablated) / metric(full model)` (Wang et al. 2022, Sec. 4).
+//!
+//! [`discover`] runs a whole circuit study (node scores, the smallest faithful circuit, EAP edges,
+//! IOI head classes) as one call; `ferrolens discover` is this call plus the report.
+//!
+//! ```no_run
+//! # use ferrolens_methods::circuit::{discover, DiscoverOptions};
+//! # fn f(model: &ferrolens_model::HookedTransformer, batch: &ferrolens_tasks::PairBatch) -> ferrolens_model::Result<()> {
+//! let found = discover(model, batch, "ioi", &DiscoverOptions::default())?;
+//! println!("{} nodes at {:.1}%", found.circuit.size, 100.0 * found.circuit.faithfulness);
+//! std::fs::write("circuit.json", serde_json::to_string_pretty(&found.circuit).unwrap()).unwrap();
+//! # Ok(()) }
+//! ```
 
-use crate::patching::PatchingData;
+use crate::edges::{edge_attribution, Edge, EdgeOptions, Receiver};
+use crate::heads::attention_between;
+use crate::patching::{Direction, PatchingData};
+use crate::scores::{Component, ScoreGrid};
+use crate::study::{prepare, run_methods, Batching, Method, Prepared, Progress, RunOptions};
 use candle_core::{DType, Tensor};
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, LrpRules, Patch, Result, RunSpan};
+use ferrolens_tasks::PairBatch;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Instant;
 
 /// A circuit node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -198,4 +217,320 @@ pub fn smallest_faithful(
     }
     pts.sort_by_key(|p| p.size);
     Ok((Some(hi), pts))
+}
+
+/// How [`discover`] runs.
+#[derive(Clone, Copy)]
+pub struct DiscoverOptions<'a> {
+    /// The method whose node scores rank the nodes (act, atp or relp).
+    pub method: Method,
+    /// Noising (corrupt activations into the clean run; necessity, the default) or denoising.
+    pub direction: Direction,
+    /// Keep exactly this many nodes instead of searching for the smallest circuit reaching `target`.
+    pub top_k: Option<usize>,
+    /// Faithfulness to reach (fraction of the full model's logit difference).
+    pub target: f64,
+    /// EAP receivers: each head's q/k/v inputs (true) or one per attention block.
+    pub head_inputs: bool,
+    /// Pairs of different lengths: padded or grouped for the node scores.
+    pub batching: Batching,
+    /// Largest number of rows in one ablation forward.
+    pub max_rows: usize,
+    /// Progress: `(what, done, total)`.
+    pub progress: Option<Progress<'a>>,
+}
+
+impl Default for DiscoverOptions<'_> {
+    fn default() -> Self {
+        DiscoverOptions {
+            method: Method::Act,
+            direction: Direction::Noise,
+            top_k: None,
+            target: 0.8,
+            head_inputs: true,
+            batching: Batching::Auto,
+            max_rows: 240,
+            progress: None,
+        }
+    }
+}
+
+/// One node of a discovered circuit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CircuitNode {
+    /// `L5H3` / `MLP7`.
+    pub node: String,
+    /// Layer.
+    pub layer: usize,
+    /// Head (`None` for an MLP).
+    pub head: Option<usize>,
+    /// Node score of the ranking method.
+    pub score: f64,
+    /// IOI class from attention at labelled positions (`None` for MLPs or without labels).
+    pub class: Option<String>,
+}
+
+/// One edge of a discovered circuit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CircuitEdge {
+    /// Sender label.
+    pub sender: String,
+    /// Receiver label.
+    pub receiver: String,
+    /// EAP score.
+    pub score: f64,
+}
+
+/// A discovered circuit: what `circuit.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Circuit {
+    /// Model name.
+    pub model: String,
+    /// Task or data name.
+    pub task: String,
+    /// Ranking method.
+    pub method: String,
+    /// The nodes, by decreasing |score|.
+    pub nodes: Vec<CircuitNode>,
+    /// EAP edges between circuit nodes, by decreasing |score| (at most 200).
+    pub edges: Vec<CircuitEdge>,
+    /// Faithfulness of the circuit.
+    pub faithfulness: f64,
+    /// The target.
+    pub target: f64,
+    /// Whether the smallest circuit reaching the target was found (false with `top_k`).
+    pub reached_target: bool,
+    /// Number of nodes.
+    pub size: usize,
+    /// Heads in the circuit.
+    pub n_heads: usize,
+    /// MLPs in the circuit.
+    pub n_mlps: usize,
+    /// Faithfulness at every size evaluated.
+    pub curve: Vec<CurvePoint>,
+}
+
+/// Everything a discovery computes: the circuit and what the report shows beside it.
+pub struct Discovery {
+    /// The circuit (`circuit.json`).
+    pub circuit: Circuit,
+    /// The circuit's nodes.
+    pub nodes: Vec<Node>,
+    /// Node scores of the ranking method, every node.
+    pub scores: BTreeMap<Node, f64>,
+    /// Every node, by decreasing |score|.
+    pub ranked: Vec<Node>,
+    /// Every method's grids (act, AtP, RelP on heads and MLPs).
+    pub grids: Vec<ScoreGrid>,
+    /// EAP edges between circuit nodes, by decreasing |score|.
+    pub edges: Vec<Edge>,
+    /// IOI head classes of the circuit's heads: `(node, class, attention)`.
+    pub classes: Vec<(Node, String, f64)>,
+    /// The prepared prompts and metrics.
+    pub prep: Prepared,
+    /// Seconds: node scores, faithfulness, edges; and per scoring method.
+    pub timings: (f64, f64, f64, Vec<(Method, f64)>),
+}
+
+/// Circuit sizes evaluated first (then bisected).
+fn size_grid(total: usize) -> Vec<usize> {
+    let mut v = vec![0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 130, 160, 200, 250, 300, 400, 500];
+    v.retain(|&k| k < total);
+    v.push(total);
+    v
+}
+
+/// The circuit nodes a receiver feeds (`None` for the logits, which are always kept).
+pub fn receiver_nodes(r: &Receiver, model: &HookedTransformer, in_circuit: impl Fn(&Node) -> bool) -> Option<Vec<Node>> {
+    let group = model.cfg.n_heads / model.cfg.n_kv_heads;
+    match r {
+        Receiver::Logits => None,
+        Receiver::Mlp(l) => Some([Node::Mlp(*l)].into_iter().filter(|n| in_circuit(n)).collect()),
+        Receiver::Attn(l) | Receiver::Head(l, _, _) => {
+            Some(r.heads(model.cfg.n_heads, group).into_iter().map(|h| Node::Head(*l, h)).filter(|n| in_circuit(n)).collect())
+        }
+    }
+}
+
+/// A circuit study as one call: node scores for every head and MLP (activation patching, AtP and
+/// RelP; `opts.method` ranks), the faithfulness curve under mean ablation (means over the corrupt
+/// prompts) and the smallest circuit reaching `opts.target` (or the top `opts.top_k`), EAP edges
+/// between the circuit's nodes, and IOI head classes where the pairs have IOI labels.
+pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: &DiscoverOptions) -> Result<Discovery> {
+    let n_nodes = model.cfg.n_layers * (model.cfg.n_heads + 1);
+    if let Some(k) = opts.top_k {
+        if !(1..=n_nodes).contains(&k) {
+            return Err(Error::Input(format!(
+                "top-k {k}: {} has {n_nodes} nodes ({} heads and {} MLPs); give 1..={n_nodes}",
+                model.cfg.name,
+                model.cfg.n_layers * model.cfg.n_heads,
+                model.cfg.n_layers
+            )));
+        }
+    }
+    if !matches!(opts.method, Method::Act | Method::Atp | Method::Relp) {
+        return Err(Error::Input(format!("circuits are ranked by act, atp or relp, not {}", opts.method)));
+    }
+    let prep = prepare(model, batch)?;
+    // 1. Node scores. Noising: AtP/RelP gradients at the clean run estimate the drop M(clean) -
+    // M(node corrupted), and the act scores become the same drop (1 - patched metric).
+    let t0 = Instant::now();
+    let comps = [Component::HeadZ, Component::MlpOut];
+    let mut methods = vec![Method::Atp, Method::Relp];
+    if opts.method == Method::Act || opts.top_k.is_none() {
+        methods.insert(0, Method::Act);
+    }
+    let noise = opts.direction == Direction::Noise;
+    let ro = RunOptions {
+        by_pos: false,
+        resid_by_pos: false,
+        rules: LrpRules::RELP,
+        direction: opts.direction,
+        at_clean: noise,
+        batching: opts.batching,
+        progress: opts.progress,
+    };
+    let run = run_methods(model, batch, &prep, &methods, &comps, &ro)?;
+    let mut grids = run.grids;
+    if noise {
+        grids.iter_mut().filter(|g| g.method == "act").for_each(|g| g.values.iter_mut().for_each(|v| *v = 1.0 - *v));
+    }
+    let get = |c: Component| grids.iter().find(|g| g.method == opts.method.name() && g.component == c).expect("every method ran on heads and MLPs");
+    let mut scores = BTreeMap::new();
+    for l in 0..model.cfg.n_layers {
+        for h in 0..model.cfg.n_heads {
+            scores.insert(Node::Head(l, h), get(Component::HeadZ).get(l, 0, h));
+        }
+        scores.insert(Node::Mlp(l), get(Component::MlpOut).get(l, 0, 0));
+    }
+    let t_scores = t0.elapsed().as_secs_f64();
+    let mut ranked: Vec<Node> = scores.keys().copied().collect();
+    ranked.sort_by(|x, y| scores[y].abs().total_cmp(&scores[x].abs()));
+
+    // 2. Faithfulness under mean ablation.
+    let t0 = Instant::now();
+    if let Some(p) = opts.progress {
+        p("faithfulness", 0, 1);
+    }
+    let means = AblationMeans::new(model, &prep.corrupt, prep.mask.as_ref())?;
+    let (size, curve) = match opts.top_k {
+        Some(k) => {
+            let mut sizes = size_grid(ranked.len());
+            if !sizes.contains(&k) {
+                sizes.push(k);
+                sizes.sort();
+            }
+            (Some(k), faithfulness_curve(model, &prep.raw_data(), &means, &ranked, &sizes, prep.clean_value, opts.max_rows)?)
+        }
+        None => smallest_faithful(model, &prep.raw_data(), &means, &ranked, &size_grid(ranked.len()), prep.clean_value, opts.target, opts.max_rows)?,
+    };
+    if let Some(p) = opts.progress {
+        p("faithfulness", 1, 1);
+    }
+    let t_faith = t0.elapsed().as_secs_f64();
+    let k = size.unwrap_or(ranked.len());
+    let nodes: Vec<Node> = ranked[..k].to_vec();
+    let faith = curve.iter().find(|p| p.size == k).map(|p| p.faithfulness).unwrap_or(f64::NAN);
+
+    // 3. EAP edges between circuit nodes.
+    let t0 = Instant::now();
+    let all_edges = edge_attribution(model, &prep.data(), &EdgeOptions { head_inputs: opts.head_inputs })?;
+    let in_circ = |n: &Node| nodes.contains(n);
+    let recv_in = |r: &Receiver| receiver_nodes(r, model, in_circ).is_none_or(|t| !t.is_empty());
+    let mut edges: Vec<Edge> = all_edges.into_iter().filter(|e| in_circ(&e.sender) && recv_in(&e.receiver)).collect();
+    edges.sort_by(|x, y| y.score.abs().total_cmp(&x.score.abs()));
+    let t_edges = t0.elapsed().as_secs_f64();
+
+    // 4. IOI head classes.
+    let classes = ioi_head_classes(model, &prep, batch, &nodes, &scores)?;
+    let class_of: BTreeMap<Node, String> = classes.iter().map(|(n, c, _)| (*n, c.clone())).collect();
+    let circuit = Circuit {
+        model: model.cfg.name.clone(),
+        task: task.to_string(),
+        method: opts.method.name().into(),
+        nodes: nodes
+            .iter()
+            .map(|n| CircuitNode {
+                node: n.label(),
+                layer: n.layer(),
+                head: match n {
+                    Node::Head(_, h) => Some(*h),
+                    Node::Mlp(_) => None,
+                },
+                score: scores[n],
+                class: class_of.get(n).cloned(),
+            })
+            .collect(),
+        edges: edges.iter().take(200).map(|e| CircuitEdge { sender: e.sender.label(), receiver: e.receiver.label(), score: e.score }).collect(),
+        faithfulness: faith,
+        target: opts.target,
+        reached_target: size.is_some() && opts.top_k.is_none(),
+        size: k,
+        n_heads: nodes.iter().filter(|n| matches!(n, Node::Head(..))).count(),
+        n_mlps: nodes.iter().filter(|n| matches!(n, Node::Mlp(_))).count(),
+        curve,
+    };
+    Ok(Discovery { circuit, nodes, scores, ranked, grids, edges, classes, prep, timings: (t_scores, t_faith, t_edges, run.times) })
+}
+
+/// IOI head classes in Wang et al.'s terms, from mean attention at labelled positions
+/// (`IO`, `S1`, `S1+1`, `S2`, `end`): name mover (end -> IO; negative when its score is),
+/// S-inhibition (end -> S2), induction (S2 -> S1+1), duplicate-token (S2 -> S1), previous-token
+/// (S1+1 -> S1); `unclassified` below 0.2 attention on every probe. Empty when the pairs lack
+/// those labels.
+pub fn ioi_head_classes(
+    model: &HookedTransformer,
+    prep: &Prepared,
+    batch: &PairBatch,
+    nodes: &[Node],
+    scores: &BTreeMap<Node, f64>,
+) -> Result<Vec<(Node, String, f64)>> {
+    let labels: Vec<BTreeMap<String, usize>> =
+        batch.pairs.iter().zip(&prep.pads).map(|(p, pad)| p.labels.iter().map(|(k, v)| (k.clone(), v + pad)).collect()).collect();
+    let probes = [
+        ("end", "IO", "name mover"),
+        ("end", "S2", "S-inhibition"),
+        ("S2", "S1+1", "induction"),
+        ("S2", "S1", "duplicate-token"),
+        ("S1+1", "S1", "previous-token"),
+    ];
+    let pairs: Vec<(&str, &str)> = probes.iter().map(|(q, k, _)| (*q, *k)).collect();
+    let Some(by_probe) = attention_between(model, &prep.clean, prep.mask.as_ref(), &labels, &pairs)? else {
+        return Ok(vec![]);
+    };
+    let maps: Vec<(&str, Vec<Vec<f64>>)> = probes.iter().map(|p| p.2).zip(by_probe).collect();
+    let mut out = Vec::new();
+    for n in nodes {
+        if let Node::Head(l, h) = *n {
+            let (best, att) = maps.iter().map(|(name, m)| (*name, m[l][h])).fold(("", 0.0), |a, b| if b.1 > a.1 { b } else { a });
+            if att >= 0.2 {
+                let class = if best == "name mover" && scores[n] < 0.0 { "negative name mover".to_string() } else { best.to_string() };
+                out.push((*n, class, att));
+            } else {
+                out.push((*n, "unclassified".into(), att));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl std::str::FromStr for Node {
+    type Err = Error;
+    /// `L5H3` (a head) or `MLP7`.
+    fn from_str(s: &str) -> Result<Node> {
+        let bad = || Error::Input(format!("`{s}` is not a node; write heads as L5H3 and MLPs as MLP7"));
+        let t = s.trim();
+        if let Some(l) = t.strip_prefix("MLP") {
+            return l.parse().map(Node::Mlp).map_err(|_| bad());
+        }
+        let rest = t.strip_prefix('L').ok_or_else(bad)?;
+        let (l, h) = rest.split_once('H').ok_or_else(bad)?;
+        Ok(Node::Head(l.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?))
+    }
+}
+
+impl std::fmt::Display for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
 }

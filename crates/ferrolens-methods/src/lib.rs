@@ -15,12 +15,14 @@ pub mod patching;
 pub mod path;
 pub mod retrieval;
 pub mod scores;
+pub mod study;
 
 pub use atp_star::{grad_drop, qk_fix};
 pub use attribution::{attribution, Attribution, AttributionOptions};
-pub use circuit::{ablated_metric, faithfulness_curve, smallest_faithful, AblationMeans, CurvePoint, Node};
+pub use circuit::{ablated_metric, discover, faithfulness_curve, smallest_faithful, AblationMeans, Circuit, CurvePoint, DiscoverOptions, Discovery, Node};
 pub use edges::{edge_attribution, Edge, EdgeOptions, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
 pub use patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
 pub use path::{path_patch, HeadInput};
 pub use scores::{pearson, Component, Positions, ScoreGrid, ScoreRow};
+pub use study::{Batching, Method};

@@ -18,11 +18,14 @@ use candle_core::{DType, Tensor};
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
 
 /// Which way activations flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Direction {
     /// Clean activations patched into the corrupt run.
+    #[cfg_attr(feature = "clap", value(name = "denoising"))]
     Denoise,
     /// Corrupt activations patched into the clean run.
+    #[cfg_attr(feature = "clap", value(name = "noising"))]
     Noise,
 }
 

@@ -3,27 +3,51 @@
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Result};
 use serde::{Deserialize, Serialize};
 
-/// A kind of model component that a method scores, at every layer.
+/// A kind of model component that a method scores, at every layer (a preset of the patchable
+/// hook points; `FromStr`/`Display` use the CLI names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Component {
     /// `blocks.L.hook_resid_pre` by position.
+    #[cfg_attr(feature = "clap", value(name = "resid_pre"))]
     ResidPre,
     /// `blocks.L.hook_resid_mid` by position.
+    #[cfg_attr(feature = "clap", value(name = "resid_mid"))]
     ResidMid,
     /// `blocks.L.hook_attn_out` by position.
+    #[cfg_attr(feature = "clap", value(name = "attn_out"))]
     AttnOut,
     /// `blocks.L.hook_mlp_out` by position.
+    #[cfg_attr(feature = "clap", value(name = "mlp_out"))]
     MlpOut,
     /// Attention heads' outputs, `blocks.L.attn.hook_z` (the "heads" of the CLI).
+    #[cfg_attr(feature = "clap", value(name = "heads", alias = "z"))]
     HeadZ,
     /// Queries `hook_q`.
+    #[cfg_attr(feature = "clap", value(name = "heads_q", alias = "q"))]
     HeadQ,
     /// Keys `hook_k` (key/value heads for GQA models).
+    #[cfg_attr(feature = "clap", value(name = "heads_k", alias = "k"))]
     HeadK,
     /// Values `hook_v` (key/value heads for GQA models).
+    #[cfg_attr(feature = "clap", value(name = "heads_v", alias = "v"))]
     HeadV,
     /// Attention patterns `hook_pattern` (query positions).
+    #[cfg_attr(feature = "clap", value(name = "heads_pattern", alias = "pattern"))]
     HeadPattern,
+}
+
+impl std::str::FromStr for Component {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Component::parse(s.trim())
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Component {

@@ -154,6 +154,17 @@ pub enum IoiCorruption {
     S2Io,
 }
 
+impl std::str::FromStr for IoiCorruption {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "abc" => Ok(IoiCorruption::Abc),
+            "s2io" | "s2-io" => Ok(IoiCorruption::S2Io),
+            o => Err(Error::Input(format!("unknown IOI corruption `{o}`; use abc or s2io"))),
+        }
+    }
+}
+
 /// Settings of an IOI prompt set.
 #[derive(Debug, Clone)]
 pub struct IoiConfig {

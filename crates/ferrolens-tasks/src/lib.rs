@@ -44,3 +44,42 @@ impl Task {
         }
     }
 }
+
+/// Options of a built-in task's prompt set (what `ferrolens discover`, `data` and `path-patch`
+/// take on the command line).
+#[derive(Debug, Clone)]
+pub struct TaskOptions {
+    /// The task.
+    pub task: Task,
+    /// Number of prompt pairs.
+    pub n: usize,
+    /// Seed of the prompt sampler.
+    pub seed: u64,
+    /// IOI corruption.
+    pub corruption: ioi::IoiCorruption,
+    /// Colored Objects: objects per question.
+    pub objects: usize,
+    /// Colored Objects: solved examples before the query.
+    pub shots: usize,
+    /// IOI: every template, whatever its token length ([`ioi::IoiConfig::all_lengths`]).
+    pub all_templates: bool,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        TaskOptions { task: Task::Ioi, n: 24, seed: 0, corruption: ioi::IoiCorruption::Abc, objects: 3, shots: 1, all_templates: false }
+    }
+}
+
+impl TaskOptions {
+    /// The task's prompt pairs for `tok`.
+    pub fn generate(&self, tok: &ferrolens_model::Tokenizer) -> ferrolens_model::Result<Vec<PromptPair>> {
+        match self.task {
+            Task::Ioi => ioi::generate(
+                tok,
+                &ioi::IoiConfig { n: self.n, seed: self.seed, corruption: self.corruption, all_lengths: self.all_templates, ..Default::default() },
+            ),
+            Task::ColoredObjects => colored::generate(tok, &colored::ColoredConfig { n: self.n, seed: self.seed, n_objects: self.objects, shots: self.shots }),
+        }
+    }
+}
