@@ -13,7 +13,7 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn copy_tiny(to: &PathBuf) {
+fn copy_tiny(to: &std::path::Path) {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixtures().join("tiny-gpt2").join(f), to.join(f)).unwrap();
     }

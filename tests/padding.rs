@@ -179,10 +179,10 @@ fn a_padded_mixed_batch_equals_its_length_groups() {
     let (a, b, c) = (ids_of(&r, "p0.input_ids"), ids_of(&r, "p1.input_ids"), ids_of(&r, "p2.input_ids"));
     let rev = |v: &[u32]| v.iter().rev().copied().collect::<Vec<u32>>();
     // Four pairs: two of 12 tokens, two of 9 (each corrupt prompt as long as its clean one).
-    let clean = vec![a.clone(), c.clone(), b.clone(), c[1..].iter().chain(&c[..1]).copied().collect()];
-    let corrupt = vec![b.clone(), rev(&c), rev(&a), rev(&c[1..].iter().chain(&c[..1]).copied().collect::<Vec<_>>())];
-    let answer = vec![5, 9, 11, 13];
-    let wrong = vec![7, 3, 17, 19];
+    let clean = [a.clone(), c.clone(), b.clone(), c[1..].iter().chain(&c[..1]).copied().collect()];
+    let corrupt = [b.clone(), rev(&c), rev(&a), rev(&c[1..].iter().chain(&c[..1]).copied().collect::<Vec<_>>())];
+    let answer = [5, 9, 11, 13];
+    let wrong = [7, 3, 17, 19];
     let labels = |row: &[u32], pad: usize| vec![2 + pad, row.len() - 1 + pad];
     let names = ["second", "end"];
 

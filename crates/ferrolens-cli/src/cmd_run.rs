@@ -26,7 +26,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = crate::load_model(&a.model)?;
     let tok = model.tokenizer()?;
     let ids = if a.bos && !tok.prepends_bos() { tok.encode_with_bos(&a.prompt)? } else { tok.encode_prompt(&a.prompt)? };
-    let tokens = model.tokens_tensor(&[ids.clone()])?;
+    let tokens = model.tokens_tensor(std::slice::from_ref(&ids))?;
     let logits = model.forward(&tokens)?;
     let last = logits.i((0, ids.len() - 1))?.to_dtype(candle_core::DType::F32)?;
     let logprobs = candle_nn::ops::log_softmax(&last, D::Minus1)?.to_vec1::<f32>()?;

@@ -169,8 +169,8 @@ pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &E
     for rl in 0..=n {
         let (rs, g) = receivers_of(rl)?;
         let gt = g.t()?.contiguous()?;
-        for sl in 0..=rl.min(n - 1) {
-            let scores = senders[sl].matmul(&gt)?.to_vec2::<f64>()?; // [h+1, receivers]
+        for (sl, sender) in senders.iter().enumerate().take(rl.min(n - 1) + 1) {
+            let scores = sender.matmul(&gt)?.to_vec2::<f64>()?; // [h+1, receivers]
             for (j, r) in rs.iter().enumerate() {
                 // Heads feed their own layer's MLP (not in a parallel block) and everything later;
                 // an MLP feeds later layers.

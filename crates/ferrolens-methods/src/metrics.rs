@@ -41,7 +41,7 @@ pub fn last_logits(logits: &Tensor) -> Result<Tensor> {
 
 /// A `[rows, V]` one-hot selector of `ids[r % n]` (differentiable selection by product).
 fn one_hot(ids: &[u32], rows: usize, vocab: usize, device: &Device) -> Result<Tensor> {
-    if ids.is_empty() || rows % ids.len() != 0 {
+    if ids.is_empty() || !rows.is_multiple_of(ids.len()) {
         return Err(Error::Input(format!("{rows} logit rows is not a multiple of the {} prompts", ids.len())));
     }
     let mut v = vec![0f32; rows * vocab];

@@ -271,6 +271,9 @@ pub fn run_methods(
     Ok(MethodRun { grids: grids.unwrap_or_default(), times, grouped: true })
 }
 
+/// Score grids and (method, seconds) timings.
+type GridsAndTimes = (Vec<ScoreGrid>, Vec<(Method, f64)>);
+
 /// [`run_methods`] on one prepared batch.
 fn run_prepared(
     model: &HookedTransformer,
@@ -278,7 +281,7 @@ fn run_prepared(
     methods: &[Method],
     components: &[Component],
     o: &RunOptions,
-) -> Result<(Vec<ScoreGrid>, Vec<(Method, f64)>)> {
+) -> Result<GridsAndTimes> {
     if (o.by_pos || o.resid_by_pos) && matches!(&prep.positions, Positions::Labels(l) if l.is_empty()) {
         return Err(Error::Input(
             "the pairs have different token lengths and no labels in common, so there are no per-position scores to report; \

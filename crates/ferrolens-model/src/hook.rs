@@ -69,8 +69,11 @@ pub enum HookPoint {
     LnFinalNormalized,
 }
 
+/// A hook point's constructor from its layer.
+type LayerHook = fn(usize) -> HookPoint;
+
 /// The per-layer hook suffixes in forward order, with their constructors.
-const LAYER_HOOKS: &[(&str, fn(usize) -> HookPoint)] = &[
+const LAYER_HOOKS: &[(&str, LayerHook)] = &[
     ("hook_resid_pre", HookPoint::ResidPre),
     ("hook_attn_in", HookPoint::AttnIn),
     ("ln1.hook_scale", HookPoint::Ln1Scale),

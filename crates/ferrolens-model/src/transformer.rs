@@ -833,7 +833,7 @@ impl HookedTransformer {
             None => scores,
         };
         let scores = hooks.at(AttnScores(l), scores)?;
-        if let Some(cache) = kv.as_deref_mut() {
+        if let Some(cache) = kv {
             if cache.tracks_argmax() {
                 // Argmax of the last query over keys: the pattern's argmax (softmax is monotone).
                 let last = scores.narrow(2, p - 1, 1)?.squeeze(2)?; // [b,h,T]

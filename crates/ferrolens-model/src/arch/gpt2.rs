@@ -65,7 +65,7 @@ fn yes() -> bool {
 pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
     let c: Gpt2Config = parse_hf(j, "gpt2")?;
     refuse("scale_attn_by_inverse_layer_idx", c.scale_attn_by_inverse_layer_idx, "per-layer score scaling")?;
-    if c.n_head == 0 || c.n_embd % c.n_head != 0 {
+    if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
         return Err(Error::Config(format!("n_embd {} is not divisible by n_head {}", c.n_embd, c.n_head)));
     }
     let d_head = c.n_embd / c.n_head;

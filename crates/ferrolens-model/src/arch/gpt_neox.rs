@@ -87,7 +87,7 @@ fn yes() -> bool {
 pub fn from_hf(j: &serde_json::Value, name: &str) -> Result<Config> {
     let c: GptNeoXConfig = parse_hf(j, "gpt_neox")?;
     let h = c.num_attention_heads;
-    if h == 0 || c.hidden_size % h != 0 {
+    if h == 0 || !c.hidden_size.is_multiple_of(h) {
         return Err(Error::Config(format!("hidden_size {} is not divisible by num_attention_heads {h}", c.hidden_size)));
     }
     let d_head = c.hidden_size / h;

@@ -445,6 +445,7 @@ pub fn load_weights(fam: &Family, cfg: &Config, src: &TensorSource, opts: &LoadO
     let offset_added_by_file = kind == SourceKind::Gguf && fam.gguf_norm_offset_included;
     for t in fam.tensors {
         let count = if per_layer(t) { cfg.n_layers } else { 1 };
+        #[allow(clippy::needless_range_loop)] // `l` also names the tensor
         for l in 0..count {
             let Some(name) = name_of(t, kind, l) else {
                 continue;
@@ -644,6 +645,7 @@ pub fn hf_tensors(fam: &Family, cfg: &Config, w: &Weights, dtype: DType) -> Resu
     };
     for t in fam.tensors {
         let count = if per_layer(t) { cfg.n_layers } else { 1 };
+        #[allow(clippy::needless_range_loop)] // `l` also names the tensor
         for l in 0..count {
             let name = t.hf.replace("{l}", &l.to_string());
             let fused = |slots: [Slot; 3]| -> Option<Vec<Tensor>> { slots.iter().map(|s| slot_tensor(w, *s, l)).collect() };
@@ -774,7 +776,7 @@ impl DecoderFields {
     /// gated MLP (Llama's shape); families change the flags that differ.
     pub fn config(&self, name: &str, family: &str, eps: f64, theta: f64, tied: bool, act: Activation) -> Result<Config> {
         let h = self.num_attention_heads;
-        if h == 0 || self.hidden_size % h != 0 && self.head_dim.is_none() {
+        if h == 0 || !self.hidden_size.is_multiple_of(h) && self.head_dim.is_none() {
             return Err(Error::Config(format!("hidden_size {} is not divisible by num_attention_heads {h}, and there is no head_dim", self.hidden_size)));
         }
         let d_head = self.head_dim.unwrap_or(self.hidden_size / h);
