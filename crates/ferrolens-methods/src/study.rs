@@ -275,13 +275,7 @@ pub fn run_methods(
 type GridsAndTimes = (Vec<ScoreGrid>, Vec<(Method, f64)>);
 
 /// [`run_methods`] on one prepared batch.
-fn run_prepared(
-    model: &HookedTransformer,
-    prep: &Prepared,
-    methods: &[Method],
-    components: &[Component],
-    o: &RunOptions,
-) -> Result<GridsAndTimes> {
+fn run_prepared(model: &HookedTransformer, prep: &Prepared, methods: &[Method], components: &[Component], o: &RunOptions) -> Result<GridsAndTimes> {
     if (o.by_pos || o.resid_by_pos) && matches!(&prep.positions, Positions::Labels(l) if l.is_empty()) {
         return Err(Error::Input(
             "the pairs have different token lengths and no labels in common, so there are no per-position scores to report; \
