@@ -1,33 +1,34 @@
 //! A linear probe per layer: does the residual stream at the last position of an IOI prompt
 //! encode whether the subject was mentioned first (BABA: "Then, John and Mary ... John gave")
-//! or second (ABBA)? Logistic regression on `resid_pre(L)` with candle's AdamW, held-out
-//! accuracy per layer as `probe_accuracy.csv` and a line plot (`probe_accuracy.svg`/`.png`).
-//! Run: `cargo run --release --example probe`.
+//! or second (ABBA)? The cache goes to `ndarray` ([`ferrolens::model::arrays`]) and
+//! `linfa-logistic` fits an L2-regularised logistic regression on each layer's standardised
+//! `resid_pre`; held-out accuracy per layer is written as `probe_accuracy.csv` and a line plot
+//! (`probe_accuracy.svg`/`.png`). Run: `cargo run --release --example probe`.
 
-use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use ferrolens::model::ndarray::{Array1, Array2, Axis};
 use ferrolens::prelude::*;
 use ferrolens::report::{line_chart, write_table, Column, Table};
 use ferrolens::tasks::ioi;
+use linfa::prelude::*;
+use linfa_logistic::LogisticRegression;
 
-/// Features `[n, D]` at the last position of every layer's resid_pre, and labels (1 = BABA).
-fn features(model: &HookedTransformer, seed: u64, n: usize) -> anyhow::Result<(Vec<Tensor>, Tensor)> {
+/// Features `[n, D]` at the last position of every layer's resid_pre (as ndarray), and labels
+/// (true = BABA).
+fn features(model: &HookedTransformer, seed: u64, n: usize) -> anyhow::Result<(Vec<Array2<f64>>, Array1<bool>)> {
     let pairs = ioi::generate(model.tokenizer()?, &ioi::IoiConfig { n, seed, ..Default::default() })?;
-    let labels: Vec<f32> = pairs.iter().map(|p| if p.labels["S1"] < p.labels["IO"] { 1.0 } else { 0.0 }).collect();
+    let labels: Array1<bool> = pairs.iter().map(|p| p.labels["S1"] < p.labels["IO"]).collect();
     let batch = PairBatch::new(model.tokenizer()?, pairs, "ioi")?;
     let tokens = model.tokens_tensor(&batch.clean)?;
+    let (_, cache) = model.run_with_cache(&tokens, "blocks.*.hook_resid_pre")?;
     let p = batch.seq_len();
-    let mut hooks = Hooks::new().cache("blocks.*.hook_resid_pre")?;
-    model.run_span(Some(&tokens), &RunSpan { last_logits_only: true, ..Default::default() }, &mut hooks)?;
     let feats = (0..model.cfg.n_layers)
-        .map(|l| Ok(hooks.cache_ref().get(HookPoint::ResidPre(l))?.i((.., p - 1, ..))?.contiguous()?))
+        .map(|l| {
+            // A zero-copy view of [n, p, D]; the last position copied out as f64 [n, D].
+            let x = cache.with_view(HookPoint::ResidPre(l), |a| a.index_axis(Axis(1), p - 1).mapv(f64::from))?;
+            Ok(x.into_dimensionality()?)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((feats, Tensor::new(labels, &Device::Cpu)?))
-}
-
-fn accuracy(w: &Tensor, b: &Tensor, x: &Tensor, y: &Tensor) -> anyhow::Result<f64> {
-    let pred = x.matmul(&w.unsqueeze(1)?)?.squeeze(1)?.broadcast_add(b)?.ge(0.0)?.to_dtype(DType::F32)?;
-    Ok(pred.eq(y)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()? as f64)
+    Ok((feats, labels))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,21 +38,12 @@ fn main() -> anyhow::Result<()> {
     let mut acc: Vec<f64> = Vec::new();
     for l in 0..model.cfg.n_layers {
         // Standardise with the training statistics.
-        let mu = train_x[l].mean_keepdim(0)?;
-        let sd = (train_x[l].broadcast_sub(&mu)?.sqr()?.mean_keepdim(0)? + 1e-6)?.sqrt()?;
-        let norm = |x: &Tensor| -> anyhow::Result<Tensor> { Ok(x.broadcast_sub(&mu)?.broadcast_div(&sd)?) };
-        let (xtr, xte) = (norm(&train_x[l])?, norm(&test_x[l])?);
-        let d = xtr.dim(1)?;
-        let w = candle_core::Var::zeros(d, DType::F32, &Device::Cpu)?;
-        let b = candle_core::Var::zeros(1, DType::F32, &Device::Cpu)?;
-        let mut opt = AdamW::new(vec![w.clone(), b.clone()], ParamsAdamW { lr: 0.01, weight_decay: 0.01, ..Default::default() })?;
-        for _ in 0..150 {
-            let z = xtr.matmul(&w.as_tensor().unsqueeze(1)?)?.squeeze(1)?.broadcast_add(b.as_tensor())?;
-            // Binary cross-entropy with logits: softplus(z) - y z.
-            let loss = ((z.exp()? + 1.0)?.log()? - (&z * &train_y)?)?.mean_all()?;
-            opt.backward_step(&loss)?;
-        }
-        let a = accuracy(w.as_tensor(), b.as_tensor(), &xte, &test_y)?;
+        let mu = train_x[l].mean_axis(Axis(0)).expect("64 training rows");
+        let sd = train_x[l].std_axis(Axis(0), 0.0).mapv(|s| s + 1e-6);
+        let (xtr, xte) = ((&train_x[l] - &mu) / &sd, (&test_x[l] - &mu) / &sd);
+        let fit = LogisticRegression::default().alpha(1.0).max_iterations(200).fit(&Dataset::new(xtr, train_y.clone()))?;
+        let pred = fit.predict(&xte);
+        let a = pred.iter().zip(test_y.iter()).filter(|(p, y)| p == y).count() as f64 / test_y.len() as f64;
         println!("layer {l:2}: held-out accuracy {:.1}%", 100.0 * a);
         acc.push(a);
     }

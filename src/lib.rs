@@ -1,7 +1,7 @@
 //! # ferrolens
 //!
-//! A mechanistic-interpretability workbench: TransformerLens-named hook points on GPT-2 and
-//! Llama-family models ([`model`]), activation patching, attribution patching and relevance
+//! A mechanistic-interpretability workbench: TransformerLens-named hook points on ten model
+//! families, GPT-2 to Gemma-3 ([`model`]), activation patching, attribution patching and relevance
 //! patching ([`methods`]), prompt sets ([`tasks`]) and reports ([`report`]).
 //!
 //! ```no_run
@@ -27,8 +27,8 @@ pub mod getting_started {}
 /// The names most probes need.
 pub mod prelude {
     pub use ferrolens_methods::{
-        activation_patching, attribution, AttributionOptions, Component, Direction, FnMetric, LogProb, LogitDiff, Metric, Normalised, PatchingData, Positions,
-        ScoreGrid, SweepOptions,
+        activation_patching, attribution, generic_patching, AttributionOptions, Axis, Component, Direction, FnMetric, LogProb, LogitDiff, Metric, Normalised,
+        PatchResult, PatchSpec, PatchingData, Positions, ScoreGrid, Sweep, SweepOptions,
     };
     pub use ferrolens_model::{
         load, ActivationCache, DType, Device, HookPoint, HookedTransformer, Hooks, Intervention, LoadOptions, LrpRules, PadSide, Patch, RunSpan, Tensor,

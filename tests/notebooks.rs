@@ -24,7 +24,11 @@ fn cells(src: &str) -> (String, Vec<String>) {
         }
     }
     let body = rest.join("\n");
-    let mut code = vec![":dep ferrolens = { path = \"..\" }\n:dep candle-core = \"0.11\"\n:dep candle-nn = \"0.11\"\n:dep anyhow = \"1\"".to_string()];
+    let mut deps = ":dep ferrolens = { path = \"..\" }\n:dep candle-core = \"0.11\"\n:dep candle-nn = \"0.11\"\n:dep anyhow = \"1\"".to_string();
+    if body.contains("linfa") {
+        deps.push_str("\n:dep linfa = \"0.8\"\n:dep linfa-logistic = \"0.8\"");
+    }
+    let mut code = vec![deps];
     // Items before `fn main`, split at blank lines; then main's body without its wrapper.
     let (items, main) = body.split_once("fn main() -> anyhow::Result<()> {").expect("example has fn main() -> anyhow::Result<()>");
     for chunk in items.split("\n\n").map(str::trim).filter(|c| !c.is_empty()) {

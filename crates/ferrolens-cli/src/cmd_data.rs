@@ -19,6 +19,9 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let model = crate::load_model(&a.model)?;
     let pairs = a.task.pairs(&model)?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating the folder {} for --out: {e}", dir.display()))?;
+    }
     write_jsonl(&a.out, &pairs)?;
     eprintln!("wrote {} pairs to {}", pairs.len(), a.out.display());
     Ok(())

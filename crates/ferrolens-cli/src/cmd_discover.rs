@@ -138,17 +138,8 @@ pub fn run(a: Args) -> Result<()> {
         progress: Some(&progress),
         ..Default::default()
     };
-    // Checked before the long work (the library checks again).
-    let n_nodes = model.cfg.n_layers * (model.cfg.n_heads + 1);
-    if let Some(k) = a.top_k {
-        anyhow::ensure!(
-            (1..=n_nodes).contains(&k),
-            "--top-k {k}: {} has {n_nodes} nodes ({} heads and {} MLPs); give 1..={n_nodes}",
-            model.cfg.name,
-            model.cfg.n_layers * model.cfg.n_heads,
-            model.cfg.n_layers
-        );
-    }
+    // Checked before the long work and before anything is written (discover checks again).
+    opts.check(&model)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     ferrolens_tasks::write_jsonl(&out.join("pairs.jsonl"), &batch.pairs)?;
     if !a.quiet {

@@ -108,6 +108,9 @@ pub fn run(a: Args) -> Result<()> {
         Sub::Detect { model, n, half, seed, bos, out } => (model, n, half, seed, bos, out),
         Sub::Retrieval(r) => return retrieval(r),
     };
+    if n == 0 || half == 0 {
+        bail!("--n {n} --half {half}: the detectors need at least one prompt of at least one repeated token; give --n 1.. and --half 1..");
+    }
     let model = crate::load_model(&model)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // Models that need a BOS token (Gemma) always get one.
@@ -164,23 +167,64 @@ pub(crate) fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The retrieval arguments that can be checked without the model, checked before any work.
+fn check_retrieval_args(a: &RetrievalArgs) -> Result<()> {
+    let at_least_one = [
+        ("--n-depths", a.n_depths),
+        ("--n-needles", a.n_needles.unwrap_or(1)),
+        ("--chunk", a.chunk),
+        ("--max-new-tokens", a.max_new_tokens),
+        ("--random-draws", a.random_draws),
+    ];
+    if let Some((flag, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+        bail!("{flag} 0 leaves nothing to run; give {flag} 1 or more");
+    }
+    for (flag, v) in [("--threshold", a.threshold), ("--rouge-threshold", a.rouge_threshold)] {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("{flag} {v} is outside [0, 1] (it compares a score or a ROUGE-1 recall, both fractions); give a value in [0, 1]");
+        }
+    }
+    if let Some(d) = a.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+        bail!("--depths {d} is outside [0, 1] (0 = needle at the start of the haystack, 1 = at the end); give depths in [0, 1]");
+    }
+    if a.lengths.is_empty() {
+        bail!("--lengths lists no context lengths; give e.g. --lengths 512,1024");
+    }
+    if let Some(p) = a.haystack.as_ref().filter(|p| !p.is_file()) {
+        bail!("--haystack {} is not a readable file; give a text file (or drop --haystack for the built-in World Factbook text)", p.display());
+    }
+    Ok(())
+}
+
 fn retrieval(a: RetrievalArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
+    check_retrieval_args(&a)?;
     let model = crate::load_model(&a.model)?;
+    let total_heads = model.cfg.n_layers * model.cfg.n_heads;
+    if let Some(k) = a.mask_k.iter().find(|&&k| k > total_heads / 2) {
+        bail!(
+            "--mask-k {k}: {} has {total_heads} heads, and the baseline masks {k} random heads that are not retrieval heads besides the top {k}; give K up to {} (0 skips masking)",
+            model.cfg.name,
+            total_heads / 2
+        );
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut needles = match &a.needles {
         Some(p) => read_needles(p)?,
         None => default_needles(),
     };
     if let Some(k) = a.n_needles {
-        needles.truncate(k.max(1));
+        if k > needles.len() {
+            bail!("--n-needles {k}: there are only {} needles; give at most {} (or more needles with --needles FILE)", needles.len(), needles.len());
+        }
+        needles.truncate(k);
     }
     let haystack = match &a.haystack {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading the haystack {}", p.display()))?,
         None => HAYSTACK.to_string(),
     };
     let depths: Vec<f64> = if a.depths.is_empty() {
-        let n = a.n_depths.max(1);
+        let n = a.n_depths;
         (0..n).map(|i| if n == 1 { 0.5 } else { i as f64 / (n - 1) as f64 }).collect()
     } else {
         a.depths.clone()
@@ -260,7 +304,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         let top: Vec<(usize, usize)> = ranked.iter().take(k).map(|x| (x.0, x.1)).collect();
         let s = sweep(&format!("mask top {k}"), &mask_opts, &top)?;
         mask_rows.push(("top".into(), k, 0, s.accuracy(), s.mean_rouge(), fmt_heads(&top)));
-        for draw in 0..a.random_draws.max(1) {
+        for draw in 0..a.random_draws {
             let rnd = random_heads(&scores, a.threshold, k, a.seed + draw as u64);
             if rnd.len() < k {
                 bail!("only {} heads score at most {} : cannot draw {k} random non-retrieval heads", rnd.len(), a.threshold);

@@ -1,9 +1,11 @@
-//! `ferrolens patch`: activation patching, AtP and RelP on a JSONL file of pairs.
+//! `ferrolens patch`: activation patching, AtP and RelP on a JSONL file of pairs; with `--hooks`,
+//! generic patching of any hook point over any axes.
 
 use crate::study::{grid_heatmaps, scores_table, Bars};
 use anyhow::{Context, Result};
 use ferrolens_methods::study::{correlations, parse_rules, prepare, run_methods, Batching, Method, RunOptions};
-use ferrolens_methods::{Component, Direction};
+use ferrolens_methods::{generic_patching, Component, Direction, PatchSpec, Sweep, SweepOptions};
+use ferrolens_report::{Column, Table};
 use ferrolens_tasks::{read_jsonl, PairBatch};
 
 /// Arguments of `ferrolens patch`.
@@ -35,6 +37,16 @@ pub struct Args {
     /// the padding overhead favours (same numbers either way).
     #[arg(long, value_enum, default_value_t = Batching::Auto)]
     batching: Batching,
+    /// Generic patching instead of the methods: the hook points to patch, a TL name with `*` for
+    /// any layer (e.g. `blocks.*.attn.hook_pattern`, `blocks.5.mlp.hook_post`). Writes
+    /// generic.csv/.parquet (hook, one column per axis, score).
+    #[arg(long, conflicts_with_all = ["method", "component", "by_pos"])]
+    hooks: Option<String>,
+    /// With --hooks: an axis to sweep (repeat for several; axes not given are patched whole):
+    /// `head`, `pos`, `dest_pos`, `src_pos`, `neuron`, each optionally `=3,7` (indices),
+    /// `=0..256,256..512` (ranges) or `=IO,S2` (position labels of the data).
+    #[arg(long, requires = "hooks")]
+    axis: Vec<String>,
     /// Output directory.
     #[arg(long)]
     out: std::path::PathBuf,
@@ -53,8 +65,11 @@ pub fn run(a: Args) -> Result<()> {
     let pairs = read_jsonl(&a.data)?;
     let batch = PairBatch::new(model.tokenizer()?, pairs, &a.data.display().to_string())?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let prep = prepare(&model, &batch)?;
     let direction = if a.noising { Direction::Noise } else { Direction::Denoise };
+    if let Some(pattern) = &a.hooks {
+        return generic(&a, &model, &batch, pattern, direction);
+    }
+    let prep = prepare(&model, &batch)?;
     // Residual-like components by position, as TL's sweeps; gradients at the corrupt run.
     let bars = Bars::new(a.quiet);
     let progress = |what: &str, done: usize, total: usize| bars.report(what, done, total);
@@ -91,6 +106,41 @@ pub fn run(a: Args) -> Result<()> {
         for (m, c, r, _) in &corr {
             eprintln!("  pearson r({m}, act) on {c}: {r:.3}");
         }
+    }
+    Ok(())
+}
+
+/// `patch --hooks`: generic patching, checked before the sweep.
+fn generic(a: &Args, model: &ferrolens_model::HookedTransformer, batch: &PairBatch, pattern: &str, direction: Direction) -> Result<()> {
+    let hooks = model.hooks_matching(pattern)?;
+    let labels = batch.label_indices();
+    let axes = a.axis.iter().map(|s| Sweep::parse(s, &labels)).collect::<ferrolens_model::Result<Vec<_>>>()?;
+    let prep = prepare(model, batch)?;
+    let bars = Bars::new(a.quiet);
+    let progress = |done: usize, total: usize| bars.report("patch", done, total);
+    let t0 = std::time::Instant::now();
+    let spec = PatchSpec { hooks, axes };
+    let r = generic_patching(model, &prep.data(), &spec, &SweepOptions { direction, progress: Some(&progress), ..Default::default() })?;
+    bars.finish();
+    let rows = r.rows();
+    let mut t = Table::new().col("hook", Column::Str(rows.iter().map(|r| r.0.clone()).collect()));
+    for (i, ax) in r.axes.iter().enumerate() {
+        t = t.col(ax.name(), Column::Str(rows.iter().map(|r| r.1[i].clone()).collect()));
+    }
+    t = t.col("score", Column::F64(rows.iter().map(|r| r.2).collect()));
+    ferrolens_report::write_table(&t, &a.out.join("generic"))?;
+    let summary = serde_json::json!({
+        "model": model.cfg.name, "data": a.data.display().to_string(), "n_pairs": batch.len(), "seq_len": batch.seq_len(),
+        "hooks": pattern, "n_hooks": r.hooks.len(), "axes": a.axis, "shape": r.values.shape(), "n_patches": rows.len(),
+        "metric": "normalised logit difference (answer - wrong, last position)",
+        "clean_logit_diff": prep.clean_value, "corrupt_logit_diff": prep.corrupt_value,
+        "direction": if a.noising { "noising" } else { "denoising" }, "time_s": t0.elapsed().as_secs_f64(),
+    });
+    std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if !a.quiet {
+        eprintln!("{} patches of {} hooks; wrote {}", rows.len(), r.hooks.len(), a.out.join("generic.csv").display());
     }
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.top_k == 0 {
+        anyhow::bail!("--top-k 0 would print no candidates; give --top-k 1 or more");
+    }
     let model = crate::load_model(&a.model)?;
     let tok = model.tokenizer()?;
     let ids = if a.bos && !tok.prepends_bos() { tok.encode_with_bos(&a.prompt)? } else { tok.encode_prompt(&a.prompt)? };

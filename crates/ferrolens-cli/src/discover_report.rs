@@ -68,7 +68,9 @@ pub fn write_study(out: &Path, model: &HookedTransformer, task_name: &str, batch
     write_table(&curve_table, &out.join("faithfulness"))?;
     std::fs::write(out.join("circuit.json"), serde_json::to_string_pretty(c)?)?;
     let corr = correlations(&found.grids);
+    let t_figs = Instant::now();
     let figs = figures(model, out, &found.grids, s.method, &c.curve, circuit, &circ_edges, prep, batch, s.target)?;
+    let t_figs = t_figs.elapsed().as_secs_f64();
     let (t_scores, t_faith, t_edges, times) = &found.timings;
     let summary = serde_json::json!({
         "model": model.cfg.name, "task": task_name, "n_pairs": batch.len(), "seq_len": batch.seq_len(),
@@ -76,7 +78,7 @@ pub fn write_study(out: &Path, model: &HookedTransformer, task_name: &str, batch
         "method": s.method.name(), "circuit_size": c.size, "faithfulness": c.faithfulness, "target": s.target,
         "n_heads": c.n_heads, "n_mlps": c.n_mlps,
         "pearson_vs_act": corr.iter().map(|(m, c, r, n)| serde_json::json!({"method": m, "component": c, "r": r, "n": n})).collect::<Vec<_>>(),
-        "timings_s": {"node_scores": t_scores, "faithfulness": t_faith, "edges": t_edges, "total": s.started.elapsed().as_secs_f64(),
+        "timings_s": {"node_scores": t_scores, "faithfulness": t_faith, "edges": t_edges, "figures": t_figs, "total": s.started.elapsed().as_secs_f64(),
                       "per_method": times.iter().map(|(m, t)| (m.to_string(), serde_json::json!(t))).collect::<serde_json::Map<_, _>>()},
         "out": out.display().to_string(),
     });

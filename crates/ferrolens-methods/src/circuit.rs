@@ -352,25 +352,41 @@ pub fn receiver_nodes(r: &Receiver, model: &HookedTransformer, in_circuit: impl 
     }
 }
 
+impl DiscoverOptions<'_> {
+    /// The checks [`discover`] makes before any work: `top_k` within the model's node count,
+    /// `target` in (0, 1], a node-ranking method. Call it to fail early (the CLI does, before
+    /// writing anything).
+    pub fn check(&self, model: &HookedTransformer) -> Result<()> {
+        let n_nodes = model.cfg.n_layers * (model.cfg.n_heads + 1);
+        if let Some(k) = self.top_k {
+            if !(1..=n_nodes).contains(&k) {
+                return Err(Error::Input(format!(
+                    "--top-k {k}: {} has {n_nodes} nodes ({} heads and {} MLPs); give 1..={n_nodes}",
+                    model.cfg.name,
+                    model.cfg.n_layers * model.cfg.n_heads,
+                    model.cfg.n_layers
+                )));
+            }
+        }
+        if self.top_k.is_none() && !(self.target > 0.0 && self.target <= 1.0) {
+            return Err(Error::Input(format!(
+            "--target {}: faithfulness targets are fractions of the full model's metric in (0, 1] (0.8 = the smallest circuit keeping 80%); give one there, or a node count with top-k",
+            self.target
+        )));
+        }
+        if !matches!(self.method, Method::Act | Method::Atp | Method::Relp) {
+            return Err(Error::Input(format!("circuits are ranked by act, atp or relp, not {}", self.method)));
+        }
+        Ok(())
+    }
+}
+
 /// A circuit study as one call: node scores for every head and MLP (activation patching, AtP and
 /// RelP; `opts.method` ranks), the faithfulness curve under mean ablation (means over the corrupt
 /// prompts) and the smallest circuit reaching `opts.target` (or the top `opts.top_k`), EAP edges
 /// between the circuit's nodes, and IOI head classes where the pairs have IOI labels.
 pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: &DiscoverOptions) -> Result<Discovery> {
-    let n_nodes = model.cfg.n_layers * (model.cfg.n_heads + 1);
-    if let Some(k) = opts.top_k {
-        if !(1..=n_nodes).contains(&k) {
-            return Err(Error::Input(format!(
-                "top-k {k}: {} has {n_nodes} nodes ({} heads and {} MLPs); give 1..={n_nodes}",
-                model.cfg.name,
-                model.cfg.n_layers * model.cfg.n_heads,
-                model.cfg.n_layers
-            )));
-        }
-    }
-    if !matches!(opts.method, Method::Act | Method::Atp | Method::Relp) {
-        return Err(Error::Input(format!("circuits are ranked by act, atp or relp, not {}", opts.method)));
-    }
+    opts.check(model)?;
     let prep = prepare(model, batch)?;
     // 1. Node scores. Noising: AtP/RelP gradients at the clean run estimate the drop M(clean) -
     // M(node corrupted), and the act scores become the same drop (1 - patched metric).

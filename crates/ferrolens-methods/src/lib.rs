@@ -22,7 +22,7 @@ pub use attribution::{attribution, Attribution, AttributionOptions};
 pub use circuit::{ablated_metric, discover, faithfulness_curve, smallest_faithful, AblationMeans, Circuit, CurvePoint, DiscoverOptions, Discovery, Node};
 pub use edges::{edge_attribution, Edge, EdgeOptions, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
-pub use patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
+pub use patching::{activation_patching, generic_patching, metric_of, Axis, Direction, PatchResult, PatchSpec, PatchingData, Sweep, SweepOptions};
 pub use path::{path_patch, HeadInput};
 pub use scores::{pearson, Component, Positions, ScoreGrid, ScoreRow};
 pub use study::{Batching, Method};

@@ -11,11 +11,18 @@
 //! Prompts of different lengths come as one left-padded batch with a real-token mask
 //! ([`PatchingData::mask`]): every prompt ends at the last position, where the metric reads, and
 //! positions are chosen per prompt by label ([`Positions::Labels`]).
+//!
+//! [`generic_patching`] patches any hook point over any index axes (TransformerLens's
+//! `generic_activation_patch`: positions, heads, (dest, src) of a pattern, neuron slices);
+//! [`activation_patching`] is its preset for a [`Component`] at every layer.
 
 use crate::metrics::{mean_value, Metric};
 use crate::scores::{Component, Positions, ScoreGrid};
 use candle_core::{DType, Tensor};
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
+use ndarray::{ArrayD, Dimension, IxDyn};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 /// Which way activations flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -116,74 +123,347 @@ pub fn metric_of(model: &HookedTransformer, tokens: &Tensor, mask: Option<&Tenso
     mean_value(&metric.per_row(&logits)?)
 }
 
-/// One patch of a sweep: the position slot and head it touches (None = all).
-#[derive(Debug, Clone, Copy)]
-struct Site {
-    slot: Option<usize>,
-    head: Option<usize>,
+/// An axis of an activation that [`generic_patching`] sweeps (TransformerLens's
+/// `index_axis_names`: `pos`, `head_index`, `dest_pos`, `src_pos`; `Neuron` is ours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Axis {
+    /// Token position: axis 1 of `[b,p,..]` activations, the query axis (2) of `[b,h,q,k]` scores
+    /// and patterns.
+    Pos,
+    /// Head: axis 2 of `[b,p,h,d]` (`hook_q/k/v/z/result`; key/value heads for `k`/`v` of GQA
+    /// models), axis 1 of `[b,h,q,k]`.
+    Head,
+    /// Query position of `hook_attn_scores` / `hook_pattern` `[b,h,q,k]` (axis 2).
+    DestPos,
+    /// Key position of `hook_attn_scores` / `hook_pattern` (axis 3).
+    SrcPos,
+    /// The last axis of `[b,p,n]` and `[b,p,h,n]` activations: a neuron of `mlp.hook_pre/post`,
+    /// a residual-stream direction, a coordinate of a head's `z`.
+    Neuron,
 }
 
-/// Exact activation patching of `component` at every layer: over all positions at once
-/// ([`Positions::All`]; TL's `..._attn_head_out_all_pos`, for residual-like components a
-/// whole-layer patch), at every position ([`Positions::Each`]; TL's `get_act_patch_resid_pre`,
-/// `..._attn_head_out_by_pos`), or at labelled positions that differ per prompt
-/// ([`Positions::Labels`]). Returns the metric of each patched run.
-pub fn activation_patching(
-    model: &HookedTransformer,
-    data: &PatchingData,
-    component: Component,
-    positions: &Positions,
-    opts: &SweepOptions,
-) -> Result<ScoreGrid> {
+impl Axis {
+    /// TransformerLens's name of the axis (`neuron` for ours).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Axis::Pos => "pos",
+            Axis::Head => "head_index",
+            Axis::DestPos => "dest_pos",
+            Axis::SrcPos => "src_pos",
+            Axis::Neuron => "neuron",
+        }
+    }
+
+    /// Whether the axis indexes token positions (so per-prompt labels apply).
+    pub fn is_position(&self) -> bool {
+        matches!(self, Axis::Pos | Axis::DestPos | Axis::SrcPos)
+    }
+
+    /// The axis of `hook`'s activation (rank `rank`, batch first) that this names.
+    fn dim(&self, hook: HookPoint, rank: usize) -> Result<usize> {
+        let scores = matches!(hook, HookPoint::AttnScores(_) | HookPoint::Pattern(_));
+        let d = match self {
+            Axis::Pos => Some(hook.pos_axis()),
+            Axis::Head => hook.head_axis(),
+            Axis::DestPos => scores.then_some(2),
+            Axis::SrcPos => scores.then_some(3),
+            Axis::Neuron => (!scores && rank >= 3).then_some(rank - 1),
+        };
+        d.ok_or_else(|| {
+            let hint = match self {
+                Axis::Head => "only q, k, v, z, result, attention scores and patterns have a head axis",
+                Axis::DestPos | Axis::SrcPos => "only hook_attn_scores and hook_pattern have dest_pos and src_pos",
+                _ => "patterns index keys with src_pos, not neuron",
+            };
+            Error::Input(format!("`{hook}` has no `{}` axis; {hint}", self.name()))
+        })
+    }
+}
+
+impl std::str::FromStr for Axis {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.trim() {
+            "pos" => Axis::Pos,
+            "head" | "head_index" => Axis::Head,
+            "dest_pos" | "dest" | "query" => Axis::DestPos,
+            "src_pos" | "src" | "key" => Axis::SrcPos,
+            "neuron" | "neurons" => Axis::Neuron,
+            other => return Err(Error::Input(format!("unknown axis `{other}`; use pos, head, dest_pos, src_pos or neuron"))),
+        })
+    }
+}
+
+/// Which indices of an [`Axis`] are patched, one patch each.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sweep {
+    /// Every index of the axis, one at a time.
+    Each,
+    /// These indices, one at a time.
+    Indices(Vec<usize>),
+    /// These ranges, one patch each (e.g. neuron slices `0..256`, `256..512`).
+    Ranges(Vec<Range<usize>>),
+    /// Named positions that differ per prompt row (position axes only): each label with its
+    /// index in every prompt row, `[prompts]` (as [`Positions::Labels`]).
+    Labels(Vec<(String, Vec<usize>)>),
+}
+
+/// What [`generic_patching`] patches: each hook point, at every combination of the swept
+/// indices (the cartesian product over `axes`); axes not listed are patched whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchSpec {
+    /// Hook points, one sweep each (e.g. `model.hooks_matching("blocks.*.attn.hook_pattern")?`).
+    pub hooks: Vec<HookPoint>,
+    /// Swept axes, in the order of the result's axes.
+    pub axes: Vec<(Axis, Sweep)>,
+}
+
+impl PatchSpec {
+    /// The preset of a [`Component`] at every layer: its hook at each layer, positions by
+    /// `positions` (not swept for [`Positions::All`]) and each head for head components.
+    pub fn component(model: &HookedTransformer, component: Component, positions: &Positions) -> Self {
+        let mut axes = Vec::new();
+        match positions {
+            Positions::All => {}
+            Positions::Each => axes.push((Axis::Pos, Sweep::Each)),
+            Positions::Labels(l) => axes.push((Axis::Pos, Sweep::Labels(l.clone()))),
+        }
+        if component.has_heads() {
+            axes.push((Axis::Head, Sweep::Each));
+        }
+        PatchSpec { hooks: (0..model.cfg.n_layers).map(|l| component.hook(l)).collect(), axes }
+    }
+}
+
+impl Sweep {
+    /// Parse a command-line axis: `AXIS` (every index), `AXIS=3,7` (indices),
+    /// `AXIS=0..256,256..512` (ranges) or `AXIS=IO,S2` (position labels, looked up in `labels`,
+    /// each label's index per prompt row).
+    pub fn parse(s: &str, labels: &[(String, Vec<usize>)]) -> Result<(Axis, Sweep)> {
+        let (axis, values) = match s.split_once('=') {
+            Some((a, v)) => (a.parse::<Axis>()?, Some(v)),
+            None => (s.parse::<Axis>()?, None),
+        };
+        let Some(values) = values else {
+            return Ok((axis, Sweep::Each));
+        };
+        let parts: Vec<&str> = values.split(',').map(str::trim).filter(|v| !v.is_empty()).collect();
+        if parts.is_empty() {
+            return Err(Error::Input(format!("`{s}` lists no indices; write e.g. {}=0,3 or drop `=` to sweep every index", axis.name())));
+        }
+        if parts.iter().all(|v| v.parse::<usize>().is_ok()) {
+            return Ok((axis, Sweep::Indices(parts.iter().map(|v| v.parse().unwrap_or_default()).collect())));
+        }
+        if parts.iter().all(|v| v.contains("..")) {
+            let ranges = parts
+                .iter()
+                .map(|v| {
+                    let (a, b) = v.split_once("..").unwrap_or_default();
+                    match (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+                        (Ok(a), Ok(b)) => Ok(a..b),
+                        _ => Err(Error::Input(format!("`{v}` in `{s}` is not a range; write START..END, e.g. 0..256"))),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((axis, Sweep::Ranges(ranges)));
+        }
+        let picked = parts
+            .iter()
+            .map(|v| {
+                labels.iter().find(|(n, _)| n == v).cloned().ok_or_else(|| {
+                    let known: Vec<&str> = labels.iter().map(|(n, _)| n.as_str()).collect();
+                    Error::Input(format!(
+                        "`{v}` in `{s}` is neither an index, a range nor a position label of these pairs (labels: {}); use numbers, START..END or one of the labels",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((axis, Sweep::Labels(picked)))
+    }
+}
+
+/// The outcome of [`generic_patching`]: the metric of each patched run.
+#[derive(Debug, Clone)]
+pub struct PatchResult {
+    /// The patched hook points (the result's first axis).
+    pub hooks: Vec<HookPoint>,
+    /// The swept axes (the result's other axes).
+    pub axes: Vec<Axis>,
+    /// For each swept axis, the name of each patched index (`"3"`, `"256..512"`, `"IO"`).
+    pub labels: Vec<Vec<String>>,
+    /// `[hooks, n_1, .., n_k]`: the mean metric over prompts of the run with that patch.
+    pub values: ArrayD<f64>,
+}
+
+impl PatchResult {
+    /// One row per patch: hook name, the index name on each axis, score.
+    pub fn rows(&self) -> Vec<(String, Vec<String>, f64)> {
+        self.values
+            .indexed_iter()
+            .map(|(ix, v)| {
+                let ix = ix.slice();
+                (self.hooks[ix[0]].to_string(), self.axes.iter().enumerate().map(|(a, _)| self.labels[a][ix[a + 1]].clone()).collect(), *v)
+            })
+            .collect()
+    }
+}
+
+/// One choice on one axis: the indices it patches in each prompt row.
+#[derive(Debug, Clone)]
+enum Choice {
+    Index(usize),
+    Range(Range<usize>),
+    Label(Vec<usize>),
+}
+
+impl Choice {
+    fn indices(&self, row: usize) -> Range<usize> {
+        match self {
+            Choice::Index(i) => *i..i + 1,
+            Choice::Range(r) => r.clone(),
+            Choice::Label(v) => v[row]..v[row] + 1,
+        }
+    }
+}
+
+/// One swept axis resolved for a hook: the tensor axis, its choices and their names.
+type ResolvedAxis = (usize, Vec<Choice>, Vec<String>);
+
+/// The choices of each swept axis for `hook` with activation shape `dims`, checked: the
+/// resolved tensor axis, its choices and their names.
+fn resolve(spec: &PatchSpec, hook: HookPoint, dims: &[usize], b: usize) -> Result<Vec<ResolvedAxis>> {
+    let mut out: Vec<ResolvedAxis> = Vec::new();
+    for (axis, sweep) in &spec.axes {
+        let d = axis.dim(hook, dims.len())?;
+        if let Some((prev, _)) = spec.axes.iter().find(|(a, _)| a != axis && a.dim(hook, dims.len()).ok() == Some(d)) {
+            return Err(Error::Input(format!("axes `{}` and `{}` are the same axis of `{hook}`; sweep it once", prev.name(), axis.name())));
+        }
+        if out.iter().any(|(od, _, _)| *od == d) {
+            return Err(Error::Input(format!("axis `{}` is listed twice; list each axis once", axis.name())));
+        }
+        let n = dims[d];
+        let bad = |what: String| Error::Input(format!("{what} is outside `{hook}`'s `{}` axis of size {n}; give indices below {n}", axis.name()));
+        let (choices, names): (Vec<Choice>, Vec<String>) = match sweep {
+            Sweep::Each => ((0..n).map(Choice::Index).collect(), (0..n).map(|i| i.to_string()).collect()),
+            Sweep::Indices(v) => {
+                if let Some(i) = v.iter().find(|&&i| i >= n) {
+                    return Err(bad(format!("index {i}")));
+                }
+                (v.iter().map(|&i| Choice::Index(i)).collect(), v.iter().map(|i| i.to_string()).collect())
+            }
+            Sweep::Ranges(v) => {
+                if let Some(r) = v.iter().find(|r| r.start >= r.end) {
+                    return Err(Error::Input(format!("range {}..{} on axis `{}` is empty; give start < end", r.start, r.end, axis.name())));
+                }
+                if let Some(r) = v.iter().find(|r| r.end > n) {
+                    return Err(bad(format!("range {}..{}", r.start, r.end)));
+                }
+                (v.iter().map(|r| Choice::Range(r.clone())).collect(), v.iter().map(|r| format!("{}..{}", r.start, r.end)).collect())
+            }
+            Sweep::Labels(l) => {
+                if !axis.is_position() {
+                    return Err(Error::Input(format!("labels name positions, but axis `{}` is not a position axis; use Indices or Ranges", axis.name())));
+                }
+                for (name, idx) in l {
+                    if idx.len() != b {
+                        return Err(Error::Input(format!("label `{name}` has {} indices for {b} prompts; give one per prompt", idx.len())));
+                    }
+                    if let Some(i) = idx.iter().find(|&&i| i >= n) {
+                        return Err(bad(format!("label `{name}` position {i}")));
+                    }
+                }
+                (l.iter().map(|(_, v)| Choice::Label(v.clone())).collect(), l.iter().map(|(n, _)| n.clone()).collect())
+            }
+        };
+        if choices.is_empty() {
+            return Err(Error::Input(format!("axis `{}` sweeps nothing; give at least one index", axis.name())));
+        }
+        out.push((d, choices, names));
+    }
+    Ok(out)
+}
+
+/// Patch each hook point of `spec` at every combination of its swept indices, one patched run
+/// each (denoising: source = clean, target = corrupt; noising the reverse): the target run with
+/// the source activation written at those indices (whole along unlisted axes). Runs start at the
+/// hook's layer from the target's cached `resid_pre`, many patches to a batched forward.
+///
+/// Generalises TransformerLens's `generic_activation_patch` (and its `get_act_patch_*`
+/// presets): e.g. hooks `blocks.*.attn.hook_pattern` with axes `[Head, DestPos, SrcPos]`, or
+/// `blocks.5.mlp.hook_post` with `[Neuron: Ranges(0..256, 256..512, ..)]`. Every hook must give
+/// the same number of choices on each axis. Returns values `[hooks, n_1, .., n_k]`.
+pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &PatchSpec, opts: &SweepOptions) -> Result<PatchResult> {
     let (target, source) = match opts.direction {
         Direction::Denoise => (data.corrupt, data.clean),
         Direction::Noise => (data.clean, data.corrupt),
     };
-    let (b, p) = data.check()?;
-    positions.check(b, p)?;
-    let n_layers = model.cfg.n_layers;
-    let n_heads = component.n_heads(model);
-    let hooks_src: Vec<HookPoint> = (0..n_layers).map(|l| component.hook(l)).collect();
-    let mut src = Hooks::new().cache_hooks(&hooks_src);
+    let (b, _) = data.check()?;
+    if spec.hooks.is_empty() {
+        return Err(Error::Input("no hook points to patch; give at least one (e.g. model.hooks_matching(\"blocks.*.hook_resid_pre\"))".into()));
+    }
+    let available = model.hook_points();
+    if let Some(h) = spec.hooks.iter().find(|h| !available.contains(h)) {
+        return Err(Error::Input(format!("{} has no hook `{h}`; `ferrolens info` lists its hook points", model.cfg.name)));
+    }
     let span = data.span(true);
+    let mut src = Hooks::new().cache_hooks(&spec.hooks);
     model.run_span(Some(source), &span, &mut src)?;
     let src = src.take_cache();
-    let resid_hooks: Vec<HookPoint> = (0..n_layers).map(HookPoint::ResidPre).collect();
-    let mut tgt = Hooks::new().cache_hooks(&resid_hooks);
+    // Check every hook's axes before the sweep.
+    let mut plans = Vec::with_capacity(spec.hooks.len());
+    for &hook in &spec.hooks {
+        let dims = src.get(hook)?.dims().to_vec();
+        let plan = resolve(spec, hook, &dims, b)?;
+        if let Some(first) = plans.first() {
+            let (h0, p0): &(HookPoint, Vec<ResolvedAxis>) = first;
+            for (a, ((_, c0, _), (_, c, _))) in p0.iter().zip(&plan).enumerate() {
+                if c0.len() != c.len() {
+                    return Err(Error::Input(format!(
+                        "`{h0}` has {} choices on axis `{}` but `{hook}` has {}; patch hooks of different sizes in separate calls",
+                        c0.len(),
+                        spec.axes[a].0.name(),
+                        c.len()
+                    )));
+                }
+            }
+        }
+        plans.push((hook, plan));
+    }
+    let starts: Vec<usize> = spec.hooks.iter().filter_map(|h| h.layer()).collect();
+    let mut tgt = Hooks::new().cache_hooks(&starts.iter().map(|&l| HookPoint::ResidPre(l)).collect::<Vec<_>>());
     model.run_span(Some(target), &span, &mut tgt)?;
     let tgt = tgt.take_cache();
 
-    let mut sites = Vec::new();
-    let slots: Vec<Option<usize>> = if positions.separate() { (0..positions.slots(p)).map(Some).collect() } else { vec![None] };
-    let heads: Vec<Option<usize>> = if component.has_heads() { (0..n_heads).map(Some).collect() } else { vec![None] };
-    for &slot in &slots {
-        for &head in &heads {
-            sites.push(Site { slot, head });
-        }
-    }
-    let mut grid = ScoreGrid::for_positions("act", component, positions, n_layers, p, n_heads);
+    let sizes: Vec<usize> = plans[0].1.iter().map(|(_, c, _)| c.len()).collect();
+    let n_sites: usize = sizes.iter().product();
+    let mut shape = vec![spec.hooks.len()];
+    shape.extend(&sizes);
+    let mut values = ArrayD::<f64>::zeros(IxDyn(&shape));
     let chunk = (opts.max_rows / b).max(1);
-    let total = n_layers * sites.len();
+    let total = spec.hooks.len() * n_sites;
     let mut done = 0;
-    for l in 0..n_layers {
-        let hook = component.hook(l);
-        let src_act = src.get(hook)?;
-        let resid = tgt.get(HookPoint::ResidPre(l))?;
-        for group in sites.chunks(chunk) {
-            let c = group.len();
-            let rep = |t: &Tensor| -> Result<Tensor> {
-                let parts: Vec<&Tensor> = std::iter::repeat_n(t, c).collect();
-                Ok(Tensor::cat(&parts, 0)?)
+    for (hi, (hook, plan)) in plans.iter().enumerate() {
+        let src_act = src.get(*hook)?;
+        for start in (0..n_sites).step_by(chunk) {
+            let sites: Vec<usize> = (start..(start + chunk).min(n_sites)).collect();
+            let c = sites.len();
+            let rep = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&std::iter::repeat_n(t, c).collect::<Vec<_>>(), 0)?) };
+            let mask = sites_mask(src_act.dims(), plan, &sizes, &sites, b)?.to_device(model.device())?;
+            let mut hooks = Hooks::new().patch(Patch::new(*hook, Intervention::Replace(rep(src_act)?)).mask(mask));
+            let mask_rows = data.mask_rows(c)?;
+            let logits = match hook.layer() {
+                Some(l) => {
+                    let span =
+                        RunSpan { start: Some((l, rep(tgt.get(HookPoint::ResidPre(l))?)?)), last_logits_only: true, mask: mask_rows, ..Default::default() };
+                    model.run_span(None, &span, &mut hooks)?
+                }
+                None => model.run_span(Some(&rep(target)?), &RunSpan { last_logits_only: true, mask: mask_rows, ..Default::default() }, &mut hooks)?,
             };
-            let mask = site_mask(hook, src_act.dims(), group, positions, b)?.to_device(model.device())?;
-            let patch = Patch::new(hook, Intervention::Replace(rep(src_act)?)).mask(mask);
-            let mut hooks = Hooks::new().patch(patch);
-            let span = RunSpan { start: Some((l, rep(resid)?)), last_logits_only: true, mask: data.mask_rows(c)?, ..Default::default() };
-            let logits = model.run_span(None, &span, &mut hooks)?;
-            let per_row = data.metric.per_row(&logits)?.to_dtype(DType::F64)?.reshape((c, b))?.mean(1)?.to_vec1::<f64>()?;
-            for (site, v) in group.iter().zip(per_row) {
-                let i = grid.idx(l, site.slot.unwrap_or(0), site.head.unwrap_or(0));
-                grid.values[i] = v;
+            let per = data.metric.per_row(&logits)?.to_dtype(DType::F64)?.reshape((c, b))?.mean(1)?.to_vec1::<f64>()?;
+            let flat = values.as_slice_mut().expect("a fresh array is contiguous");
+            for (site, v) in sites.iter().zip(per) {
+                flat[hi * n_sites + site] = v;
             }
             done += c;
             if let Some(f) = opts.progress {
@@ -191,47 +471,74 @@ pub fn activation_patching(
             }
         }
     }
-    Ok(grid)
+    Ok(PatchResult {
+        hooks: spec.hooks.clone(),
+        axes: spec.axes.iter().map(|(a, _)| *a).collect(),
+        labels: plans[0].1.iter().map(|(_, _, n)| n.clone()).collect(),
+        values,
+    })
 }
 
-/// The `[c*b, ...]` 0/1 mask for a chunk of sites on an activation of shape `dims` (`[b, ...]`);
-/// a site's slot is a position index per prompt row through `positions`.
-fn site_mask(hook: HookPoint, dims: &[usize], group: &[Site], positions: &Positions, b: usize) -> Result<Tensor> {
-    // Mask shape: rows x (pos axis) x (head axis), trailing axes broadcast.
-    let c = group.len();
-    let pos_axis = hook.pos_axis();
-    let head_axis = hook.head_axis();
+/// The `[c*b, ..]` 0/1 mask of a chunk of sites (flat indices into the product of `sizes`) on an
+/// activation of shape `dims`: swept axes at full size, the rest 1 (broadcast: patched whole).
+fn sites_mask(dims: &[usize], plan: &[(usize, Vec<Choice>, Vec<String>)], sizes: &[usize], sites: &[usize], b: usize) -> Result<Tensor> {
+    let c = sites.len();
     let mut shape = vec![c * b];
     shape.extend(std::iter::repeat_n(1, dims.len() - 1));
-    shape[pos_axis] = dims[pos_axis];
-    if let Some(h) = head_axis {
-        shape[h] = dims[h];
+    for (d, _, _) in plan {
+        shape[*d] = dims[*d];
     }
-    let n: usize = shape.iter().product();
-    let mut v = vec![0f32; n];
     let strides: Vec<usize> = (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect();
-    for (ci, site) in group.iter().enumerate() {
+    let mut v = vec![0f32; shape.iter().product()];
+    for (ci, &site) in sites.iter().enumerate() {
+        // The site's choice on each axis (row-major over `sizes`).
+        let mut rest = site;
+        let mut pick = vec![0; sizes.len()];
+        for a in (0..sizes.len()).rev() {
+            pick[a] = rest % sizes[a];
+            rest /= sizes[a];
+        }
         for bi in 0..b {
             let row = ci * b + bi;
-            let ps: Vec<usize> = match site.slot.and_then(|s| positions.index(s, bi)) {
-                Some(p) => vec![p],
-                None => (0..dims[pos_axis]).collect(),
-            };
-            let hs: Vec<usize> = match (site.head, head_axis) {
-                (Some(h), Some(_)) => vec![h],
-                (None, Some(ax)) => (0..dims[ax]).collect(),
-                _ => vec![0],
-            };
-            for &p in &ps {
-                for &h in &hs {
-                    let mut i = row * strides[0] + p * strides[pos_axis];
-                    if let Some(ax) = head_axis {
-                        i += h * strides[ax];
-                    }
-                    v[i] = 1.0;
+            let ranges: Vec<Range<usize>> = plan.iter().zip(&pick).map(|((_, ch, _), &k)| ch[k].indices(bi)).collect();
+            // Every combination of the axes' index ranges (one when nothing is swept).
+            let combos: usize = ranges.iter().map(|r| r.len()).product();
+            for k in 0..combos {
+                let (mut rest, mut off) = (k, row * strides[0]);
+                for (a, r) in ranges.iter().enumerate().rev() {
+                    off += (r.start + rest % r.len()) * strides[plan[a].0];
+                    rest /= r.len();
                 }
+                v[off] = 1.0;
             }
         }
     }
     Ok(Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?)
+}
+
+/// Exact activation patching of `component` at every layer: over all positions at once
+/// ([`Positions::All`]; TL's `..._attn_head_out_all_pos`, for residual-like components a
+/// whole-layer patch), at every position ([`Positions::Each`]; TL's `get_act_patch_resid_pre`,
+/// `..._attn_head_out_by_pos`), or at labelled positions that differ per prompt
+/// ([`Positions::Labels`]). Returns the metric of each patched run. The preset
+/// [`PatchSpec::component`] of [`generic_patching`].
+pub fn activation_patching(
+    model: &HookedTransformer,
+    data: &PatchingData,
+    component: Component,
+    positions: &Positions,
+    opts: &SweepOptions,
+) -> Result<ScoreGrid> {
+    let (b, p) = data.check()?;
+    positions.check(b, p)?;
+    let r = generic_patching(model, data, &PatchSpec::component(model, component, positions), opts)?;
+    let n_heads = component.n_heads(model);
+    let mut grid = ScoreGrid::for_positions("act", component, positions, model.cfg.n_layers, p, n_heads);
+    // The result is [layers, (slots), (heads)] row-major, the grid's own layout.
+    let flat: Vec<f64> = r.values.iter().copied().collect();
+    if flat.len() != grid.values.len() {
+        return Err(Error::Input(format!("internal: {} patch results for a grid of {}", flat.len(), grid.values.len())));
+    }
+    grid.values = flat;
+    Ok(grid)
 }

@@ -236,6 +236,12 @@ impl ScoreGrid {
         g
     }
 
+    /// The scores as a zero-copy `ndarray` view `[layer, pos, head]` (pos and head of size 1
+    /// where the axis is absent), for ndarray-stats, linfa or plotting crates.
+    pub fn array(&self) -> ndarray::ArrayView3<'_, f64> {
+        ndarray::ArrayView3::from_shape((self.n_layers, self.n_pos, self.n_heads), &self.values).expect("values hold n_layers * n_pos * n_heads scores")
+    }
+
     /// Index of (layer, pos, head) in `values`.
     pub fn idx(&self, layer: usize, pos: usize, head: usize) -> usize {
         (layer * self.n_pos + pos) * self.n_heads + head

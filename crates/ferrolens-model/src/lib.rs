@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+pub mod arrays;
 pub mod cache;
 pub mod config;
 pub mod device;
@@ -27,6 +28,7 @@ pub mod fused;
 pub mod hook;
 pub mod hooks;
 pub mod kv;
+pub mod layers;
 pub mod lens;
 pub mod loader;
 pub mod lrp;
@@ -46,6 +48,8 @@ pub use hooks::{HookFn, Hooks, Intervention, Patch};
 pub use kv::KvCache;
 pub use loader::{load, load_gguf, load_hf_dir, load_hub, LoadOptions};
 pub use lrp::LrpRules;
+/// The `ndarray` version [`arrays`] speaks (use it to avoid a version mismatch).
+pub use ndarray;
 pub use tokenizer::Tokenizer;
 pub use transformer::{AttnWeights, BlockWeights, MlpWeights, NormWeights};
 pub use transformer::{GradRun, HookedTransformer, NormSite, PadSide, RunSpan, Weights};

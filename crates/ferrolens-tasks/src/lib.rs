@@ -74,6 +74,9 @@ impl Default for TaskOptions {
 impl TaskOptions {
     /// The task's prompt pairs for `tok`.
     pub fn generate(&self, tok: &ferrolens_model::Tokenizer) -> ferrolens_model::Result<Vec<PromptPair>> {
+        if self.n == 0 {
+            return Err(ferrolens_model::Error::Input(format!("{}: n = 0 asks for no prompt pairs; ask for at least one (e.g. --n 24)", self.task.name())));
+        }
         match self.task {
             Task::Ioi => ioi::generate(
                 tok,
