@@ -20,15 +20,34 @@ pub struct Args {
     /// Repeats per timing (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
-    /// What to time: sgemm, forward, atp, relp, heads, edges, decode (comma-separated).
-    #[arg(long, default_value = "sgemm,forward,atp,relp,heads")]
-    what: String,
+    /// What to time (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Bench::Sgemm, Bench::Forward, Bench::Atp, Bench::Relp, Bench::Heads])]
+    what: Vec<Bench>,
     /// Context length of the `decode` benchmark (prefill, then greedy decoding with a KV cache).
     #[arg(long, default_value_t = 2048)]
     decode_context: usize,
     /// Tokens decoded per `decode` timing.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
+}
+
+/// One benchmark of `ferrolens bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bench {
+    /// A 1024x1024 f32 matmul (the device's GEMM rate).
+    Sgemm,
+    /// A plain forward and one caching every hook.
+    Forward,
+    /// AtP over heads, resid_pre, attn_out and mlp_out by position.
+    Atp,
+    /// RelP over the same components.
+    Relp,
+    /// Activation patching of every head (all positions).
+    Heads,
+    /// EAP over every edge (block and head-input receivers).
+    Edges,
+    /// Prefill and greedy decoding with a KV cache (fused and generic attention).
+    Decode,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -75,6 +94,7 @@ fn decode_speed(model: &ferrolens_model::HookedTransformer, context: usize, n: u
 }
 
 pub fn run(a: Args) -> Result<()> {
+    anyhow::ensure!(a.repeat > 0, "--repeat 0 times nothing; give --repeat 1 or more (the median of the repeats is reported)");
     let model = crate::load_model(&a.model)?;
     let batch = PairBatch::new(model.tokenizer()?, read_jsonl(&a.data)?, &a.data.display().to_string())?;
     let prep = prepare(&model, &batch)?;
@@ -89,9 +109,9 @@ pub fn run(a: Args) -> Result<()> {
     out.insert("seq_len".into(), p.into());
     out.insert("threads".into(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).into());
     out.insert("forward_gflop".into(), (flops / 1e9).into());
-    for w in a.what.split(',') {
-        match w.trim() {
-            "sgemm" => {
+    for &w in &a.what {
+        match w {
+            Bench::Sgemm => {
                 let n = 1024;
                 let x = Tensor::randn(0f32, 1.0, (n, n), dev)?;
                 let y = Tensor::randn(0f32, 1.0, (n, n), dev)?;
@@ -101,7 +121,7 @@ pub fn run(a: Args) -> Result<()> {
                 })?;
                 out.insert("sgemm_1024_gflops".into(), (2.0 * (n as f64).powi(3) / t / 1e9).into());
             }
-            "forward" => {
+            Bench::Forward => {
                 let t = time(dev, a.repeat, || {
                     model.forward(&prep.clean)?;
                     Ok(())
@@ -119,8 +139,8 @@ pub fn run(a: Args) -> Result<()> {
                 out.insert("forward_full_cache_s".into(), t.into());
                 out.insert("forward_full_cache_gflops".into(), (flops / t / 1e9).into());
             }
-            "atp" | "relp" => {
-                let rules = if w.trim() == "atp" { LrpRules::NONE } else { LrpRules::RELP };
+            Bench::Atp | Bench::Relp => {
+                let rules = if w == Bench::Atp { LrpRules::NONE } else { LrpRules::RELP };
                 let comps = [Component::HeadZ, Component::ResidPre, Component::AttnOut, Component::MlpOut];
                 let t = time(dev, a.repeat, || {
                     attribution(
@@ -130,9 +150,9 @@ pub fn run(a: Args) -> Result<()> {
                     )?;
                     Ok(())
                 })?;
-                out.insert(format!("{}_s", w.trim()), t.into());
+                out.insert(format!("{}_s", if w == Bench::Atp { "atp" } else { "relp" }), t.into());
             }
-            "heads" => {
+            Bench::Heads => {
                 let t0 = Instant::now();
                 activation_patching(&model, &prep.data(), Component::HeadZ, &Positions::All, &SweepOptions::default())?;
                 dev.synchronize()?;
@@ -143,7 +163,7 @@ pub fn run(a: Args) -> Result<()> {
                 out.insert("heads_all_pos_s".into(), t.into());
                 out.insert("heads_all_pos_gflops".into(), (work / t / 1e9).into());
             }
-            "decode" => {
+            Bench::Decode => {
                 for fused in [true, false] {
                     let (pre, dec) = decode_speed(&model, a.decode_context, a.decode_tokens, fused)?;
                     let tag = if fused { "fused" } else { "generic" };
@@ -151,7 +171,7 @@ pub fn run(a: Args) -> Result<()> {
                     out.insert(format!("decode_{}_{tag}_tokens_per_s", a.decode_context), dec.into());
                 }
             }
-            "edges" => {
+            Bench::Edges => {
                 // EAP over every edge, attention receivers per block and per head input.
                 for (tag, head_inputs) in [("blocks", false), ("heads", true)] {
                     let t = time(dev, a.repeat, || {
@@ -161,7 +181,6 @@ pub fn run(a: Args) -> Result<()> {
                     out.insert(format!("edges_{tag}_s"), t.into());
                 }
             }
-            o => anyhow::bail!("unknown benchmark `{o}`"),
         }
     }
     println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(out))?);

@@ -5,7 +5,7 @@
 
 use crate::discover_report::Settings;
 use crate::study::Bars;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferrolens_methods::circuit::{discover, DiscoverOptions};
 use ferrolens_methods::study::{Batching, Method};
 use ferrolens_methods::Direction;
@@ -140,44 +140,45 @@ pub fn run(a: Args) -> Result<()> {
     };
     // Checked before the long work and before anything is written (discover checks again).
     opts.check(&model)?;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    ferrolens_tasks::write_jsonl(&out.join("pairs.jsonl"), &batch.pairs)?;
-    if !a.quiet {
-        eprintln!("{} on {task_name}: {} pairs of {} tokens", model.cfg.name, batch.len(), batch.seq_len());
-    }
-    let found = discover(&model, &batch, &task_name, &opts)?;
-    bars.finish();
-    let (prep, c) = (&found.prep, &found.circuit);
-    if !a.quiet {
-        eprintln!("clean logit diff {:.3} (accuracy {:.0}%), corrupt {:.3}", prep.clean_value, 100.0 * prep.clean_accuracy, prep.corrupt_value);
-    }
-    let summary = crate::discover_report::write_study(
-        &out,
-        &model,
-        &task_name,
-        &batch,
-        &found,
-        &Settings {
-            method: a.method,
-            direction: a.direction,
-            target: a.target,
-            seed: a.task.seed,
-            head_inputs: a.edge_receivers == EdgeReceivers::Heads,
-            started: t_start,
-        },
-    )?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else if !a.quiet {
-        eprintln!(
-            "circuit: {} nodes ({} heads, {} MLPs), faithfulness {:.1}% (target {:.0}%); report: {}",
-            c.size,
-            c.n_heads,
-            c.n_mlps,
-            100.0 * c.faithfulness,
-            100.0 * a.target,
-            out.join("report.html").display()
-        );
-    }
-    Ok(())
+    crate::in_new_dir(&out, || {
+        ferrolens_tasks::write_jsonl(&out.join("pairs.jsonl"), &batch.pairs)?;
+        if !a.quiet {
+            eprintln!("{} on {task_name}: {} pairs of {} tokens", model.cfg.name, batch.len(), batch.seq_len());
+        }
+        let found = discover(&model, &batch, &task_name, &opts)?;
+        bars.finish();
+        let (prep, c) = (&found.prep, &found.circuit);
+        if !a.quiet {
+            eprintln!("clean logit diff {:.3} (accuracy {:.0}%), corrupt {:.3}", prep.clean_value, 100.0 * prep.clean_accuracy, prep.corrupt_value);
+        }
+        let summary = crate::discover_report::write_study(
+            &out,
+            &model,
+            &task_name,
+            &batch,
+            &found,
+            &Settings {
+                method: a.method,
+                direction: a.direction,
+                target: a.target,
+                seed: a.task.seed,
+                head_inputs: a.edge_receivers == EdgeReceivers::Heads,
+                started: t_start,
+            },
+        )?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else if !a.quiet {
+            eprintln!(
+                "circuit: {} nodes ({} heads, {} MLPs), faithfulness {:.1}% (target {:.0}%); report: {}",
+                c.size,
+                c.n_heads,
+                c.n_mlps,
+                100.0 * c.faithfulness,
+                100.0 * a.target,
+                out.join("report.html").display()
+            );
+        }
+        Ok(())
+    })
 }

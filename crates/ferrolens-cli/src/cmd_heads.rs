@@ -112,7 +112,11 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--n {n} --half {half}: the detectors need at least one prompt of at least one repeated token; give --n 1.. and --half 1..");
     }
     let model = crate::load_model(&model)?;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    crate::in_new_dir(&out, || detect(&model, n, half, seed, bos, &out))
+}
+
+/// `heads detect` after the checks: scores, tables and heatmaps into `out`.
+fn detect(model: &ferrolens_model::HookedTransformer, n: usize, half: usize, seed: u64, bos: bool, out: &Path) -> Result<()> {
     // Models that need a BOS token (Gemma) always get one.
     let bos = bos || model.cfg.prepend_bos;
     let bos_id = if bos { model.cfg.bos_token_id.or(model.tokenizer.as_ref().and_then(|t| t.bos_id())) } else { None };
@@ -121,7 +125,7 @@ pub fn run(a: Args) -> Result<()> {
     let tokens = repeated_random_tokens(n, half, lo, model.cfg.d_vocab as u32, seed, bos_id);
     let (mut det, mut layer, mut head, mut score) = (vec![], vec![], vec![], vec![]);
     let mut summary = serde_json::Map::new();
-    let all = detect_heads(&model, &tokens, &Detector::ALL, bos, false)?;
+    let all = detect_heads(model, &tokens, &Detector::ALL, bos, false)?;
     for (d, s) in Detector::ALL.into_iter().zip(all) {
         for (l, row) in s.iter().enumerate() {
             for (h, v) in row.iter().enumerate() {
@@ -208,180 +212,185 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
             total_heads / 2
         );
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let mut needles = match &a.needles {
-        Some(p) => read_needles(p)?,
-        None => default_needles(),
-    };
-    if let Some(k) = a.n_needles {
-        if k > needles.len() {
-            bail!("--n-needles {k}: there are only {} needles; give at most {} (or more needles with --needles FILE)", needles.len(), needles.len());
-        }
-        needles.truncate(k);
-    }
-    let haystack = match &a.haystack {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading the haystack {}", p.display()))?,
-        None => HAYSTACK.to_string(),
-    };
-    let depths: Vec<f64> = if a.depths.is_empty() {
-        let n = a.n_depths;
-        (0..n).map(|i| if n == 1 { 0.5 } else { i as f64 / (n - 1) as f64 }).collect()
-    } else {
-        a.depths.clone()
-    };
-    let opts = NiahOptions {
-        lengths: a.lengths.clone(),
-        depths: depths.clone(),
-        max_new_tokens: a.max_new_tokens,
-        chunk: a.chunk,
-        rouge_threshold: a.rouge_threshold,
-    };
-    let mask_opts = NiahOptions { lengths: if a.mask_lengths.is_empty() { a.lengths.clone() } else { a.mask_lengths.clone() }, ..opts.clone() };
-    let sweep = |what: &str, opts: &NiahOptions, masked: &[(usize, usize)]| -> Result<NiahSweep> {
-        let bar = crate::progress_bar(a.quiet, what);
-        let cb = |done: usize, total: usize| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
+    crate::in_new_dir(&a.out, || {
+        let mut needles = match &a.needles {
+            Some(p) => read_needles(p)?,
+            None => default_needles(),
         };
-        let s = niah_sweep(&model, &haystack, &needles, opts, masked, &cb)?;
-        bar.finish_and_clear();
-        Ok(s)
-    };
-    let t_score = std::time::Instant::now();
-    let base = sweep("retrieval scores", &opts, &[])?;
-    let score_s = t_score.elapsed().as_secs_f64();
-    let scores = base.head_scores();
-    let ranked = ranked_heads(&scores);
-    let n_heads = ranked.len();
-    let retrieval_heads: Vec<&(usize, usize, f64)> = ranked.iter().filter(|x| x.2 > a.threshold).collect();
-
-    // Tables: per-head scores and per-run answers.
-    let (mut layer, mut head, mut score) = (vec![], vec![], vec![]);
-    for (l, row) in scores.iter().enumerate() {
-        for (h, v) in row.iter().enumerate() {
-            layer.push(Some(l as u64));
-            head.push(Some(h as u64));
-            score.push(*v);
-        }
-    }
-    write_table(&Table::new().col("layer", Column::OptU64(layer)).col("head", Column::OptU64(head)).col("score", Column::F64(score)), &a.out.join("scores"))?;
-    let runs_table = |s: &NiahSweep| {
-        Table::new()
-            .col("needle", Column::OptU64(s.runs.iter().map(|r| Some(r.needle as u64)).collect()))
-            .col("length", Column::OptU64(s.runs.iter().map(|r| Some(r.length as u64)).collect()))
-            .col("depth", Column::F64(s.runs.iter().map(|r| r.depth).collect()))
-            .col("actual_depth", Column::F64(s.runs.iter().map(|r| r.actual_depth).collect()))
-            .col("needle_tokens", Column::OptU64(s.runs.iter().map(|r| Some(r.needle_tokens as u64)).collect()))
-            .col("answer_tokens", Column::OptU64(s.runs.iter().map(|r| Some(r.answer_tokens as u64)).collect()))
-            .col("rouge1", Column::F64(s.runs.iter().map(|r| r.rouge1).collect()))
-            .col("correct", Column::Str(s.runs.iter().map(|r| r.correct.to_string()).collect()))
-            .col("answer", Column::Str(s.runs.iter().map(|r| r.answer.clone()).collect()))
-    };
-    let runs = runs_table(&base);
-    write_table(&runs, &a.out.join("runs"))?;
-    heatmap(
-        &Heatmap {
-            title: format!("retrieval score ({} of {} runs correct)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len()),
-            values: scores.clone(),
-            row_label: "layer".into(),
-            col_label: "head".into(),
-            col_ticks: vec![],
-        },
-        &a.out.join("retrieval_heatmap"),
-    )?;
-
-    // Masking experiment: top-K retrieval heads vs K random heads scoring at most the threshold.
-    // The unmasked runs at the masking lengths: taken from the scoring sweep when it has them.
-    let mask_base = if a.mask_k.iter().all(|&k| k == 0) {
-        base.clone()
-    } else if mask_opts.lengths.iter().all(|l| opts.lengths.contains(l)) {
-        NiahSweep { runs: base.runs.iter().filter(|r| mask_opts.lengths.contains(&r.length)).cloned().collect() }
-    } else {
-        sweep("masking baseline", &mask_opts, &[])?
-    };
-    let mut mask_rows: Vec<(String, usize, usize, f64, f64, String)> = vec![("none".into(), 0, 0, mask_base.accuracy(), mask_base.mean_rouge(), String::new())];
-    for &k in a.mask_k.iter().filter(|&&k| k > 0) {
-        let top: Vec<(usize, usize)> = ranked.iter().take(k).map(|x| (x.0, x.1)).collect();
-        let s = sweep(&format!("mask top {k}"), &mask_opts, &top)?;
-        mask_rows.push(("top".into(), k, 0, s.accuracy(), s.mean_rouge(), fmt_heads(&top)));
-        for draw in 0..a.random_draws {
-            let rnd = random_heads(&scores, a.threshold, k, a.seed + draw as u64);
-            if rnd.len() < k {
-                bail!("only {} heads score at most {} : cannot draw {k} random non-retrieval heads", rnd.len(), a.threshold);
+        if let Some(k) = a.n_needles {
+            if k > needles.len() {
+                bail!("--n-needles {k}: there are only {} needles; give at most {} (or more needles with --needles FILE)", needles.len(), needles.len());
             }
-            let s = sweep(&format!("mask random {k}"), &mask_opts, &rnd)?;
-            mask_rows.push(("random".into(), k, draw, s.accuracy(), s.mean_rouge(), fmt_heads(&rnd)));
+            needles.truncate(k);
         }
-    }
-    let masking = Table::new()
-        .col("masked", Column::Str(mask_rows.iter().map(|r| r.0.clone()).collect()))
-        .col("k", Column::OptU64(mask_rows.iter().map(|r| Some(r.1 as u64)).collect()))
-        .col("draw", Column::OptU64(mask_rows.iter().map(|r| Some(r.2 as u64)).collect()))
-        .col("accuracy", Column::F64(mask_rows.iter().map(|r| r.3).collect()))
-        .col("mean_rouge1", Column::F64(mask_rows.iter().map(|r| r.4).collect()))
-        .col("heads", Column::Str(mask_rows.iter().map(|r| r.5.clone()).collect()));
-    write_table(&masking, &a.out.join("masking"))?;
+        let haystack = match &a.haystack {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading the haystack {}", p.display()))?,
+            None => HAYSTACK.to_string(),
+        };
+        let depths: Vec<f64> = if a.depths.is_empty() {
+            let n = a.n_depths;
+            (0..n).map(|i| if n == 1 { 0.5 } else { i as f64 / (n - 1) as f64 }).collect()
+        } else {
+            a.depths.clone()
+        };
+        let opts = NiahOptions {
+            lengths: a.lengths.clone(),
+            depths: depths.clone(),
+            max_new_tokens: a.max_new_tokens,
+            chunk: a.chunk,
+            rouge_threshold: a.rouge_threshold,
+        };
+        let mask_opts = NiahOptions { lengths: if a.mask_lengths.is_empty() { a.lengths.clone() } else { a.mask_lengths.clone() }, ..opts.clone() };
+        let sweep = |what: &str, opts: &NiahOptions, masked: &[(usize, usize)]| -> Result<NiahSweep> {
+            let bar = crate::progress_bar(a.quiet, what);
+            let cb = |done: usize, total: usize| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            };
+            let s = niah_sweep(&model, &haystack, &needles, opts, masked, &cb)?;
+            bar.finish_and_clear();
+            Ok(s)
+        };
+        let t_score = std::time::Instant::now();
+        let base = sweep("retrieval scores", &opts, &[])?;
+        let score_s = t_score.elapsed().as_secs_f64();
+        let scores = base.head_scores();
+        let ranked = ranked_heads(&scores);
+        let n_heads = ranked.len();
+        let retrieval_heads: Vec<&(usize, usize, f64)> = ranked.iter().filter(|x| x.2 > a.threshold).collect();
 
-    let peak = peak_rss();
-    let summary = serde_json::json!({
-        "model": model.cfg.name,
-        "n_layers": model.cfg.n_layers,
-        "n_heads": n_heads,
-        "lengths": a.lengths,
-        "mask_lengths": mask_opts.lengths,
-        "depths": depths,
-        "needles": needles,
-        "runs": base.runs.len(),
-        "runs_correct": base.runs.iter().filter(|r| r.correct).count(),
-        "accuracy": base.accuracy(),
-        "threshold": a.threshold,
-        "n_retrieval_heads": retrieval_heads.len(),
-        "fraction_retrieval_heads": retrieval_heads.len() as f64 / n_heads.max(1) as f64,
-        "top_heads": ranked.iter().take(10).map(|(l, h, s)| serde_json::json!({"layer": l, "head": h, "score": s})).collect::<Vec<_>>(),
-        "masking": mask_rows.iter().map(|r| serde_json::json!({"masked": r.0, "k": r.1, "draw": r.2, "accuracy": r.3, "mean_rouge1": r.4})).collect::<Vec<_>>(),
-        "scoring_seconds": score_s,
-        "total_seconds": t0.elapsed().as_secs_f64(),
-        "peak_rss_bytes": peak,
-    });
-    std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        // Tables: per-head scores and per-run answers.
+        let (mut layer, mut head, mut score) = (vec![], vec![], vec![]);
+        for (l, row) in scores.iter().enumerate() {
+            for (h, v) in row.iter().enumerate() {
+                layer.push(Some(l as u64));
+                head.push(Some(h as u64));
+                score.push(*v);
+            }
+        }
+        write_table(
+            &Table::new().col("layer", Column::OptU64(layer)).col("head", Column::OptU64(head)).col("score", Column::F64(score)),
+            &a.out.join("scores"),
+        )?;
+        let runs_table = |s: &NiahSweep| {
+            Table::new()
+                .col("needle", Column::OptU64(s.runs.iter().map(|r| Some(r.needle as u64)).collect()))
+                .col("length", Column::OptU64(s.runs.iter().map(|r| Some(r.length as u64)).collect()))
+                .col("depth", Column::F64(s.runs.iter().map(|r| r.depth).collect()))
+                .col("actual_depth", Column::F64(s.runs.iter().map(|r| r.actual_depth).collect()))
+                .col("needle_tokens", Column::OptU64(s.runs.iter().map(|r| Some(r.needle_tokens as u64)).collect()))
+                .col("answer_tokens", Column::OptU64(s.runs.iter().map(|r| Some(r.answer_tokens as u64)).collect()))
+                .col("rouge1", Column::F64(s.runs.iter().map(|r| r.rouge1).collect()))
+                .col("correct", Column::Str(s.runs.iter().map(|r| r.correct.to_string()).collect()))
+                .col("answer", Column::Str(s.runs.iter().map(|r| r.answer.clone()).collect()))
+        };
+        let runs = runs_table(&base);
+        write_table(&runs, &a.out.join("runs"))?;
+        heatmap(
+            &Heatmap {
+                title: format!("retrieval score ({} of {} runs correct)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len()),
+                values: scores.clone(),
+                row_label: "layer".into(),
+                col_label: "head".into(),
+                col_ticks: vec![],
+            },
+            &a.out.join("retrieval_heatmap"),
+        )?;
 
-    let mut r = Report::new(&format!("ferrolens retrieval heads: {}", model.cfg.name));
-    r.para("Needle-in-a-haystack decoding with a KV cache; at each generated token, a head scores a copy hit when its most-attended key lies in the answer's span inside the needle and holds the token just generated (Wu et al. 2024). Score = hits / span length, averaged over the runs answered correctly (ROUGE-1 recall above the threshold).");
-    r.kv(&[
-        ("model", model.cfg.name.clone()),
-        ("context lengths", format!("{:?}", a.lengths)),
-        ("depths", format!("{:?}", depths)),
-        ("needles", needles.len().to_string()),
-        ("runs correct", format!("{} of {} ({:.1}%)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len(), 100.0 * base.accuracy())),
-        (
-            "retrieval heads (score > threshold)",
-            format!("{} of {} ({:.2}%)", retrieval_heads.len(), n_heads, 100.0 * retrieval_heads.len() as f64 / n_heads.max(1) as f64),
-        ),
-        ("top heads", ranked.iter().take(5).map(|(l, h, s)| format!("L{l}H{h} {s:.3}")).collect::<Vec<_>>().join(", ")),
-        ("peak memory", peak.map(|b| format!("{:.0} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into())),
-        ("time", format!("{:.0} s", t0.elapsed().as_secs_f64())),
-    ]);
-    r.heading("Retrieval scores");
-    r.figure(&a.out.join("retrieval_heatmap.svg"), "Retrieval score per head (mean over correct runs).")?;
-    r.heading("Masking experiment");
-    r.para("Needle-in-a-haystack accuracy with the top-K retrieval heads made to attend uniformly, against K random heads scoring at most the threshold.");
-    r.html(&masking.to_html(100));
-    r.heading("Runs");
-    r.html(&runs.to_html(500));
-    r.write(&a.out.join("report.html"))?;
+        // Masking experiment: top-K retrieval heads vs K random heads scoring at most the threshold.
+        // The unmasked runs at the masking lengths: taken from the scoring sweep when it has them.
+        let mask_base = if a.mask_k.iter().all(|&k| k == 0) {
+            base.clone()
+        } else if mask_opts.lengths.iter().all(|l| opts.lengths.contains(l)) {
+            NiahSweep { runs: base.runs.iter().filter(|r| mask_opts.lengths.contains(&r.length)).cloned().collect() }
+        } else {
+            sweep("masking baseline", &mask_opts, &[])?
+        };
+        let mut mask_rows: Vec<(String, usize, usize, f64, f64, String)> =
+            vec![("none".into(), 0, 0, mask_base.accuracy(), mask_base.mean_rouge(), String::new())];
+        for &k in a.mask_k.iter().filter(|&&k| k > 0) {
+            let top: Vec<(usize, usize)> = ranked.iter().take(k).map(|x| (x.0, x.1)).collect();
+            let s = sweep(&format!("mask top {k}"), &mask_opts, &top)?;
+            mask_rows.push(("top".into(), k, 0, s.accuracy(), s.mean_rouge(), fmt_heads(&top)));
+            for draw in 0..a.random_draws {
+                let rnd = random_heads(&scores, a.threshold, k, a.seed + draw as u64);
+                if rnd.len() < k {
+                    bail!("only {} heads score at most {} : cannot draw {k} random non-retrieval heads", rnd.len(), a.threshold);
+                }
+                let s = sweep(&format!("mask random {k}"), &mask_opts, &rnd)?;
+                mask_rows.push(("random".into(), k, draw, s.accuracy(), s.mean_rouge(), fmt_heads(&rnd)));
+            }
+        }
+        let masking = Table::new()
+            .col("masked", Column::Str(mask_rows.iter().map(|r| r.0.clone()).collect()))
+            .col("k", Column::OptU64(mask_rows.iter().map(|r| Some(r.1 as u64)).collect()))
+            .col("draw", Column::OptU64(mask_rows.iter().map(|r| Some(r.2 as u64)).collect()))
+            .col("accuracy", Column::F64(mask_rows.iter().map(|r| r.3).collect()))
+            .col("mean_rouge1", Column::F64(mask_rows.iter().map(|r| r.4).collect()))
+            .col("heads", Column::Str(mask_rows.iter().map(|r| r.5.clone()).collect()));
+        write_table(&masking, &a.out.join("masking"))?;
 
-    println!(
-        "{} of {} heads ({:.2}%) score above {} over {} of {} correct runs; top: {}. Wrote {}",
-        retrieval_heads.len(),
-        n_heads,
-        100.0 * retrieval_heads.len() as f64 / n_heads.max(1) as f64,
-        a.threshold,
-        base.runs.iter().filter(|r| r.correct).count(),
-        base.runs.len(),
-        ranked.iter().take(3).map(|(l, h, s)| format!("L{l}H{h}={s:.3}")).collect::<Vec<_>>().join(" "),
-        a.out.join("report.html").display()
-    );
-    Ok(())
+        let peak = peak_rss();
+        let summary = serde_json::json!({
+            "model": model.cfg.name,
+            "n_layers": model.cfg.n_layers,
+            "n_heads": n_heads,
+            "lengths": a.lengths,
+            "mask_lengths": mask_opts.lengths,
+            "depths": depths,
+            "needles": needles,
+            "runs": base.runs.len(),
+            "runs_correct": base.runs.iter().filter(|r| r.correct).count(),
+            "accuracy": base.accuracy(),
+            "threshold": a.threshold,
+            "n_retrieval_heads": retrieval_heads.len(),
+            "fraction_retrieval_heads": retrieval_heads.len() as f64 / n_heads.max(1) as f64,
+            "top_heads": ranked.iter().take(10).map(|(l, h, s)| serde_json::json!({"layer": l, "head": h, "score": s})).collect::<Vec<_>>(),
+            "masking": mask_rows.iter().map(|r| serde_json::json!({"masked": r.0, "k": r.1, "draw": r.2, "accuracy": r.3, "mean_rouge1": r.4})).collect::<Vec<_>>(),
+            "scoring_seconds": score_s,
+            "total_seconds": t0.elapsed().as_secs_f64(),
+            "peak_rss_bytes": peak,
+        });
+        std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+
+        let mut r = Report::new(&format!("ferrolens retrieval heads: {}", model.cfg.name));
+        r.para("Needle-in-a-haystack decoding with a KV cache; at each generated token, a head scores a copy hit when its most-attended key lies in the answer's span inside the needle and holds the token just generated (Wu et al. 2024). Score = hits / span length, averaged over the runs answered correctly (ROUGE-1 recall above the threshold).");
+        r.kv(&[
+            ("model", model.cfg.name.clone()),
+            ("context lengths", format!("{:?}", a.lengths)),
+            ("depths", format!("{:?}", depths)),
+            ("needles", needles.len().to_string()),
+            ("runs correct", format!("{} of {} ({:.1}%)", base.runs.iter().filter(|r| r.correct).count(), base.runs.len(), 100.0 * base.accuracy())),
+            (
+                "retrieval heads (score > threshold)",
+                format!("{} of {} ({:.2}%)", retrieval_heads.len(), n_heads, 100.0 * retrieval_heads.len() as f64 / n_heads.max(1) as f64),
+            ),
+            ("top heads", ranked.iter().take(5).map(|(l, h, s)| format!("L{l}H{h} {s:.3}")).collect::<Vec<_>>().join(", ")),
+            ("peak memory", peak.map(|b| format!("{:.0} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into())),
+            ("time", format!("{:.0} s", t0.elapsed().as_secs_f64())),
+        ]);
+        r.heading("Retrieval scores");
+        r.figure(&a.out.join("retrieval_heatmap.svg"), "Retrieval score per head (mean over correct runs).")?;
+        r.heading("Masking experiment");
+        r.para("Needle-in-a-haystack accuracy with the top-K retrieval heads made to attend uniformly, against K random heads scoring at most the threshold.");
+        r.html(&masking.to_html(100));
+        r.heading("Runs");
+        r.html(&runs.to_html(500));
+        r.write(&a.out.join("report.html"))?;
+
+        println!(
+            "{} of {} heads ({:.2}%) score above {} over {} of {} correct runs; top: {}. Wrote {}",
+            retrieval_heads.len(),
+            n_heads,
+            100.0 * retrieval_heads.len() as f64 / n_heads.max(1) as f64,
+            a.threshold,
+            base.runs.iter().filter(|r| r.correct).count(),
+            base.runs.len(),
+            ranked.iter().take(3).map(|(l, h, s)| format!("L{l}H{h}={s:.3}")).collect::<Vec<_>>().join(" "),
+            a.out.join("report.html").display()
+        );
+        Ok(())
+    })
 }
 
 fn fmt_heads(h: &[(usize, usize)]) -> String {

@@ -2,7 +2,7 @@
 //! generic patching of any hook point over any axes.
 
 use crate::study::{grid_heatmaps, scores_table, Bars};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferrolens_methods::study::{correlations, parse_rules, prepare, run_methods, Batching, Method, RunOptions};
 use ferrolens_methods::{generic_patching, Component, Direction, PatchSpec, Sweep, SweepOptions};
 use ferrolens_report::{Column, Table};
@@ -59,22 +59,25 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let (methods, components) = (a.method.clone(), a.component.clone());
     let rules = parse_rules(&a.rules)?;
     let model = crate::load_model(&a.model)?;
     let pairs = read_jsonl(&a.data)?;
     let batch = PairBatch::new(model.tokenizer()?, pairs, &a.data.display().to_string())?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let direction = if a.noising { Direction::Noise } else { Direction::Denoise };
-    if let Some(pattern) = &a.hooks {
-        return generic(&a, &model, &batch, pattern, direction);
-    }
-    let prep = prepare(&model, &batch)?;
+    crate::in_new_dir(&a.out, || match &a.hooks {
+        Some(pattern) => generic(&a, &model, &batch, pattern, direction),
+        None => by_component(&a, &model, &batch, rules, direction),
+    })
+}
+
+/// `patch` of built-in components by the chosen methods.
+fn by_component(a: &Args, model: &ferrolens_model::HookedTransformer, batch: &PairBatch, rules: ferrolens_model::LrpRules, direction: Direction) -> Result<()> {
+    let prep = prepare(model, batch)?;
     // Residual-like components by position, as TL's sweeps; gradients at the corrupt run.
     let bars = Bars::new(a.quiet);
     let progress = |what: &str, done: usize, total: usize| bars.report(what, done, total);
     let opts = RunOptions { by_pos: a.by_pos, resid_by_pos: true, rules, direction, at_clean: false, batching: a.batching, progress: Some(&progress) };
-    let run = run_methods(&model, &batch, &prep, &methods, &components, &opts)?;
+    let run = run_methods(model, batch, &prep, &a.method, &a.component, &opts)?;
     bars.finish();
     let (grids, times, grouped) = (run.grids, run.times, run.grouped);
     ferrolens_report::write_table(&scores_table(&grids), &a.out.join("scores"))?;

@@ -122,6 +122,18 @@ fn info() -> anyhow::Result<()> {
 }
 
 /// A progress bar on stderr (hidden with `--quiet`).
+/// Run `f`, which writes into the folder `out`: the folder is created first, and removed again
+/// when `f` fails and the folder did not exist before (a failed command leaves no empty results).
+pub(crate) fn in_new_dir<T>(out: &std::path::Path, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let existed = out.exists();
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("creating the output folder {}: {e}", out.display()))?;
+    let r = f();
+    if r.is_err() && !existed {
+        std::fs::remove_dir_all(out).ok();
+    }
+    r
+}
+
 pub(crate) fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
     if quiet {
         return indicatif::ProgressBar::hidden();

@@ -81,7 +81,7 @@ fn study_commands_reject_bad_input_clearly() {
     let e = run(&["discover", "--data", uneven.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
     assert!(e.contains("pair 1 (line 2)") && e.contains("equal lengths"), "{e}");
     let e = run(&["patch", "--data", uneven.to_str().unwrap(), "--component", "headz", "--out", dir.join("o").to_str().unwrap()]);
-    assert!(e.contains("unknown component `headz`"), "{e}");
+    assert!(e.contains("invalid value 'headz'") && e.contains("heads_pattern"), "{e}");
     // Requests that used to run long and then fail, or succeed emptily, fail first.
     let e = run(&["discover", "--task", "ioi", "--top-k", "100000", "--out", dir.join("o").to_str().unwrap()]);
     assert!(e.contains("--top-k 100000") && e.contains("300 nodes"), "{e}");
@@ -101,6 +101,58 @@ fn study_commands_reject_bad_input_clearly() {
     std::fs::write(&cut, &gguf[..20_000_000]).unwrap();
     let e = run(&["run", "--model", cut.to_str().unwrap(), "--prompt", "Hi"]);
     assert!(e.contains("truncated or corrupt") && !e.contains("stack backtrace") && !e.contains("candle_core::"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every command refuses bad input with one clear message that says what to do, before any long
+/// work and before writing anything: a non-zero exit, no panic, no backtrace, no output files.
+#[test]
+fn every_command_rejects_bad_input_before_work() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-cli-table-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ioi = env!("CARGO_MANIFEST_DIR").to_string() + "/../../fixtures/smollm2/ioi4.jsonl";
+    let junk = dir.join("junk.jsonl");
+    std::fs::write(&junk, "not json\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    let rows: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--prompt", ""], "empty prompt"),
+        (vec!["run", "--prompt", "Hi", "--top-k", "0"], "give --top-k 1 or more"),
+        (vec!["patch", "--data", "no/such.jsonl", "--out", o], "no/such.jsonl: No such file"),
+        (vec!["patch", "--data", junk, "--out", o], "each line must be {\"clean\""),
+        (vec!["patch", "--data", &ioi, "--method", "relp", "--rules", "nope", "--out", o], "unknown LRP rule `nope`"),
+        (vec!["patch", "--data", &ioi, "--hooks", "blocks.40.hook_resid_pre", "--out", o], "30 layers"),
+        (vec!["patch", "--data", &ioi, "--hooks", "blocks.3.attn.hook_z", "--axis", "head=12", "--out", o], "give indices below 9"),
+        (vec!["patch", "--data", &ioi, "--hooks", "blocks.3.attn.hook_z", "--axis", "nope", "--out", o], "unknown axis `nope`"),
+        (vec!["discover", "--task", "ioi", "--n", "0", "--out", o], "ask for at least one"),
+        (vec!["discover", "--task", "ioi", "--target", "1.5", "--out", o], "in (0, 1]"),
+        (vec!["discover", "--task", "ioi", "--top-k", "0", "--out", o], "give 1..=300"),
+        (vec!["discover", "--task", "ioi", "--corruption", "nope", "--out", o], "use abc or s2io"),
+        (vec!["heads", "detect", "--n", "0", "--out", o], "give --n 1.."),
+        (vec!["heads", "detect", "--half", "100000", "--out", o], "context length"),
+        (vec!["heads", "retrieval", "--lengths", "100000000", "--out", o], "use shorter lengths"),
+        (vec!["heads", "retrieval", "--n-depths", "0", "--out", o], "give --n-depths 1 or more"),
+        (vec!["heads", "retrieval", "--n-needles", "1000", "--out", o], "only 3 needles"),
+        (vec!["heads", "retrieval", "--mask-k", "1000", "--out", o], "give K up to 135"),
+        (vec!["heads", "retrieval", "--threshold", "2", "--out", o], "outside [0, 1]"),
+        (vec!["heads", "retrieval", "--haystack", "no/such.txt", "--out", o], "not a readable file"),
+        (vec!["path-patch", "--data", &ioi, "--sender", "L9H9", "--receivers", "nope"], "write LxHy"),
+        (vec!["path-patch", "--data", &ioi, "--sender", "L9H1", "--receivers", "L3H1:q"], "not downstream"),
+        (vec!["overlap", junk, junk], "not a circuit.json"),
+        (vec!["bench", "--data", &ioi, "--repeat", "0"], "give --repeat 1 or more"),
+        (vec!["bench", "--data", &ioi, "--what", "nope"], "possible values"),
+        (vec!["models", "pull", "nosuch"], "unknown model `nosuch`"),
+    ];
+    for (args, want) in rows {
+        std::fs::remove_dir_all(&out).ok();
+        let r = ferrolens().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: expected `{want}` in: {err}");
+        assert!(!err.contains("panicked") && !err.contains("stack backtrace"), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

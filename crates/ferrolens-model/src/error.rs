@@ -40,19 +40,21 @@ pub enum Error {
     #[error("tensor: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
     /// An I/O error with the path it happened on.
-    #[error("{path}: {source}")]
+    /// (The I/O error is part of the message, not a `source`, so that error chains do not
+    /// print it twice.)
+    #[error("{path}: {cause}")]
     Io {
         /// The file involved.
         path: String,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 impl Error {
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().display().to_string(), source }
+        Error::Io { path: path.as_ref().display().to_string(), cause: source }
     }
 }
 
