@@ -35,8 +35,10 @@ pub struct TaskArgs {
     /// Colored Objects: solved examples before the query.
     #[arg(long, default_value_t = 1)]
     pub shots: usize,
-    /// IOI: use every template, whatever its token length (one padded batch; per-position scores
-    /// by label: IO, S1, S1+1, S2, end). By default only the most common length is used.
+    /// Pairs of every token length: IOI's every template, Colored Objects' every object list (one
+    /// padded batch; per-position scores by label: IO, S1, S1+1, S2, end for IOI; answer_color,
+    /// answer_object, wrong_color, wrong_object, query, end for Colored Objects). By default only
+    /// the most common length is used.
     #[arg(long)]
     pub all_templates: bool,
 }

@@ -104,6 +104,30 @@ fn study_commands_reject_bad_input_clearly() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Colored Objects of every token length (SmolLM2 splits some object names): several lengths in
+/// one file, each pair labelled at the words the labels name.
+#[test]
+fn data_writes_colored_objects_of_every_length_with_labels() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-cli-co-{}", std::process::id()));
+    let out = dir.join("co.jsonl");
+    let o = ferrolens().args(["data", "--task", "colored-objects", "--all-templates", "--n", "24", "--out"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pairs = ferrolens_tasks::read_jsonl(&out).unwrap();
+    let model = ferrolens_model::load("smollm2-135m", &Default::default()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let lens: std::collections::BTreeSet<usize> = pairs.iter().map(|p| p.labels["end"] + 1).collect();
+    assert!(lens.len() > 1, "one length only: {lens:?}");
+    for p in &pairs {
+        let ids = tok.encode_prompt(&p.clean).unwrap();
+        assert_eq!(ids.len(), p.labels["end"] + 1);
+        let word = |l: &str| tok.decode(&[ids[p.labels[l]]]).unwrap().trim().to_string();
+        assert_eq!(word("answer_color"), p.answer.trim().to_lowercase(), "{p:?}");
+        assert_eq!(word("wrong_color"), p.wrong.trim().to_lowercase(), "{p:?}");
+        assert_eq!(word("answer_object"), word("query"), "{p:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Every command refuses bad input with one clear message that says what to do, before any long
 /// work and before writing anything: a non-zero exit, no panic, no backtrace, no output files.
 #[test]

@@ -2,6 +2,11 @@
 //!
 //! `Q: On the {surface}, {start} {items}. What color is the {object}?\nA:` with solved examples
 //! before the query; the corrupt prompt asks for a different listed object.
+//!
+//! Position labels (token index of the last token of each, in both prompts of a pair):
+//! `answer_color` and `answer_object` (the queried item in the query's list), `wrong_color` and
+//! `wrong_object` (the item the corrupt prompt asks about), `query` (the object after "What
+//! color is the") and `end`.
 
 use crate::pairs::PromptPair;
 use ferrolens_model::{Error, Result, Tokenizer};
@@ -34,12 +39,22 @@ pub struct ColoredConfig {
     pub n_objects: usize,
     /// Solved examples before the query.
     pub shots: usize,
+    /// Keep pairs of every token length (a padded batch, positions by label); by default only
+    /// the most common length is kept.
+    pub all_lengths: bool,
 }
 
 impl Default for ColoredConfig {
     fn default() -> Self {
-        ColoredConfig { n: 32, seed: 0, n_objects: 3, shots: 1 }
+        ColoredConfig { n: 32, seed: 0, n_objects: 3, shots: 1, all_lengths: false }
     }
+}
+
+/// The token index of the last token of `text[..end]` in `ids` (the tokens of `text`), if the
+/// prefix tokenizes to a prefix of `ids` (it does unless a token spans `end`).
+fn last_token_at(tok: &Tokenizer, text: &str, end: usize, ids: &[u32]) -> Result<Option<usize>> {
+    let pre = tok.encode_prompt(&text[..end])?;
+    Ok((!pre.is_empty() && pre.len() <= ids.len() && ids[..pre.len()] == pre[..]).then(|| pre.len() - 1))
 }
 
 fn article(color: &str) -> &'static str {
@@ -90,7 +105,8 @@ fn scene(rng: &mut StdRng, n_objects: usize, colors: &[&'static str], objects: &
 
 /// Generate pairs for `tok`. Colours whose answer (`" Red"`) is not one token are dropped; the
 /// corrupt query object must have the clean query object's token length, and all pairs share the
-/// most common total length (others are redrawn).
+/// most common total length (others are redrawn) unless `all_lengths`. Each pair carries the
+/// position labels of the module doc.
 pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>> {
     if cfg.n > crate::MAX_PAIRS {
         return Err(Error::Input(format!(
@@ -131,19 +147,49 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
         let (oc, oo) = q.items[oj];
         let clean = format!("{prefix}{}", q.question(qo));
         let corrupt = format!("{prefix}{}", q.question(oo));
-        let len = tok.encode_prompt(&clean)?.len();
+        let ids = tok.encode_prompt(&clean)?;
+        let len = ids.len();
         if tok.encode_prompt(&corrupt)?.len() != len {
             continue;
         }
-        *lens.entry(len).or_default() += 1;
+        // Character ends of the labelled words in the query (the last question of the prompt).
+        let qstart = prefix.len();
+        let item_at = |c: &str, o: &str| clean[qstart..].find(&format!("{} {c} {o}", article(c))).map(|i| qstart + i + article(c).len() + 1);
+        let (Some(a), Some(w)) = (item_at(qc, qo), item_at(oc, oo)) else {
+            continue;
+        };
+        let query_end = clean.len() - "?\nA:".len();
+        let ends = [
+            ("answer_color", a + qc.len()),
+            ("answer_object", a + qc.len() + 1 + qo.len()),
+            ("wrong_color", w + oc.len()),
+            ("wrong_object", w + oc.len() + 1 + oo.len()),
+            ("query", query_end),
+        ];
         let mut labels = BTreeMap::new();
+        for (name, end) in ends {
+            match last_token_at(tok, &clean, end, &ids)? {
+                Some(i) => labels.insert(name.to_string(), i),
+                None => break,
+            };
+        }
+        if labels.len() < ends.len() {
+            continue;
+        }
+        *lens.entry(len).or_default() += 1;
         labels.insert("end".to_string(), len - 1);
         candidates.push(PromptPair { clean, corrupt, answer: format!(" {}", cap(qc)), wrong: format!(" {}", cap(oc)), labels });
     }
     let (&best, _) = lens.iter().max_by_key(|(_, n)| **n).ok_or_else(|| Error::Input("no Colored Objects prompt could be built".into()))?;
-    let out: Vec<PromptPair> = candidates.into_iter().filter(|p| p.labels["end"] + 1 == best).take(cfg.n).collect();
+    let out: Vec<PromptPair> = candidates.into_iter().filter(|p| cfg.all_lengths || p.labels["end"] + 1 == best).take(cfg.n).collect();
     if out.len() < cfg.n {
-        return Err(Error::Input(format!("only {} Colored Objects pairs of one token length could be drawn (asked for {}); lower --n", out.len(), cfg.n)));
+        return Err(Error::Input(format!(
+            "only {} Colored Objects pairs{} could be drawn (asked for {}); lower --n{}",
+            out.len(),
+            if cfg.all_lengths { "" } else { " of one token length" },
+            cfg.n,
+            if cfg.all_lengths { "" } else { " or allow every length (--all-templates)" }
+        )));
     }
     Ok(out)
 }

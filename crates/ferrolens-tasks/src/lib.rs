@@ -61,7 +61,8 @@ pub struct TaskOptions {
     pub objects: usize,
     /// Colored Objects: solved examples before the query.
     pub shots: usize,
-    /// IOI: every template, whatever its token length ([`ioi::IoiConfig::all_lengths`]).
+    /// Pairs of every token length: IOI's every template ([`ioi::IoiConfig::all_lengths`]),
+    /// Colored Objects' every length ([`colored::ColoredConfig::all_lengths`]); positions by label.
     pub all_templates: bool,
 }
 
@@ -82,7 +83,10 @@ impl TaskOptions {
                 tok,
                 &ioi::IoiConfig { n: self.n, seed: self.seed, corruption: self.corruption, all_lengths: self.all_templates, ..Default::default() },
             ),
-            Task::ColoredObjects => colored::generate(tok, &colored::ColoredConfig { n: self.n, seed: self.seed, n_objects: self.objects, shots: self.shots }),
+            Task::ColoredObjects => colored::generate(
+                tok,
+                &colored::ColoredConfig { n: self.n, seed: self.seed, n_objects: self.objects, shots: self.shots, all_lengths: self.all_templates },
+            ),
         }
     }
 }

@@ -39,7 +39,7 @@ fn ioi_pairs_are_well_formed() {
 #[test]
 fn colored_objects_pairs_are_well_formed() {
     let tok = gpt2();
-    let cfg = colored::ColoredConfig { n: 12, seed: 2, n_objects: 3, shots: 1 };
+    let cfg = colored::ColoredConfig { n: 12, seed: 2, n_objects: 3, shots: 1, all_lengths: false };
     let pairs = colored::generate(&tok, &cfg).unwrap();
     let batch = PairBatch::new(&tok, pairs.clone(), "colored").unwrap();
     assert_eq!(batch.len(), 12);
@@ -51,7 +51,22 @@ fn colored_objects_pairs_are_well_formed() {
         let colour = p.answer.trim().to_lowercase();
         let last_q = p.clean.rsplit("Q: ").next().unwrap();
         assert!(last_q.contains(&format!("{colour} {query}")), "{last_q} / {colour} {query}");
+        // Labels point at the words they name, in both prompts.
+        let ids = tok.encode(&p.clean).unwrap();
+        let word = |l: &str| tok.decode(&[ids[p.labels[l]]]).unwrap();
+        assert_eq!(word("answer_color"), format!(" {colour}"), "{p:?}");
+        assert_eq!(word("wrong_color"), format!(" {}", p.wrong.trim().to_lowercase()), "{p:?}");
+        assert!(query.ends_with(word("query").trim()) && query.ends_with(word("answer_object").trim()), "{p:?}");
+        assert_eq!(p.labels["end"], ids.len() - 1);
+        let wrong_obj = p.corrupt.rsplit("What color is the ").next().unwrap().trim_end_matches("?\nA:");
+        assert!(wrong_obj.ends_with(word("wrong_object").trim()), "{p:?}");
+        let cids = tok.encode(&p.corrupt).unwrap();
+        assert_eq!(tok.decode(&[cids[p.labels["query"]]]).unwrap(), tok.decode(&[ids[p.labels["wrong_object"]]]).unwrap(), "{p:?}");
+        assert!(p.labels["answer_object"] < p.labels["query"] && p.labels["wrong_object"] < p.labels["query"]);
     }
+    // Every object is one GPT-2 token, so every pair has one length and `all_lengths` changes
+    // nothing (tests/cli.rs checks mixed lengths on SmolLM2's tokenizer).
+    assert_eq!(colored::generate(&tok, &colored::ColoredConfig { all_lengths: true, ..cfg.clone() }).unwrap(), pairs);
 }
 
 #[test]
