@@ -169,37 +169,37 @@ pub struct CurvePoint {
     pub faithfulness: f64,
 }
 
-/// Faithfulness of the top-`k` prefixes of `ranked` for each `k` in `sizes`, given the full
-/// model's mean metric `full`.
-pub fn faithfulness_curve(
-    model: &HookedTransformer,
-    data: &PatchingData,
-    means: &AblationMeans,
-    ranked: &[Node],
-    sizes: &[usize],
-    full: f64,
-    max_rows: usize,
-) -> Result<Vec<CurvePoint>> {
+/// How a circuit is scored: the rest of the model mean-ablated with `means`, the metric divided
+/// by the full model's mean metric `full`, at most `max_rows` rows per forward.
+#[derive(Clone, Copy)]
+pub struct Ablation<'a> {
+    /// The means written into every node outside the circuit.
+    pub means: &'a AblationMeans,
+    /// The full model's mean metric (faithfulness = circuit metric / this).
+    pub full: f64,
+    /// Largest number of rows (circuits x prompts) in one forward.
+    pub max_rows: usize,
+}
+
+/// Faithfulness of the top-`k` prefixes of `ranked` for each `k` in `sizes`.
+pub fn faithfulness_curve(model: &HookedTransformer, data: &PatchingData, ablation: &Ablation, ranked: &[Node], sizes: &[usize]) -> Result<Vec<CurvePoint>> {
     let circuits: Vec<Vec<Node>> = sizes.iter().map(|&k| ranked[..k.min(ranked.len())].to_vec()).collect();
-    let v = ablated_metric(model, data, means, &circuits, max_rows)?;
-    Ok(sizes.iter().zip(v).map(|(&size, m)| CurvePoint { size, faithfulness: m / full }).collect())
+    let v = ablated_metric(model, data, ablation.means, &circuits, ablation.max_rows)?;
+    Ok(sizes.iter().zip(v).map(|(&size, m)| CurvePoint { size, faithfulness: m / ablation.full }).collect())
 }
 
 /// The smallest prefix of `ranked` whose faithfulness reaches `target`: scans `sizes`, then
 /// bisects between the last size below the target and the first at or above it. Returns the size
 /// and every point evaluated (sorted by size), or `None` when even all nodes fall short.
-#[allow(clippy::too_many_arguments)]
 pub fn smallest_faithful(
     model: &HookedTransformer,
     data: &PatchingData,
-    means: &AblationMeans,
+    ablation: &Ablation,
     ranked: &[Node],
     sizes: &[usize],
-    full: f64,
     target: f64,
-    max_rows: usize,
 ) -> Result<(Option<usize>, Vec<CurvePoint>)> {
-    let mut pts = faithfulness_curve(model, data, means, ranked, sizes, full, max_rows)?;
+    let mut pts = faithfulness_curve(model, data, ablation, ranked, sizes)?;
     let first = pts.iter().position(|p| p.faithfulness >= target);
     let Some(i) = first else {
         return Ok((None, pts));
@@ -207,7 +207,7 @@ pub fn smallest_faithful(
     let (mut lo, mut hi) = (if i == 0 { 0 } else { pts[i - 1].size }, pts[i].size);
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
-        let p = faithfulness_curve(model, data, means, ranked, &[mid], full, max_rows)?.remove(0);
+        let p = faithfulness_curve(model, data, ablation, ranked, &[mid])?.remove(0);
         if p.faithfulness >= target {
             hi = mid;
         } else {
@@ -429,6 +429,7 @@ pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: 
         p("faithfulness", 0, 1);
     }
     let means = AblationMeans::new(model, &prep.corrupt, prep.mask.as_ref())?;
+    let ablation = Ablation { means: &means, full: prep.clean_value, max_rows: opts.max_rows };
     let (size, curve) = match opts.top_k {
         Some(k) => {
             let mut sizes = size_grid(ranked.len());
@@ -436,9 +437,9 @@ pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: 
                 sizes.push(k);
                 sizes.sort();
             }
-            (Some(k), faithfulness_curve(model, &prep.raw_data(), &means, &ranked, &sizes, prep.clean_value, opts.max_rows)?)
+            (Some(k), faithfulness_curve(model, &prep.raw_data(), &ablation, &ranked, &sizes)?)
         }
-        None => smallest_faithful(model, &prep.raw_data(), &means, &ranked, &size_grid(ranked.len()), prep.clean_value, opts.target, opts.max_rows)?,
+        None => smallest_faithful(model, &prep.raw_data(), &ablation, &ranked, &size_grid(ranked.len()), opts.target)?,
     };
     if let Some(p) = opts.progress {
         p("faithfulness", 1, 1);

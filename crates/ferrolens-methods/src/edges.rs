@@ -21,7 +21,7 @@ use crate::circuit::Node;
 use crate::patching::PatchingData;
 use crate::path::HeadInput;
 use candle_core::{DType, Tensor};
-use ferrolens_model::{HookPoint, HookedTransformer, Hooks, NormSite, Result};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, NormSite, Result};
 use serde::{Deserialize, Serialize};
 
 /// A receiver of an edge.
@@ -192,4 +192,69 @@ pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &E
         }
     }
     Ok(edges)
+}
+
+impl std::str::FromStr for Receiver {
+    type Err = Error;
+    /// The labels of [`Receiver::label`]: `ATTN5`, `L5H3.q`, `L5KV1.k`, `L5KV1.v`, `MLP5`, `LOGITS`.
+    fn from_str(s: &str) -> Result<Receiver> {
+        let t = s.trim();
+        let bad = || Error::Input(format!("`{s}` is not an edge receiver; write ATTN5, L5H3.q, L5KV1.k, L5KV1.v, MLP5 or LOGITS"));
+        let num = |x: &str| x.parse::<usize>().map_err(|_| bad());
+        if t == "LOGITS" {
+            return Ok(Receiver::Logits);
+        }
+        if let Some(l) = t.strip_prefix("ATTN") {
+            return Ok(Receiver::Attn(num(l)?));
+        }
+        if let Some(l) = t.strip_prefix("MLP") {
+            return Ok(Receiver::Mlp(num(l)?));
+        }
+        let rest = t.strip_prefix('L').ok_or_else(bad)?;
+        let (head, input) = rest.split_once('.').ok_or_else(bad)?;
+        let (l, sep, h) = match (head.split_once("KV"), head.split_once('H')) {
+            (Some((l, g)), _) => (l, "KV", g),
+            (None, Some((l, h))) => (l, "H", h),
+            _ => return Err(bad()),
+        };
+        let input = match (sep, input) {
+            ("H", "q") => HeadInput::Q,
+            ("KV", "k") => HeadInput::K,
+            ("KV", "v") => HeadInput::V,
+            _ => return Err(bad()),
+        };
+        Ok(Receiver::Head(num(l)?, num(h)?, input))
+    }
+}
+
+impl std::fmt::Display for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receivers_and_nodes_parse_their_labels() {
+        let all = [
+            Receiver::Attn(5),
+            Receiver::Head(5, 3, HeadInput::Q),
+            Receiver::Head(12, 1, HeadInput::K),
+            Receiver::Head(0, 2, HeadInput::V),
+            Receiver::Mlp(29),
+            Receiver::Logits,
+        ];
+        for r in all {
+            assert_eq!(r.label().parse::<Receiver>().unwrap(), r, "{}", r.label());
+        }
+        for bad in ["L5H3.k", "L5KV1.q", "L5H3", "ATTNx", "X5", "L5.q", ""] {
+            assert!(bad.parse::<Receiver>().unwrap_err().to_string().contains("not an edge receiver"), "{bad}");
+        }
+        assert_eq!("L5H3".parse::<Node>().unwrap(), Node::Head(5, 3));
+        assert_eq!("MLP7".parse::<Node>().unwrap(), Node::Mlp(7));
+        assert!("L5".parse::<Node>().is_err());
+    }
 }

@@ -19,7 +19,9 @@ pub mod study;
 
 pub use atp_star::{grad_drop, qk_fix};
 pub use attribution::{attribution, Attribution, AttributionOptions};
-pub use circuit::{ablated_metric, discover, faithfulness_curve, smallest_faithful, AblationMeans, Circuit, CurvePoint, DiscoverOptions, Discovery, Node};
+pub use circuit::{
+    ablated_metric, discover, faithfulness_curve, smallest_faithful, Ablation, AblationMeans, Circuit, CurvePoint, DiscoverOptions, Discovery, Node,
+};
 pub use edges::{edge_attribution, Edge, EdgeOptions, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
 pub use patching::{activation_patching, generic_patching, metric_of, Axis, Direction, PatchResult, PatchSpec, PatchingData, Sweep, SweepOptions};

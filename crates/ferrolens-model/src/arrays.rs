@@ -17,9 +17,11 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn, ShapeBuilder};
 ///
 /// ```
 /// # use candle_core::{Tensor, Device};
+/// use ferrolens_model::ndarray::Axis;
+/// // [[0, 1, 2], [3, 4, 5]] transposed: a [3, 2] view with strides [1, 3], no copy.
 /// let t = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap().t().unwrap();
-/// let sum_col0 = ferrolens_model::arrays::with_view(&t, |a| a.column(0).sum()).unwrap();
-/// assert_eq!(sum_col0, 0.0 + 1.0 + 2.0);
+/// let (shape, col0) = ferrolens_model::arrays::with_view(&t, |a| (a.shape().to_vec(), a.index_axis(Axis(1), 0).iter().copied().collect::<Vec<f32>>())).unwrap();
+/// assert_eq!((shape, col0), (vec![3, 2], vec![0.0, 1.0, 2.0]));
 /// ```
 pub fn with_view<R>(t: &Tensor, f: impl FnOnce(ArrayViewD<'_, f32>) -> R) -> Result<R> {
     let owned;
