@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 impl HookedTransformer {
     /// Token (and learned position) embedding: tokens `[b,p]` to `resid_pre` of block 0 `[b,p,D]`.
-    /// Families with [`Config::embed_scale`] (Gemma) scale the token embedding before `hook_embed`.
+    /// Families with [`crate::config::Config::embed_scale`] (Gemma) scale the token embedding before `hook_embed`.
     pub fn embed(&self, tokens: &Tensor, pos_offset: usize, hooks: &mut Hooks) -> Result<Tensor> {
         self.embed_at(tokens, pos_offset, None, hooks)
     }
