@@ -26,8 +26,13 @@ fn smol_ioi() -> Setup {
     Setup { clean, corrupt, metric: Normalised::new(raw, c, k).unwrap() }
 }
 
+/// A TransformerLens reference file of fixtures/smollm2/.
+fn tl_json(file: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2").join(file)).unwrap()).unwrap()
+}
+
 fn tl_reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/patching_reference.json")).unwrap()).unwrap()
+    tl_json("patching_reference.json")
 }
 
 #[test]
@@ -311,16 +316,12 @@ fn atp_and_relp_match_the_official_relp_code() {
     assert!(d > 1e-3, "reference RelP equals AtP: {d}");
 }
 
-fn generic_reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/generic_patching_reference.json")).unwrap()).unwrap()
-}
-
 #[test]
 fn generic_patching_matches_transformer_lens() {
     let s = smol_ioi();
     let model = smollm2();
     let data = PatchingData::new(&s.clean, &s.corrupt, &s.metric);
-    let r = generic_reference();
+    let r = tl_json("generic_patching_reference.json");
     let opts = SweepOptions { max_rows: 512, ..Default::default() };
     let close = |what: &str, got: f64, want: &serde_json::Value| {
         let want = want.as_f64().unwrap();
