@@ -81,25 +81,8 @@ impl AblationMeans {
         let mut hooks = Hooks::new().cache_hooks(&pts);
         model.run_span(Some(reference), &RunSpan { last_logits_only: true, mask: mask.cloned(), ..Default::default() }, &mut hooks)?;
         let c = hooks.cache_ref();
-        // Weights [b, p]: 1/count of real rows at each position (0 at padding).
-        let w = match mask {
-            Some(m) => {
-                let m = m.to_dtype(DType::F32)?;
-                let count = m.sum_keepdim(0)?.maximum(1.0)?; // [1, p]
-                Some(m.broadcast_div(&count)?)
-            }
-            None => None,
-        };
-        let mean = |t: &Tensor| -> Result<Tensor> {
-            Ok(match &w {
-                None => t.mean(0)?,
-                Some(w) => {
-                    let mut shape = w.dims().to_vec();
-                    shape.resize(t.rank(), 1);
-                    t.broadcast_mul(&w.to_dtype(t.dtype())?.reshape(shape)?)?.sum(0)?
-                }
-            })
-        };
+        let w = position_weights(mask)?;
+        let mean = |t: &Tensor| position_mean(t, w.as_ref());
         let mut z = Vec::new();
         let mut mlp = Vec::new();
         for l in 0..n {
@@ -108,6 +91,32 @@ impl AblationMeans {
         }
         Ok(AblationMeans { z, mlp })
     }
+}
+
+/// Weights `[b, p]` of a per-position mean over a left-padded batch: 1/count of real rows at
+/// each position, 0 at padding (`None` without a mask: a plain mean).
+pub(crate) fn position_weights(mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    Ok(match mask {
+        Some(m) => {
+            let m = m.to_dtype(DType::F32)?;
+            let count = m.sum_keepdim(0)?.maximum(1.0)?; // [1, p]
+            Some(m.broadcast_div(&count)?)
+        }
+        None => None,
+    })
+}
+
+/// The mean of `t` `[b, p, ...]` over the batch at each position, `[p, ...]`, with the
+/// weights of [`position_weights`].
+pub(crate) fn position_mean(t: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match w {
+        None => t.mean(0)?,
+        Some(w) => {
+            let mut shape = w.dims().to_vec();
+            shape.resize(t.rank(), 1);
+            t.broadcast_mul(&w.to_dtype(t.dtype())?.reshape(shape)?)?.sum(0)?
+        }
+    })
 }
 
 /// Mean metric of `data.clean` (with `data.mask`) under `data.metric`, with everything outside

@@ -8,9 +8,12 @@
 pub mod atp_star;
 pub mod attribution;
 pub mod circuit;
+pub mod eap_ig;
+pub mod edge_circuit;
 pub mod edges;
 pub mod heads;
 pub mod metrics;
+pub mod mib;
 pub mod patching;
 pub mod path;
 pub mod retrieval;

@@ -462,6 +462,17 @@ impl HookedTransformer {
         }
     }
 
+    /// Norm `site` applied to `x` `[.., D]` (any leading axes), exactly as the forward applies
+    /// it but without hooks; `x` itself when the model has no such norm. Edge patching calls this
+    /// to rebuild one head's query/key/value input or a post-norm block output.
+    pub fn apply_norm(&self, site: NormSite, x: &Tensor) -> Result<Tensor> {
+        let Some(nw) = self.norm_weights(site) else {
+            return Ok(x.clone());
+        };
+        let mut none = Hooks::new();
+        self.norm(x, nw, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized, &mut none)
+    }
+
     /// The vector-Jacobian product of norm `site` at input `x` `[.., D]`: the gradient at the
     /// norm's input given the gradient `g_out` at its output (after the gain and bias), in f64.
     /// `x` and `g_out` broadcast against each other (e.g. `[b,p,1,D]` and `[b,p,h,D]`).

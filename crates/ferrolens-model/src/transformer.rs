@@ -136,6 +136,12 @@ impl HookedTransformer {
         self
     }
 
+    /// The same model without its tokenizer: a cheap copy (configuration and reference-counted
+    /// weights) that closures in hook interventions can own.
+    pub fn without_tokenizer(&self) -> HookedTransformer {
+        HookedTransformer { cfg: self.cfg.clone(), w: self.w.clone(), tokenizer: None, device: self.device.clone(), dtype: self.dtype }
+    }
+
     /// The tokenizer, or an error saying the checkpoint has none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
