@@ -11,8 +11,8 @@ use ferrolens::methods::eap_ig::{eap_ig, EapIgOptions, EapVariant};
 use ferrolens::methods::edge_circuit::{edge_patched_metric, AblatedSenders, EdgeAblation, EdgeGraph, Sender};
 use ferrolens::methods::mib::{areas, circuit_at, random_scores, Ranking, PERCENTAGES};
 use ferrolens::methods::{edge_attribution, EdgeOptions, HeadInput, Node, Receiver};
-use ferrolens::prelude::*;
 use ferrolens::model::NormSite;
+use ferrolens::prelude::*;
 
 /// Two prompts of 7 tokens for a tiny family model (vocabulary 96), and their corruptions.
 fn family_pairs() -> (Tensor, Tensor) {
@@ -269,7 +269,10 @@ fn eap_ig_with_one_step_is_eap() {
             }
         }
         assert!(differs > 1e-3 * scale, "held-constant nodes changed no gradient");
-        eprintln!("{}: |ig1 - EAP(corrupt)| {:e}, |eap + EAP(swapped)| {:e}, |act1 - eap| into logits {:e}, scale {scale:e}", model.cfg.name, worst.0, worst.1, worst.2);
+        eprintln!(
+            "{}: |ig1 - EAP(corrupt)| {:e}, |eap + EAP(swapped)| {:e}, |act1 - eap| into logits {:e}, scale {scale:e}",
+            model.cfg.name, worst.0, worst.1, worst.2
+        );
         assert!(worst.0 < 1e-9 * scale && worst.1 < 1e-9 * scale && worst.2 < 1e-9 * scale);
         assert!(scale > 1e-4);
         assert_eq!(at_corrupt.len() + g.receivers.len(), g.len(), "every edge but the input's is scored by both");

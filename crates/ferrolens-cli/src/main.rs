@@ -2,6 +2,7 @@
 
 mod cmd_bench;
 mod cmd_cache;
+mod cmd_circuits;
 mod cmd_data;
 mod cmd_device;
 mod cmd_discover;
@@ -47,6 +48,8 @@ enum Cmd {
     Heads(cmd_heads::Args),
     /// Path patching of a sender head into receiver head inputs.
     PathPatch(cmd_path::Args),
+    /// Circuit evaluation: `circuits eval` (MIB's CPR and CMD for node and edge methods).
+    Circuits(cmd_circuits::Args),
     /// Heads shared by two circuits (circuit.json files of `discover`).
     Overlap(cmd_overlap::Args),
     /// Write a built-in task's prompt pairs as JSONL.
@@ -80,6 +83,7 @@ fn main() {
         Cmd::Models(a) => cmd_models::run(a),
         Cmd::Patch(a) => cmd_patch::run(a),
         Cmd::Discover(a) => cmd_discover::run(a),
+        Cmd::Circuits(a) => cmd_circuits::run(a),
         Cmd::Data(a) => cmd_data::run(a),
         Cmd::Overlap(a) => cmd_overlap::run(a),
         Cmd::Heads(a) => cmd_heads::run(a),

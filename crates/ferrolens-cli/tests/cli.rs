@@ -167,6 +167,11 @@ fn every_command_rejects_bad_input_before_work() {
         (vec!["bench", "--data", &ioi, "--repeat", "0"], "give --repeat 1 or more"),
         (vec!["bench", "--data", &ioi, "--what", "nope"], "possible values"),
         (vec!["models", "pull", "nosuch"], "unknown model `nosuch`"),
+        (vec!["circuits", "eval", "--data", &ioi, "--methods", "atp_qk", "--out", o], "a circuit node is a whole head"),
+        (vec!["circuits", "eval", "--data", &ioi, "--methods", "nope", "--out", o], "unknown circuit method `nope`"),
+        (vec!["circuits", "eval", "--data", &ioi, "--ig-steps", "0", "--out", o], "--ig-steps must be at least 1"),
+        (vec!["circuits", "eval", "--data", &ioi, "--fractions", "0.5,0.1", "--out", o], "increasing values in [0, 1]"),
+        (vec!["circuits", "eval", "--task", "ioi", "--n", "0", "--out", o], "ask for at least one"),
     ];
     for (args, want) in rows {
         std::fs::remove_dir_all(&out).ok();

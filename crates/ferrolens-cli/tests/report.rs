@@ -136,3 +136,62 @@ fn heads_retrieval_writes_scores_masking_and_a_report() {
     assert_eq!(kinds, ["none", "top", "random"]);
     renders_in_chromium(&out, 1);
 }
+
+/// `circuits eval` on four IOI pairs (four fractions instead of MIB's ten, to keep the test
+/// short): the MIB table with a random row, curves that reach faithfulness 1 with every edge,
+/// EAP-IG far above the random floor, every edge's score, and a report that renders.
+#[test]
+fn circuits_eval_writes_the_mib_table_curves_and_a_report() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("circuits-eval");
+    let _ = std::fs::remove_dir_all(&out);
+    let ioi = env!("CARGO_MANIFEST_DIR").to_string() + "/../../fixtures/smollm2/ioi4.jsonl";
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrolens"))
+        .args(["circuits", "eval", "--data", &ioi, "--methods", "atp,eap_ig", "--fractions", "0.01,0.1,0.5,1", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "report.html",
+        "summary.json",
+        "mib.csv",
+        "mib.parquet",
+        "curves.csv",
+        "curves.parquet",
+        "edge_scores.csv",
+        "node_scores.csv",
+        "curves_signed.svg",
+        "curves_absolute.png",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let mib = std::fs::read_to_string(out.join("mib.csv")).unwrap();
+    let mut lines = mib.lines();
+    assert_eq!(lines.next(), Some("method,cpr,cmd,level,score_seconds"));
+    let rows: Vec<(String, f64, f64)> = lines
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[1].parse().unwrap(), c[2].parse().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["atp", "eap_ig", "random"]);
+    let (ig, random) = (&rows[1], &rows[2]);
+    assert!(ig.1 > random.1 + 0.3, "EAP-IG CPR {} vs random {}", ig.1, random.1);
+    assert!(ig.2 < random.2, "EAP-IG CMD {} vs random {}", ig.2, random.2);
+    let curves = std::fs::read_to_string(out.join("curves.csv")).unwrap();
+    let mut lines = curves.lines();
+    assert_eq!(lines.next(), Some("method,ranking,fraction,requested,edges,logit_diff,faithfulness"));
+    let pts: Vec<Vec<String>> = lines.map(|l| l.split(',').map(String::from).collect()).collect();
+    assert_eq!(pts.len(), 3 * 2 * 4);
+    for p in pts.iter().filter(|p| p[2] == "1.0") {
+        let f: f64 = p[6].parse().unwrap();
+        assert!((f - 1.0).abs() < 1e-9, "{p:?}: the full graph is the model");
+    }
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["n_edges"], 70651);
+    assert_eq!(s["n_nodes"], 301);
+    assert!(s["logit_diff_full"].as_f64().unwrap() > s["logit_diff_empty"].as_f64().unwrap() + 1.0);
+    assert_eq!(std::fs::read_to_string(out.join("edge_scores.csv")).unwrap().lines().count(), 70652);
+    renders_in_chromium(&out, 2);
+}

@@ -71,6 +71,9 @@ impl Default for EapIgOptions {
     }
 }
 
+/// Gradient runs: the hook interpolated with its chunk (`None`: the clean run), and the alphas.
+type Runs = Vec<(Option<(HookPoint, usize)>, Vec<f64>)>;
+
 /// Scores of every edge of `graph` (in its order) by `opts.variant`, ablating with `ablated`.
 /// `progress(done, total)` after each forward and backward.
 pub fn eap_ig(
@@ -90,7 +93,6 @@ pub fn eap_ig(
     let clean = sender_outputs(model, data.clean, data.mask)?;
     // The runs: (hook interpolated, its clean and ablated ends, alphas); `None`: the clean run.
     let steps = opts.steps.max(1);
-    type Runs = Vec<(Option<(HookPoint, usize)>, Vec<f64>)>;
     let runs: Runs = match opts.variant {
         EapVariant::Eap => vec![(None, vec![1.0])],
         EapVariant::IgInputs => vec![(Some((HookPoint::Embed, 0)), (0..steps).map(|k| k as f64 / steps as f64).collect())],
@@ -108,8 +110,7 @@ pub fn eap_ig(
     // Gradients are summed in f32 (f64 for an f64 model): 4 bytes per receiver, prompt, position
     // and model dimension.
     let acc_dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-    let forwards: Vec<(Option<(HookPoint, usize)>, Vec<f64>)> =
-        runs.iter().flat_map(|(h, alphas)| alphas.chunks(per).map(move |a| (*h, a.to_vec()))).collect();
+    let forwards: Runs = runs.iter().flat_map(|(h, alphas)| alphas.chunks(per).map(move |a| (*h, a.to_vec()))).collect();
     let total_runs: usize = runs.iter().map(|(_, a)| a.len()).sum();
     // Gradient rows of every receiver layer (index n: the logits), summed over runs, [R_l, b*p*D].
     let mut acc: Vec<Option<Tensor>> = vec![None; n + 1];

@@ -129,17 +129,7 @@ impl EdgeGraph {
             receivers.push(Receiver::Mlp(l));
         }
         receivers.push(Receiver::Logits);
-        let mut g = EdgeGraph {
-            senders,
-            receivers,
-            edges: Vec::new(),
-            head_inputs,
-            n_layers: n,
-            n_heads: nh,
-            n_kv: nkv,
-            parallel,
-            index: HashMap::new(),
-        };
+        let mut g = EdgeGraph { senders, receivers, edges: Vec::new(), head_inputs, n_layers: n, n_heads: nh, n_kv: nkv, parallel, index: HashMap::new() };
         for (ri, r) in g.receivers.iter().enumerate() {
             for (si, s) in g.senders.iter().enumerate() {
                 if g.allowed(*s, *r) {
@@ -282,10 +272,7 @@ impl EdgeGraph {
     /// `apply_topn`).
     pub fn edges_between(&self, nodes: &[bool]) -> Vec<bool> {
         let recv_nodes: Vec<Vec<usize>> = self.receivers.iter().map(|r| self.receiver_nodes(*r)).collect();
-        self.edges
-            .iter()
-            .map(|&(s, r)| nodes[s] && (self.receivers[r] == Receiver::Logits || recv_nodes[r].iter().any(|&t| nodes[t])))
-            .collect()
+        self.edges.iter().map(|&(s, r)| nodes[s] && (self.receivers[r] == Receiver::Logits || recv_nodes[r].iter().any(|&t| nodes[t]))).collect()
     }
 
     /// Chunk of a sender id: 0 the input, `1 + 2l` layer `l`'s heads, `2 + 2l` its MLP.
@@ -362,56 +349,88 @@ pub(crate) fn sender_outputs(model: &HookedTransformer, tokens: &Tensor, mask: O
     pts.iter().map(|h| cache.remove(*h).ok_or_else(|| Error::Input(format!("`{h}` was not cached")))).collect()
 }
 
-/// The receivers fed at one hook point, with the masks of their missing edges per sender chunk.
+/// The receivers fed at one hook point, with the masks of their missing edges.
 struct Group {
-    /// Per chunk with a missing edge: `(chunk, mask [R, chunk size])` (1 = missing).
-    masks: Vec<(usize, Tensor)>,
+    /// `[R, S]` over the first `S` sender ids (1 = missing edge), for the senders whose outputs
+    /// add into the residual stream; `None` when none is missing.
+    additive: Option<Tensor>,
+    /// Heads of layers whose attention output passes `ln1_post`: `(layer, mask [R, h])`.
+    post_norm: Vec<(usize, Tensor)>,
     /// Which of the `R` receivers have a missing edge.
     touched: Vec<bool>,
 }
 
 struct Plan {
     model: HookedTransformer,
+    /// Ablated outputs per chunk (input, then each layer's heads and MLP).
     ablated: Vec<Tensor>,
     groups: HashMap<HookPoint, Group>,
+    n_senders: usize,
 }
 
+/// What one forward has produced so far.
 #[derive(Default)]
 struct Live {
-    current: HashMap<usize, Tensor>,
+    /// `ablated - current` of every recorded sender, `[b*p*D, senders]`, column = sender id
+    /// (the tall layout keeps the receivers' product one efficient GEMM).
+    diffs: Option<Tensor>,
+    /// Current heads' outputs of post-norm layers `[b,p,h,D]`.
+    heads: HashMap<usize, Tensor>,
     attn_in: HashMap<usize, Tensor>,
 }
 
 impl Plan {
+    /// A sender hook: keep `ablated - current` (rows of its sender ids) for the receivers.
+    fn record(&self, live: &mut Live, chunk: usize, x: &Tensor) -> Result<()> {
+        let diff = self.ablated[chunk].broadcast_sub(x)?;
+        let (rows, first) = if chunk % 2 == 1 {
+            let l = (chunk - 1) / 2;
+            if self.model.w.blocks[l].ln1_post.is_some() {
+                live.heads.insert(l, x.clone());
+                return Ok(());
+            }
+            let h = self.model.cfg.n_heads;
+            (diff.permute((2, 0, 1, 3))?.contiguous()?, 1 + l * (h + 1))
+        } else if chunk == 0 {
+            (diff.unsqueeze(0)?, 0)
+        } else {
+            let l = (chunk - 2) / 2;
+            (diff.unsqueeze(0)?, 1 + l * (self.model.cfg.n_heads + 1) + self.model.cfg.n_heads)
+        };
+        let s = rows.dim(0)?;
+        let cols = rows.reshape((s, ()))?.t()?.contiguous()?; // [bpD, s]
+        if live.diffs.is_none() {
+            live.diffs = Some(Tensor::zeros((cols.dim(0)?, self.n_senders), cols.dtype(), cols.device())?);
+        }
+        live.diffs.as_ref().expect("allocated").slice_set(&cols, 1, first)?;
+        Ok(())
+    }
+
     /// `sum over missing edges (ablated - current)` for each receiver of the group, `[R, b, p, D]`.
-    fn delta(&self, live: &Live, g: &Group) -> Result<Option<Tensor>> {
+    fn delta(&self, live: &Live, g: &Group, shape: (usize, usize, usize)) -> Result<Option<Tensor>> {
+        let (b, p, d) = shape;
         let mut acc: Option<Tensor> = None;
-        for (c, m) in &g.masks {
-            let cur = live.current.get(c).ok_or_else(|| Error::Input(format!("sender chunk {c} not recorded before its receiver")))?;
-            let diff = self.ablated[*c].broadcast_sub(cur)?;
+        if let Some(m) = &g.additive {
+            let diffs = live.diffs.as_ref().ok_or_else(|| Error::Input("no sender recorded before a receiver".into()))?;
+            let (r, s) = m.dims2()?;
+            // [bpD, S] x [S, R] -> [bpD, R] -> [R, b, p, D]
+            let prod = diffs.narrow(1, 0, s)?.matmul(&m.t()?)?;
+            acc = Some(prod.t()?.contiguous()?.reshape((r, b, p, d))?);
+        }
+        for (l, m) in &g.post_norm {
+            let cur = live.heads.get(l).ok_or_else(|| Error::Input(format!("heads of layer {l} not recorded before a receiver")))?;
+            let diff = self.ablated[1 + 2 * l].broadcast_sub(cur)?;
+            let h = diff.dim(2)?;
             let r = m.dim(0)?;
-            let contrib = if *c % 2 == 1 {
-                // Heads of layer l: diff [b,p,h,D].
-                let l = (*c - 1) / 2;
-                let (b, p, h, d) = diff.dims4()?;
-                let flat = diff.permute((2, 0, 1, 3))?.contiguous()?.reshape((h, b * p * d))?;
-                let mixed = m.matmul(&flat)?.reshape((r, b, p, d))?;
-                if self.model.w.blocks[l].ln1_post.is_some() {
-                    let mut pre = cur.sum(2)?;
-                    if let Some(bo) = &self.model.w.blocks[l].attn.b_o {
-                        pre = pre.broadcast_add(bo)?;
-                    }
-                    let out = self.model.apply_norm(NormSite::Ln1Post(l), &pre)?;
-                    let new = self.model.apply_norm(NormSite::Ln1Post(l), &mixed.broadcast_add(&pre.unsqueeze(0)?)?)?;
-                    new.broadcast_sub(&out.unsqueeze(0)?)?
-                } else {
-                    mixed
-                }
-            } else {
-                let (b, p, d) = cur.dims3()?;
-                let diff = diff.broadcast_as((b, p, d))?.contiguous()?.reshape((1, b * p * d))?;
-                m.matmul(&diff)?.reshape((r, b, p, d))?
-            };
+            let flat = diff.permute((2, 0, 1, 3))?.contiguous()?.reshape((h, b * p * d))?;
+            let mixed = m.matmul(&flat)?.reshape((r, b, p, d))?;
+            let mut pre = cur.sum(2)?;
+            if let Some(bo) = &self.model.w.blocks[*l].attn.b_o {
+                pre = pre.broadcast_add(bo)?;
+            }
+            let out = self.model.apply_norm(NormSite::Ln1Post(*l), &pre)?;
+            let new = self.model.apply_norm(NormSite::Ln1Post(*l), &mixed.broadcast_add(&pre.unsqueeze(0)?)?)?;
+            let contrib = new.broadcast_sub(&out.unsqueeze(0)?)?;
             acc = Some(match acc {
                 Some(a) => (a + contrib)?,
                 None => contrib,
@@ -424,14 +443,17 @@ impl Plan {
     /// input rebuilt per head.
     fn receive(&self, live: &Live, hook: HookPoint, x: &Tensor) -> Result<Tensor> {
         let g = &self.groups[&hook];
-        let Some(delta) = self.delta(live, g)? else { return Ok(x.clone()) };
         let (l, which) = match hook {
             HookPoint::Q(l) => (l, HeadInput::Q),
             HookPoint::K(l) => (l, HeadInput::K),
             HookPoint::V(l) => (l, HeadInput::V),
-            _ => return Ok((x + delta.squeeze(0)?)?),
+            _ => {
+                let Some(delta) = self.delta(live, g, x.dims3()?)? else { return Ok(x.clone()) };
+                return Ok((x + delta.squeeze(0)?)?);
+            }
         };
         let attn_in = live.attn_in.get(&l).ok_or_else(|| Error::Input(format!("hook_attn_in of layer {l} not recorded")))?;
+        let Some(delta) = self.delta(live, g, attn_in.dims3()?)? else { return Ok(x.clone()) };
         let normed = self.model.apply_norm(NormSite::Ln1(l), &delta.broadcast_add(&attn_in.unsqueeze(0)?)?)?; // [R,b,p,D]
         let aw = &self.model.w.blocks[l].attn;
         let (w, bias) = match which {
@@ -460,6 +482,7 @@ fn circuit_hooks(model: &HookedTransformer, graph: &EdgeGraph, in_graph: &[bool]
         return Err(Error::Input(format!("{} edge flags for a graph of {} edges", in_graph.len(), graph.len())));
     }
     let n = model.cfg.n_layers;
+    let nh = model.cfg.n_heads;
     if ablated.chunks.len() != 1 + 2 * n {
         return Err(Error::Input("the ablated sender outputs belong to another model".into()));
     }
@@ -480,36 +503,51 @@ fn circuit_hooks(model: &HookedTransformer, graph: &EdgeGraph, in_graph: &[bool]
             _ => by_hook.push((h, vec![ri])),
         }
     }
-    let chunk_size = |c: usize| if c % 2 == 1 { model.cfg.n_heads } else { 1 };
+    let post_norm = |l: usize| model.w.blocks[l].ln1_post.is_some();
+    let mut edges_into: Vec<Vec<(usize, usize)>> = vec![Vec::new(); graph.receivers.len()];
+    for (e, &(s, r)) in graph.edges.iter().enumerate() {
+        edges_into[r].push((s, e));
+    }
     let mut groups = HashMap::new();
     let mut used_chunks = std::collections::BTreeSet::new();
     for (hook, rs) in by_hook {
-        let mut dense: HashMap<usize, Vec<f32>> = HashMap::new();
+        let width = rs.iter().flat_map(|&r| edges_into[r].iter().map(|(s, _)| s + 1)).max().unwrap_or(0);
+        let mut add = vec![0f32; rs.len() * width];
+        let mut post: HashMap<usize, Vec<f32>> = HashMap::new();
         let mut touched = vec![false; rs.len()];
         for (j, &ri) in rs.iter().enumerate() {
-            for si in 0..graph.senders.len() {
-                if let Some(&e) = graph.index.get(&(si, ri)) {
-                    if !in_graph[e] {
-                        let (c, k) = graph.chunk_of(si);
-                        dense.entry(c).or_insert_with(|| vec![0.0; rs.len() * chunk_size(c)])[j * chunk_size(c) + k] = 1.0;
-                        touched[j] = true;
-                    }
+            for &(s, e) in &edges_into[ri] {
+                if in_graph[e] {
+                    continue;
+                }
+                let (c, k) = graph.chunk_of(s);
+                used_chunks.insert(c);
+                touched[j] = true;
+                if c % 2 == 1 && post_norm((c - 1) / 2) {
+                    post.entry((c - 1) / 2).or_insert_with(|| vec![0.0; rs.len() * nh])[j * nh + k] = 1.0;
+                } else {
+                    add[j * width + s] = 1.0;
                 }
             }
         }
-        if dense.is_empty() {
+        if !touched.iter().any(|&t| t) {
             continue;
         }
-        let mut masks = Vec::new();
-        for (c, v) in dense {
-            let m = Tensor::from_vec(v, (rs.len(), chunk_size(c)), model.device())?.to_dtype(model.dtype())?;
-            used_chunks.insert(c);
-            masks.push((c, m));
+        let additive =
+            if add.iter().any(|&v| v != 0.0) { Some(Tensor::from_vec(add, (rs.len(), width), model.device())?.to_dtype(model.dtype())?) } else { None };
+        let mut post_norm = Vec::new();
+        for (l, v) in post {
+            post_norm.push((l, Tensor::from_vec(v, (rs.len(), nh), model.device())?.to_dtype(model.dtype())?));
         }
-        masks.sort_by_key(|(c, _)| *c);
-        groups.insert(hook, Group { masks, touched });
+        post_norm.sort_by_key(|(l, _)| *l);
+        groups.insert(hook, Group { additive, post_norm, touched });
     }
-    let plan = Arc::new(Plan { model: model.without_tokenizer(), ablated: ablated.chunks.iter().map(|t| t.to_dtype(model.dtype())).collect::<candle_core::Result<_>>()?, groups });
+    let plan = Arc::new(Plan {
+        model: model.without_tokenizer(),
+        ablated: ablated.chunks.iter().map(|t| t.to_dtype(model.dtype())).collect::<candle_core::Result<_>>()?,
+        groups,
+        n_senders: graph.senders.len(),
+    });
     let live = Arc::new(Mutex::new(Live::default()));
     let wrap = |e: Error| candle_core::Error::Msg(e.to_string());
     let mut hooks = Hooks::new();
@@ -520,11 +558,11 @@ fn circuit_hooks(model: &HookedTransformer, graph: &EdgeGraph, in_graph: &[bool]
             c if c % 2 == 1 => HookPoint::Result((c - 1) / 2),
             c => HookPoint::MlpOut((c - 2) / 2),
         };
-        let live = live.clone();
+        let (plan, live) = (plan.clone(), live.clone());
         hooks = hooks.patch(Patch::new(
             hook,
             Intervention::func(move |x, _| {
-                live.lock().expect("one forward at a time").current.insert(c, x.clone());
+                plan.record(&mut live.lock().expect("one forward at a time"), c, x).map_err(wrap)?;
                 Ok(x.clone())
             }),
         ));

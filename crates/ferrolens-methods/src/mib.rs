@@ -26,9 +26,9 @@ use crate::scores::Component;
 use crate::study::{prepare, run_methods, Batching, Method, Prepared, Progress, RunOptions};
 use ferrolens_model::{Error, HookedTransformer, LrpRules, Result};
 use ferrolens_tasks::PairBatch;
-use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::time::Instant;
 
 /// MIB's fractions of edges (or nodes): 0.1 % to 100 %.
 pub const PERCENTAGES: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
@@ -241,7 +241,8 @@ pub enum CircuitMethod {
 
 impl CircuitMethod {
     /// Every method.
-    pub const ALL: [CircuitMethod; 6] = [CircuitMethod::Act, CircuitMethod::Atp, CircuitMethod::Relp, CircuitMethod::Eap, CircuitMethod::EapIg, CircuitMethod::EapIgAct];
+    pub const ALL: [CircuitMethod; 6] =
+        [CircuitMethod::Act, CircuitMethod::Atp, CircuitMethod::Relp, CircuitMethod::Eap, CircuitMethod::EapIg, CircuitMethod::EapIgAct];
 
     /// The name in tables and on the command line.
     pub fn name(&self) -> &'static str {
@@ -362,7 +363,14 @@ pub struct MibEvaluation {
 /// Node scores (sender-id order: input, heads, MLPs) of node methods, noising at the clean run:
 /// each is the estimated (act: measured) drop of the normalised metric when the node's output
 /// is the corrupt one.
-pub fn node_scores(model: &HookedTransformer, batch: &PairBatch, prep: &Prepared, methods: &[Method], graph: &EdgeGraph, progress: Option<Progress>) -> Result<Vec<Vec<f64>>> {
+pub fn node_scores(
+    model: &HookedTransformer,
+    batch: &PairBatch,
+    prep: &Prepared,
+    methods: &[Method],
+    graph: &EdgeGraph,
+    progress: Option<Progress>,
+) -> Result<Vec<Vec<f64>>> {
     let comps = [Component::ResidPre, Component::HeadZ, Component::MlpOut];
     let ro = RunOptions {
         by_pos: false,
@@ -448,13 +456,5 @@ pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions)
         row.score_seconds = secs;
         rows.push(row);
     }
-    Ok(MibEvaluation {
-        n_edges: graph.len(),
-        n_nodes: graph.senders.len(),
-        ends,
-        ablation: opts.ablation,
-        rows,
-        edge_scores,
-        node_scores: node_scores_out,
-    })
+    Ok(MibEvaluation { n_edges: graph.len(), n_nodes: graph.senders.len(), ends, ablation: opts.ablation, rows, edge_scores, node_scores: node_scores_out })
 }
