@@ -26,6 +26,50 @@ enum Sub {
     /// CPR and CMD (Mechanistic Interpretability Benchmark) of every method's circuits, with a
     /// seeded random ranking as the floor.
     Eval(EvalArgs),
+    /// Merullo et al.'s repair: the IOI circuit's inhibition heads made to attend to the wrong
+    /// colours in Colored Objects; accuracy before and after, with random heads as a control.
+    Repair(RepairArgs),
+}
+
+/// Arguments of `ferrolens circuits repair`.
+#[derive(clap::Args)]
+pub struct RepairArgs {
+    /// Model: a registry name, a .gguf file, a HF directory or a hub id.
+    #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
+    model: String,
+    /// IOI pairs used to find the heads.
+    #[arg(long, default_value_t = 24)]
+    ioi_n: usize,
+    /// Colored Objects prompts scored.
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    /// Colored Objects: objects per question.
+    #[arg(long, default_value_t = 3)]
+    objects: usize,
+    /// Colored Objects: solved examples before the query.
+    #[arg(long, default_value_t = 1)]
+    shots: usize,
+    /// Seed of both prompt samplers and of the random heads.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Heads taken as the IOI circuit (largest |AtP| score).
+    #[arg(long, default_value_t = 40)]
+    circuit_heads: usize,
+    /// S-inhibition heads intervened on.
+    #[arg(long, default_value_t = 3)]
+    n_inhibition: usize,
+    /// Negative name movers intervened on.
+    #[arg(long, default_value_t = 1)]
+    n_negative: usize,
+    /// Random-head control draws.
+    #[arg(long, default_value_t = 5)]
+    draws: usize,
+    /// Output directory (default out/repair).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// No summary on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// Arguments of `ferrolens circuits eval`.
@@ -77,6 +121,7 @@ fn parse_method(s: &str) -> std::result::Result<CircuitMethod, String> {
 pub fn run(a: Args) -> Result<()> {
     match a.cmd {
         Sub::Eval(a) => eval(a),
+        Sub::Repair(a) => repair_cmd(a),
     }
 }
 
@@ -233,4 +278,84 @@ fn level(method: &str) -> &'static str {
         "act" | "atp" | "relp" => "node",
         _ => "edge",
     }
+}
+
+fn repair_cmd(a: RepairArgs) -> Result<()> {
+    use ferrolens_methods::repair::{repair, RepairOptions};
+    use ferrolens_tasks::TaskOptions;
+    if a.n_inhibition + a.n_negative == 0 {
+        anyhow::bail!("--n-inhibition and --n-negative are both 0: there is no head to intervene on");
+    }
+    if a.circuit_heads == 0 {
+        anyhow::bail!("--circuit-heads must be at least 1");
+    }
+    let model = crate::load_model(&a.model)?;
+    let tok = model.tokenizer()?;
+    let task = |task: Task, n: usize| TaskOptions {
+        task,
+        n,
+        seed: a.seed,
+        corruption: ferrolens_tasks::ioi::IoiCorruption::Abc,
+        objects: a.objects,
+        shots: a.shots,
+        all_templates: false,
+    };
+    let ioi = PairBatch::new(tok, task(Task::Ioi, a.ioi_n).generate(tok)?, "ioi")?;
+    let co = PairBatch::new(tok, task(Task::ColoredObjects, a.n).generate(tok)?, "colored-objects")?;
+    let opts = RepairOptions { circuit_heads: a.circuit_heads, n_inhibition: a.n_inhibition, n_negative: a.n_negative, random_draws: a.draws, seed: a.seed };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("out").join("repair"));
+    crate::in_new_dir(&out, || {
+        let r = repair(&model, &ioi, &co, &opts)?;
+        let label = |hs: &[(usize, usize)]| hs.iter().map(|(l, h)| format!("L{l}H{h}")).collect::<Vec<_>>().join(" ");
+        let chosen: Vec<(usize, usize)> = r.heads.iter().map(|h| h.head).collect();
+        let mut rows: Vec<(String, String, f64, f64)> = vec![
+            ("none".into(), String::new(), r.before.accuracy, r.before.logit_diff),
+            ("chosen".into(), label(&chosen), r.after.accuracy, r.after.logit_diff),
+        ];
+        for (class, s) in &r.parts {
+            let hs: Vec<(usize, usize)> = r.heads.iter().filter(|h| &h.class == class).map(|h| h.head).collect();
+            rows.push((class.clone(), label(&hs), s.accuracy, s.logit_diff));
+        }
+        for (i, (hs, s)) in r.random.iter().enumerate() {
+            rows.push((format!("random{i}"), label(hs), s.accuracy, s.logit_diff));
+        }
+        let t = Table::new()
+            .col("condition", Column::Str(rows.iter().map(|r| r.0.clone()).collect()))
+            .col("heads", Column::Str(rows.iter().map(|r| r.1.clone()).collect()))
+            .col("accuracy", Column::F64(rows.iter().map(|r| r.2).collect()))
+            .col("logit_diff", Column::F64(rows.iter().map(|r| r.3).collect()));
+        write_table(&t, &out.join("repair"))?;
+        let rand_acc: Vec<f64> = r.random.iter().map(|(_, s)| s.accuracy).collect();
+        let mean = rand_acc.iter().sum::<f64>() / rand_acc.len().max(1) as f64;
+        let sd = (rand_acc.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (rand_acc.len().max(2) - 1) as f64).sqrt();
+        let summary = serde_json::json!({
+            "model": model.cfg.name,
+            "ioi_pairs": ioi.len(),
+            "colored_prompts": co.len(),
+            "objects": a.objects,
+            "shots": a.shots,
+            "heads": r.heads,
+            "accuracy_before": r.before.accuracy,
+            "accuracy_after": r.after.accuracy,
+            "logit_diff_before": r.before.logit_diff,
+            "logit_diff_after": r.after.logit_diff,
+            "parts": r.parts.iter().map(|(c, s)| serde_json::json!({"class": c, "accuracy": s.accuracy, "logit_diff": s.logit_diff})).collect::<Vec<_>>(),
+            "random_accuracy_mean": mean,
+            "random_accuracy_sd": sd,
+            "random": r.random.iter().map(|(hs, s)| serde_json::json!({"heads": label(hs), "accuracy": s.accuracy, "logit_diff": s.logit_diff})).collect::<Vec<_>>(),
+        });
+        std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        if !a.quiet {
+            eprintln!("heads: {}", r.heads.iter().map(|h| format!("L{}H{} ({})", h.head.0, h.head.1, h.class)).collect::<Vec<_>>().join(", "));
+            eprintln!(
+                "Colored Objects accuracy: {:.1}% before, {:.1}% after; {} random heads: {:.1}% +- {:.1}",
+                100.0 * r.before.accuracy,
+                100.0 * r.after.accuracy,
+                chosen.len(),
+                100.0 * mean,
+                100.0 * sd
+            );
+        }
+        Ok(())
+    })
 }

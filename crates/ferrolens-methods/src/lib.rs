@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod mib;
 pub mod patching;
 pub mod path;
+pub mod repair;
 pub mod retrieval;
 pub mod scores;
 pub mod study;

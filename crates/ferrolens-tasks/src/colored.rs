@@ -193,3 +193,31 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
     }
     Ok(out)
 }
+
+/// The colours listed in the query (the last question) of a Colored Objects prompt, with the
+/// token index of each colour word: `[(colour, index)]` in list order. `None` when the prompt's
+/// last question is not in this module's format.
+pub fn query_colors(tok: &Tokenizer, prompt: &str) -> Result<Option<Vec<(String, usize)>>> {
+    let Some(q) = prompt.rfind("Q: On the ") else { return Ok(None) };
+    let Some(list_end) = prompt[q..].find(". What color is the ").map(|i| q + i) else { return Ok(None) };
+    let ids = tok.encode_prompt(prompt)?;
+    let mut out = Vec::new();
+    let mut at = q;
+    while at < list_end {
+        // The next " a {colour} " / " an {colour} " item.
+        let next = COLORS
+            .iter()
+            .filter_map(|c| {
+                let key = format!(" {} {c} ", article(c));
+                prompt[at..list_end].find(&key).map(|i| (at + i + key.len() - 1, *c))
+            })
+            .min();
+        let Some((end, c)) = next else { break };
+        match last_token_at(tok, prompt, end, &ids)? {
+            Some(i) => out.push((c.to_string(), i)),
+            None => return Ok(None),
+        }
+        at = end;
+    }
+    Ok((!out.is_empty()).then_some(out))
+}

@@ -114,3 +114,28 @@ fn bad_task_input_is_a_clear_error() {
     let e = ioi::generate(&bytes, &ioi::IoiConfig::default()).unwrap_err().to_string();
     assert!(e.contains("single tokens"), "{e}");
 }
+
+/// `query_colors` finds every colour of the query's list (not the solved example's), in order,
+/// at the token that spells it; the answer and the wrong colour are among them.
+#[test]
+fn query_colors_point_at_the_listed_colours() {
+    let tok = gpt2();
+    let cfg = colored::ColoredConfig { n: 8, seed: 3, n_objects: 3, shots: 2, all_lengths: false };
+    for p in colored::generate(&tok, &cfg).unwrap() {
+        let ids = tok.encode(&p.clean).unwrap();
+        let cs = colored::query_colors(&tok, &p.clean).unwrap().expect("a Colored Objects prompt");
+        assert_eq!(cs.len(), 3, "{p:?}");
+        let last_q = p.clean.rfind("Q: ").unwrap();
+        let first_in_query = tok.encode(&p.clean[..last_q]).unwrap().len();
+        for w in cs.windows(2) {
+            assert!(w[0].1 < w[1].1);
+        }
+        for (c, i) in &cs {
+            assert_eq!(tok.decode(&[ids[*i]]).unwrap(), format!(" {c}"), "{p:?}");
+            assert!(*i >= first_in_query, "{c} at {i} is before the query");
+        }
+        assert!(cs.iter().any(|(_, i)| *i == p.labels["answer_color"]));
+        assert!(cs.iter().any(|(_, i)| *i == p.labels["wrong_color"]));
+    }
+    assert!(colored::query_colors(&tok, "When Mary and John went to the store").unwrap().is_none());
+}
