@@ -49,6 +49,9 @@ pub struct RepairArgs {
     /// Colored Objects: solved examples before the query.
     #[arg(long, default_value_t = 1)]
     shots: usize,
+    /// Colored Objects wording: qa or statement.
+    #[arg(long, default_value = "qa")]
+    wording: String,
     /// Seed of both prompt samplers and of the random heads.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -289,6 +292,7 @@ fn repair_cmd(a: RepairArgs) -> Result<()> {
     if a.circuit_heads == 0 {
         anyhow::bail!("--circuit-heads must be at least 1");
     }
+    let wording: ferrolens_tasks::colored::Wording = a.wording.parse()?;
     let model = crate::load_model(&a.model)?;
     let tok = model.tokenizer()?;
     let task = |task: Task, n: usize| TaskOptions {
@@ -296,6 +300,7 @@ fn repair_cmd(a: RepairArgs) -> Result<()> {
         n,
         seed: a.seed,
         corruption: ferrolens_tasks::ioi::IoiCorruption::Abc,
+        wording,
         objects: a.objects,
         shots: a.shots,
         all_templates: false,

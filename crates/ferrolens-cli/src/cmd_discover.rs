@@ -35,6 +35,10 @@ pub struct TaskArgs {
     /// Colored Objects: solved examples before the query.
     #[arg(long, default_value_t = 1)]
     pub shots: usize,
+    /// Colored Objects wording: qa (`Q: ... What color is the pen?\nA:`, answers " Red") or
+    /// statement (`... The pen is`, answers " red"). `ferrolens formats` finds the one a model does best.
+    #[arg(long, default_value = "qa")]
+    pub wording: String,
     /// Pairs of every token length: IOI's every template, Colored Objects' every object list (one
     /// padded batch; per-position scores by label: IO, S1, S1+1, S2, end for IOI; answer_color,
     /// answer_object, wrong_color, wrong_object, query, end for Colored Objects). By default only
@@ -53,6 +57,7 @@ impl TaskArgs {
             corruption: self.corruption.parse()?,
             objects: self.objects,
             shots: self.shots,
+            wording: self.wording.parse()?,
             all_templates: self.all_templates,
         })
     }

@@ -6,6 +6,7 @@ mod cmd_circuits;
 mod cmd_data;
 mod cmd_device;
 mod cmd_discover;
+mod cmd_formats;
 mod cmd_heads;
 mod cmd_models;
 mod cmd_overlap;
@@ -50,6 +51,8 @@ enum Cmd {
     PathPatch(cmd_path::Args),
     /// Circuit evaluation: `circuits eval` (MIB's CPR and CMD for node and edge methods).
     Circuits(cmd_circuits::Args),
+    /// Colored Objects accuracy over prompt formats (objects, shots, wording).
+    Formats(cmd_formats::Args),
     /// Heads shared by two circuits (circuit.json files of `discover`).
     Overlap(cmd_overlap::Args),
     /// Write a built-in task's prompt pairs as JSONL.
@@ -84,6 +87,7 @@ fn main() {
         Cmd::Patch(a) => cmd_patch::run(a),
         Cmd::Discover(a) => cmd_discover::run(a),
         Cmd::Circuits(a) => cmd_circuits::run(a),
+        Cmd::Formats(a) => cmd_formats::run(a),
         Cmd::Data(a) => cmd_data::run(a),
         Cmd::Overlap(a) => cmd_overlap::run(a),
         Cmd::Heads(a) => cmd_heads::run(a),

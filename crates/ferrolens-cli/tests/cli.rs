@@ -174,6 +174,9 @@ fn every_command_rejects_bad_input_before_work() {
         (vec!["circuits", "eval", "--task", "ioi", "--n", "0", "--out", o], "ask for at least one"),
         (vec!["circuits", "repair", "--n-inhibition", "0", "--n-negative", "0", "--out", o], "no head to intervene on"),
         (vec!["circuits", "repair", "--n", "0", "--out", o], "ask for at least one"),
+        (vec!["formats", "--objects", "1", "--out", o], "needs 2..=8 objects"),
+        (vec!["formats", "--wording", "nope", "--out", o], "use qa or statement"),
+        (vec!["discover", "--task", "colored-objects", "--wording", "nope", "--out", o], "use qa or statement"),
     ];
     for (args, want) in rows {
         std::fs::remove_dir_all(&out).ok();
@@ -274,5 +277,28 @@ fn circuits_repair_reports_before_after_and_random_heads() {
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["heads"].as_array().unwrap().len(), 4);
     assert_eq!(s["heads"][0]["class"], "S-inhibition");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// `formats` scores every requested Colored Objects format on the default model: one row per
+/// (objects, shots, wording), accuracies as fractions of the prompts, the best one named.
+#[test]
+fn formats_scores_colored_objects_formats() {
+    let out = std::env::temp_dir().join(format!("ferrolens-cli-formats-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = ferrolens().args(["formats", "--objects", "2,3", "--shots", "1", "--n", "16", "--quiet", "--out"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("formats.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("objects,shots,wording,n,tokens,accuracy,chance,logit_diff"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        let acc: f64 = r[5].parse().unwrap();
+        assert!((acc * 16.0 - (acc * 16.0).round()).abs() < 1e-9, "accuracy is a count over 16 prompts: {r:?}");
+    }
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let best = s["best"]["score"]["accuracy"].as_f64().unwrap();
+    assert!(rows.iter().all(|r| r[5].parse::<f64>().unwrap() <= best));
     std::fs::remove_dir_all(&out).ok();
 }

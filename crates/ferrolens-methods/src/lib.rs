@@ -11,6 +11,7 @@ pub mod circuit;
 pub mod eap_ig;
 pub mod edge_circuit;
 pub mod edges;
+pub mod formats;
 pub mod heads;
 pub mod metrics;
 pub mod mib;

@@ -17,7 +17,7 @@
 //! 3. **Control**: the same intervention on as many random heads, several seeded draws.
 //!
 //! Accuracy: the answer colour has the largest logit among the eight colour answers (`" Red"`,
-//! `" Orange"`, ...) at the last position.
+//! `" Orange"`, ..., or `" red"`, ... in the statement wording) at the last position.
 
 use crate::circuit::{ioi_head_classes, Node};
 use crate::scores::Component;
@@ -25,7 +25,7 @@ use crate::study::{prepare, run_methods, Batching, Method, RunOptions};
 use crate::Direction;
 use candle_core::{DType, Tensor, D};
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, LrpRules, Patch, Result};
-use ferrolens_tasks::colored::{query_colors, COLORS};
+use ferrolens_tasks::colored::{query_colors, Wording, COLORS};
 use ferrolens_tasks::PairBatch;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -134,15 +134,9 @@ pub fn colored_accuracy(model: &HookedTransformer, batch: &PairBatch, heads: &[(
         return Err(Error::Input("the Colored Objects prompts must share one token length (generate them without --all-templates)".into()));
     }
     let b = batch.len();
-    let answers: Vec<u32> = COLORS
-        .iter()
-        .filter_map(|c| {
-            let mut s = String::from(" ");
-            s.push_str(&c[..1].to_uppercase());
-            s.push_str(&c[1..]);
-            tok.single_token(&s).ok()
-        })
-        .collect();
+    // The colour answers in the batch's wording (`" Red"` or `" red"`).
+    let wording = if batch.pairs[0].answer.trim().starts_with(char::is_uppercase) { Wording::Qa } else { Wording::Statement };
+    let answers: Vec<u32> = COLORS.iter().filter_map(|c| tok.single_token(&wording.answer(c)).ok()).collect();
     // Target pattern rows [b, k]: uniform over the wrong colours of each prompt's query.
     let mut target = vec![0f32; b * p];
     for (i, pair) in batch.pairs.iter().enumerate() {

@@ -1,7 +1,9 @@
 //! Colored Objects (Merullo, Eickhoff, Pavlick 2023, "Circuit Component Reuse Across Tasks").
 //!
-//! `Q: On the {surface}, {start} {items}. What color is the {object}?\nA:` with solved examples
-//! before the query; the corrupt prompt asks for a different listed object.
+//! `Q: On the {surface}, {start} {items}. What color is the {object}?\nA:` (the paper's
+//! [`Wording::Qa`], answers `" Red"`) or `On the {surface}, {start} {items}. The {object} is`
+//! ([`Wording::Statement`], answers `" red"`), with solved examples before the query; the
+//! corrupt prompt asks for a different listed object.
 //!
 //! Position labels (token index of the last token of each, in both prompts of a pair):
 //! `answer_color` and `answer_object` (the queried item in the query's list), `wrong_color` and
@@ -27,6 +29,54 @@ pub const SURFACES: [&str; 3] = ["table", "desk", "floor"];
 /// Sentence starts.
 pub const STARTS: [&str; 3] = ["there is", "you see", "I see"];
 
+/// How a question is worded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Wording {
+    /// `Q: On the desk, I see a red pen, ... What color is the pen?\nA:` answered `" Red"`
+    /// (Merullo et al.'s format).
+    #[default]
+    Qa,
+    /// `On the desk, I see a red pen, ... The pen is` answered `" red"`.
+    Statement,
+}
+
+impl std::str::FromStr for Wording {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Wording> {
+        match s.trim() {
+            "qa" => Ok(Wording::Qa),
+            "statement" => Ok(Wording::Statement),
+            o => Err(Error::Input(format!("unknown Colored Objects wording `{o}`; use qa or statement"))),
+        }
+    }
+}
+
+impl Wording {
+    /// `qa` / `statement`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Wording::Qa => "qa",
+            Wording::Statement => "statement",
+        }
+    }
+
+    /// The answer token's text for `color`: `" Red"` or `" red"`.
+    pub fn answer(&self, color: &str) -> String {
+        match self {
+            Wording::Qa => format!(" {}", cap(color)),
+            Wording::Statement => format!(" {color}"),
+        }
+    }
+
+    /// What follows the query's object at the end of the prompt.
+    fn tail(&self) -> &'static str {
+        match self {
+            Wording::Qa => "?\nA:",
+            Wording::Statement => " is",
+        }
+    }
+}
+
 /// Settings of a Colored Objects prompt set.
 #[derive(Debug, Clone)]
 pub struct ColoredConfig {
@@ -42,11 +92,13 @@ pub struct ColoredConfig {
     /// Keep pairs of every token length (a padded batch, positions by label); by default only
     /// the most common length is kept.
     pub all_lengths: bool,
+    /// How questions are worded.
+    pub wording: Wording,
 }
 
 impl Default for ColoredConfig {
     fn default() -> Self {
-        ColoredConfig { n: 32, seed: 0, n_objects: 3, shots: 1, all_lengths: false }
+        ColoredConfig { n: 32, seed: 0, n_objects: 3, shots: 1, all_lengths: false, wording: Wording::Qa }
     }
 }
 
@@ -80,14 +132,17 @@ struct Scene {
 }
 
 impl Scene {
-    fn question(&self, object: &str) -> String {
+    fn question(&self, object: &str, wording: Wording) -> String {
         let items: Vec<String> = self.items.iter().map(|(c, o)| format!("{} {c} {o}", article(c))).collect();
         let list = match items.len() {
             1 => items[0].clone(),
             2 => format!("{} and {}", items[0], items[1]),
             n => format!("{}, and {}", items[..n - 1].join(", "), items[n - 1]),
         };
-        format!("Q: On the {}, {} {list}. What color is the {object}?\nA:", self.surface, self.start)
+        match wording {
+            Wording::Qa => format!("Q: On the {}, {} {list}. What color is the {object}?\nA:", self.surface, self.start),
+            Wording::Statement => format!("On the {}, {} {list}. The {object} is", self.surface, self.start),
+        }
     }
 }
 
@@ -118,7 +173,8 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
     if cfg.n_objects < 2 || cfg.n_objects > 8 {
         return Err(Error::Input(format!("Colored Objects needs 2..=8 objects per question, got {}", cfg.n_objects)));
     }
-    let colors: Vec<&'static str> = COLORS.iter().copied().filter(|c| tok.single_token(&format!(" {}", cap(c))).is_ok()).collect();
+    let wd = cfg.wording;
+    let colors: Vec<&'static str> = COLORS.iter().copied().filter(|c| tok.single_token(&wd.answer(c)).is_ok()).collect();
     if colors.len() < cfg.n_objects {
         return Err(Error::Input(format!("only {} colour answers are single tokens for this tokenizer", colors.len())));
     }
@@ -133,7 +189,10 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
         for _ in 0..cfg.shots {
             let ex = scene(&mut rng, cfg.n_objects, &colors, &objects);
             let (c, o) = ex.items[rng.random_range(0..ex.items.len())];
-            prefix.push_str(&format!("{} {}\n", ex.question(o), cap(c)));
+            prefix.push_str(&match wd {
+                Wording::Qa => format!("{}{}\n", ex.question(o, wd), wd.answer(c)),
+                Wording::Statement => format!("{}{}.\n", ex.question(o, wd), wd.answer(c)),
+            });
         }
         let q = scene(&mut rng, cfg.n_objects, &colors, &objects);
         let qi = rng.random_range(0..q.items.len());
@@ -145,8 +204,8 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
             continue;
         };
         let (oc, oo) = q.items[oj];
-        let clean = format!("{prefix}{}", q.question(qo));
-        let corrupt = format!("{prefix}{}", q.question(oo));
+        let clean = format!("{prefix}{}", q.question(qo, wd));
+        let corrupt = format!("{prefix}{}", q.question(oo, wd));
         let ids = tok.encode_prompt(&clean)?;
         let len = ids.len();
         if tok.encode_prompt(&corrupt)?.len() != len {
@@ -158,7 +217,7 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
         let (Some(a), Some(w)) = (item_at(qc, qo), item_at(oc, oo)) else {
             continue;
         };
-        let query_end = clean.len() - "?\nA:".len();
+        let query_end = clean.len() - wd.tail().len();
         let ends = [
             ("answer_color", a + qc.len()),
             ("answer_object", a + qc.len() + 1 + qo.len()),
@@ -178,7 +237,7 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
         }
         *lens.entry(len).or_default() += 1;
         labels.insert("end".to_string(), len - 1);
-        candidates.push(PromptPair { clean, corrupt, answer: format!(" {}", cap(qc)), wrong: format!(" {}", cap(oc)), labels });
+        candidates.push(PromptPair { clean, corrupt, answer: wd.answer(qc), wrong: wd.answer(oc), labels });
     }
     let (&best, _) = lens.iter().max_by_key(|(_, n)| **n).ok_or_else(|| Error::Input("no Colored Objects prompt could be built".into()))?;
     let out: Vec<PromptPair> = candidates.into_iter().filter(|p| cfg.all_lengths || p.labels["end"] + 1 == best).take(cfg.n).collect();
@@ -194,12 +253,12 @@ pub fn generate(tok: &Tokenizer, cfg: &ColoredConfig) -> Result<Vec<PromptPair>>
     Ok(out)
 }
 
-/// The colours listed in the query (the last question) of a Colored Objects prompt, with the
+/// The colours listed in the query (the last question, either wording) of a Colored Objects prompt, with the
 /// token index of each colour word: `[(colour, index)]` in list order. `None` when the prompt's
 /// last question is not in this module's format.
 pub fn query_colors(tok: &Tokenizer, prompt: &str) -> Result<Option<Vec<(String, usize)>>> {
-    let Some(q) = prompt.rfind("Q: On the ") else { return Ok(None) };
-    let Some(list_end) = prompt[q..].find(". What color is the ").map(|i| q + i) else { return Ok(None) };
+    let Some(q) = prompt.rfind("On the ") else { return Ok(None) };
+    let Some(list_end) = prompt[q..].find(". ").map(|i| q + i) else { return Ok(None) };
     let ids = tok.encode_prompt(prompt)?;
     let mut out = Vec::new();
     let mut at = q;

@@ -61,6 +61,8 @@ pub struct TaskOptions {
     pub objects: usize,
     /// Colored Objects: solved examples before the query.
     pub shots: usize,
+    /// Colored Objects: how questions are worded.
+    pub wording: colored::Wording,
     /// Pairs of every token length: IOI's every template ([`ioi::IoiConfig::all_lengths`]),
     /// Colored Objects' every length ([`colored::ColoredConfig::all_lengths`]); positions by label.
     pub all_templates: bool,
@@ -68,7 +70,16 @@ pub struct TaskOptions {
 
 impl Default for TaskOptions {
     fn default() -> Self {
-        TaskOptions { task: Task::Ioi, n: 24, seed: 0, corruption: ioi::IoiCorruption::Abc, objects: 3, shots: 1, all_templates: false }
+        TaskOptions {
+            task: Task::Ioi,
+            n: 24,
+            seed: 0,
+            corruption: ioi::IoiCorruption::Abc,
+            objects: 3,
+            shots: 1,
+            wording: colored::Wording::Qa,
+            all_templates: false,
+        }
     }
 }
 
@@ -85,7 +96,14 @@ impl TaskOptions {
             ),
             Task::ColoredObjects => colored::generate(
                 tok,
-                &colored::ColoredConfig { n: self.n, seed: self.seed, n_objects: self.objects, shots: self.shots, all_lengths: self.all_templates },
+                &colored::ColoredConfig {
+                    n: self.n,
+                    seed: self.seed,
+                    n_objects: self.objects,
+                    shots: self.shots,
+                    all_lengths: self.all_templates,
+                    wording: self.wording,
+                },
             ),
         }
     }

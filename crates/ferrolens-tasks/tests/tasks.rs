@@ -39,7 +39,7 @@ fn ioi_pairs_are_well_formed() {
 #[test]
 fn colored_objects_pairs_are_well_formed() {
     let tok = gpt2();
-    let cfg = colored::ColoredConfig { n: 12, seed: 2, n_objects: 3, shots: 1, all_lengths: false };
+    let cfg = colored::ColoredConfig { n: 12, seed: 2, n_objects: 3, shots: 1, all_lengths: false, wording: colored::Wording::Qa };
     let pairs = colored::generate(&tok, &cfg).unwrap();
     let batch = PairBatch::new(&tok, pairs.clone(), "colored").unwrap();
     assert_eq!(batch.len(), 12);
@@ -120,7 +120,7 @@ fn bad_task_input_is_a_clear_error() {
 #[test]
 fn query_colors_point_at_the_listed_colours() {
     let tok = gpt2();
-    let cfg = colored::ColoredConfig { n: 8, seed: 3, n_objects: 3, shots: 2, all_lengths: false };
+    let cfg = colored::ColoredConfig { n: 8, seed: 3, n_objects: 3, shots: 2, all_lengths: false, wording: colored::Wording::Qa };
     for p in colored::generate(&tok, &cfg).unwrap() {
         let ids = tok.encode(&p.clean).unwrap();
         let cs = colored::query_colors(&tok, &p.clean).unwrap().expect("a Colored Objects prompt");
@@ -138,4 +138,25 @@ fn query_colors_point_at_the_listed_colours() {
         assert!(cs.iter().any(|(_, i)| *i == p.labels["wrong_color"]));
     }
     assert!(colored::query_colors(&tok, "When Mary and John went to the store").unwrap().is_none());
+}
+
+/// The statement wording: `... The pen is` answered with a lower-case colour, labels and query
+/// colours still pointing at their words.
+#[test]
+fn colored_objects_statement_wording() {
+    let tok = gpt2();
+    let cfg = colored::ColoredConfig { n: 6, seed: 4, n_objects: 3, shots: 2, all_lengths: false, wording: colored::Wording::Statement };
+    for p in colored::generate(&tok, &cfg).unwrap() {
+        assert!(p.clean.starts_with("On the ") && p.clean.ends_with(" is"), "{}", p.clean);
+        assert_eq!(p.clean.matches("On the ").count(), 3, "two solved examples");
+        assert!(p.answer.starts_with(' ') && p.answer.trim().chars().all(|c| c.is_lowercase()), "{p:?}");
+        let ids = tok.encode(&p.clean).unwrap();
+        assert_eq!(tok.decode(&[ids[p.labels["answer_color"]]]).unwrap(), p.answer);
+        assert_eq!(tok.decode(&[ids[p.labels["wrong_color"]]]).unwrap(), p.wrong);
+        let cs = colored::query_colors(&tok, &p.clean).unwrap().unwrap();
+        assert_eq!(cs.len(), 3);
+        assert!(cs.iter().any(|(c, _)| format!(" {c}") == p.answer));
+    }
+    assert_eq!("statement".parse::<colored::Wording>().unwrap(), colored::Wording::Statement);
+    assert!("nope".parse::<colored::Wording>().unwrap_err().to_string().contains("use qa or statement"));
 }
