@@ -304,3 +304,40 @@ fn eap_ig_inputs_is_complete_with_many_steps() {
     assert!((one - want).abs() > 20.0 * (many - want).abs());
     assert!(want.abs() > 1e-3);
 }
+
+/// Every reader of the residual stream is a receiver: a sender's edge scores sum to its output
+/// difference times the gradient at its own output (what node-level `atp_ig` ranks by). EAP at
+/// the clean run against a direct backward to `hook_result` and `hook_mlp_out`, tiny GPT-2, both
+/// receiver kinds.
+#[test]
+fn a_senders_edges_sum_to_its_node_attribution() {
+    let model = tiny_gpt2(DType::F64);
+    let (clean, corrupt) = tiny_pair();
+    let metric = LogitDiff { answer: vec![17], wrong: vec![423] };
+    let data = PatchingData::new(&clean, &corrupt, &metric);
+    let cf = AblatedSenders::new(&model, &data, EdgeAblation::Counterfactual).unwrap();
+    let pts = [HookPoint::Result(0), HookPoint::MlpOut(0)];
+    let mut hc = Hooks::new().cache_hooks(&pts).grad(&pts);
+    let run = model.run_with_grads(&clean, &mut hc, |l| Ok(metric.per_row(l)?.sum_all()?)).unwrap();
+    let mut hk = Hooks::new().cache_hooks(&pts);
+    model.run(&corrupt, &mut hk).unwrap();
+    let direct = |hook: HookPoint, head: Option<usize>| -> f64 {
+        let pick = |t: &Tensor| match head {
+            Some(h) => t.narrow(2, h, 1).unwrap(),
+            None => t.clone(),
+        };
+        let diff = (pick(hc.cache_ref().get(hook).unwrap()) - pick(hk.cache_ref().get(hook).unwrap())).unwrap();
+        (diff * pick(&run.grads[&hook])).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    for head_inputs in [true, false] {
+        let g = EdgeGraph::new(&model, head_inputs);
+        let s = eap_ig(&model, &data, &g, &cf, &EapIgOptions { variant: EapVariant::Eap, steps: 1, max_rows: 64 }, &|_, _| {}).unwrap();
+        let sum_from = |sender: Sender| -> f64 { (0..g.len()).filter(|&i| g.senders[g.edges[i].0] == sender).map(|i| s[i]).sum() };
+        for (sender, hook, head) in [(Sender::Head(0, 2), HookPoint::Result(0), Some(2)), (Sender::Mlp(0), HookPoint::MlpOut(0), None)] {
+            let (a, b) = (sum_from(sender), direct(hook, head));
+            eprintln!("{sender} (head inputs {head_inputs}): edges {a:.12} node {b:.12}");
+            assert!((a - b).abs() < 1e-9 * b.abs().max(1e-3), "{a} vs {b}");
+            assert!(b.abs() > 1e-4);
+        }
+    }
+}

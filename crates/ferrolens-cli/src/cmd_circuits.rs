@@ -86,8 +86,9 @@ pub struct EvalArgs {
     /// Model: a registry name, a .gguf file, a HF directory or a hub id.
     #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
     model: String,
-    /// Methods, comma-separated: act, atp, relp (node level) and eap, eap_ig (EAP-IG on the input
-    /// embedding), eap_ig_act (EAP-IG on each node's activations) (edge level).
+    /// Methods, comma-separated: act, atp, relp, atp_ig (node level; atp_ig: IG on the input
+    /// embedding, MIB's NAP-IG) and eap, eap_ig (EAP-IG on the input embedding), eap_ig_act
+    /// (EAP-IG on each node's activations) (edge level).
     #[arg(long, value_delimiter = ',', value_parser = parse_method, default_value = "act,atp,relp,eap,eap_ig")]
     methods: Vec<CircuitMethod>,
     /// How edges outside a circuit are ablated (in scoring and evaluation): cf (the paired
@@ -278,7 +279,7 @@ fn write_outputs(out: &Path, model: &HookedTransformer, task: &str, batch: &Pair
 
 fn level(method: &str) -> &'static str {
     match method {
-        "act" | "atp" | "relp" => "node",
+        "act" | "atp" | "relp" | "atp_ig" => "node",
         _ => "edge",
     }
 }

@@ -228,6 +228,11 @@ pub enum CircuitMethod {
     /// Node level: relevance patching (AtP with the LRP rules).
     #[cfg_attr(feature = "clap", value(name = "relp"))]
     Relp,
+    /// Node level: integrated gradients over the input embedding (MIB's node-level EAP-IG,
+    /// "NAP-IG"): a node's score is the sum of its EAP-IG edge scores, which is its output
+    /// difference times the IG gradient at its output (every downstream reader sums to it).
+    #[cfg_attr(feature = "clap", value(name = "atp_ig"))]
+    AtpIg,
     /// Edge level: EAP, gradient at the clean run.
     #[cfg_attr(feature = "clap", value(name = "eap"))]
     Eap,
@@ -250,6 +255,7 @@ impl CircuitMethod {
             CircuitMethod::Act => "act",
             CircuitMethod::Atp => "atp",
             CircuitMethod::Relp => "relp",
+            CircuitMethod::AtpIg => "atp_ig",
             CircuitMethod::Eap => "eap",
             CircuitMethod::EapIg => "eap_ig",
             CircuitMethod::EapIgAct => "eap_ig_act",
@@ -258,7 +264,7 @@ impl CircuitMethod {
 
     /// Whether it scores nodes (else edges).
     pub fn node_level(&self) -> bool {
-        matches!(self, CircuitMethod::Act | CircuitMethod::Atp | CircuitMethod::Relp)
+        matches!(self, CircuitMethod::Act | CircuitMethod::Atp | CircuitMethod::Relp | CircuitMethod::AtpIg)
     }
 }
 
@@ -275,6 +281,7 @@ impl std::str::FromStr for CircuitMethod {
             "act" => CircuitMethod::Act,
             "atp" => CircuitMethod::Atp,
             "relp" => CircuitMethod::Relp,
+            "atp_ig" | "atp-ig" | "nap_ig" => CircuitMethod::AtpIg,
             "eap" => CircuitMethod::Eap,
             "eap_ig" | "eap-ig" | "eap_ig_inputs" => CircuitMethod::EapIg,
             "eap_ig_act" | "eap-ig-act" | "eap_ig_activations" => CircuitMethod::EapIgAct,
@@ -285,7 +292,11 @@ impl std::str::FromStr for CircuitMethod {
                         .into(),
                 ))
             }
-            o => return Err(Error::Input(format!("unknown circuit method `{o}`; use act, atp, relp (node level) or eap, eap_ig, eap_ig_act (edge level)"))),
+            o => {
+                return Err(Error::Input(format!(
+                    "unknown circuit method `{o}`; use act, atp, relp, atp_ig (node level) or eap, eap_ig, eap_ig_act (edge level)"
+                )))
+            }
         })
     }
 }
@@ -419,11 +430,11 @@ pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions)
     let node_methods: Vec<Method> = opts
         .methods
         .iter()
-        .filter(|m| m.node_level())
-        .map(|m| match m {
-            CircuitMethod::Act => Method::Act,
-            CircuitMethod::Atp => Method::Atp,
-            _ => Method::Relp,
+        .filter_map(|m| match m {
+            CircuitMethod::Act => Some(Method::Act),
+            CircuitMethod::Atp => Some(Method::Atp),
+            CircuitMethod::Relp => Some(Method::Relp),
+            _ => None,
         })
         .collect();
     let mut rankings: Vec<(String, Ranking, f64)> = Vec::new();
@@ -448,6 +459,24 @@ pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions)
         let s = eap_ig(model, &data, &graph, &ablated, &eo, &|d, t| say(&what, d, t))?;
         edge_scores.push((m.name().to_string(), s.clone()));
         rankings.push((m.name().to_string(), Ranking::Edges(s), t0.elapsed().as_secs_f64()));
+    }
+    if opts.methods.contains(&CircuitMethod::AtpIg) {
+        // Node IG scores: each sender's EAP-IG-inputs edge scores summed (computed here unless
+        // eap_ig ran).
+        let t0 = Instant::now();
+        let s = match edge_scores.iter().find(|(n, _)| n == "eap_ig") {
+            Some((_, s)) => s.clone(),
+            None => {
+                let eo = EapIgOptions { variant: EapVariant::IgInputs, steps: opts.ig_steps, ..Default::default() };
+                eap_ig(model, &data, &graph, &ablated, &eo, &|d, t| say("score atp_ig", d, t))?
+            }
+        };
+        let mut nodes = vec![0.0; graph.senders.len()];
+        for (e, &(si, _)) in graph.edges.iter().enumerate() {
+            nodes[si] += s[e];
+        }
+        node_scores_out.push(("atp_ig".to_string(), nodes.clone()));
+        rankings.push(("atp_ig".to_string(), Ranking::Nodes(nodes), t0.elapsed().as_secs_f64()));
     }
     rankings.push(("random".into(), Ranking::Edges(random_scores(&graph, opts.seed)), 0.0));
     for (name, ranking, secs) in rankings {
