@@ -377,6 +377,8 @@ struct Live {
     /// Current heads' outputs of post-norm layers `[b,p,h,D]`.
     heads: HashMap<usize, Tensor>,
     attn_in: HashMap<usize, Tensor>,
+    /// The key/value groups' additive deltas, computed with their layer's query group.
+    pending: HashMap<HookPoint, Tensor>,
 }
 
 impl Plan {
@@ -406,17 +408,51 @@ impl Plan {
         Ok(())
     }
 
-    /// `sum over missing edges (ablated - current)` for each receiver of the group, `[R, b, p, D]`.
-    fn delta(&self, live: &Live, g: &Group, shape: (usize, usize, usize)) -> Result<Option<Tensor>> {
-        let (b, p, d) = shape;
-        let mut acc: Option<Tensor> = None;
-        if let Some(m) = &g.additive {
-            let diffs = live.diffs.as_ref().ok_or_else(|| Error::Input("no sender recorded before a receiver".into()))?;
-            let (r, s) = m.dims2()?;
-            // [bpD, S] x [S, R] -> [bpD, R] -> [R, b, p, D]
-            let prod = diffs.narrow(1, 0, s)?.matmul(&m.t()?)?;
-            acc = Some(prod.t()?.contiguous()?.reshape((r, b, p, d))?);
+    /// The additive part of [`Plan::delta`] for `hook`, `[R, b, p, D]`. A layer's query, key and
+    /// value groups read the same senders: their products are one GEMM (one pass over the
+    /// differences), the later groups' parts kept in `live.pending` until their hooks fire.
+    fn additive(&self, live: &mut Live, hook: HookPoint, shape: (usize, usize, usize)) -> Result<Option<Tensor>> {
+        if let Some(t) = live.pending.remove(&hook) {
+            return Ok(Some(t));
         }
+        let Some(m) = &self.groups[&hook].additive else { return Ok(None) };
+        let (b, p, d) = shape;
+        let later = match hook {
+            HookPoint::Q(l) => vec![HookPoint::K(l), HookPoint::V(l)],
+            HookPoint::K(l) => vec![HookPoint::V(l)],
+            _ => vec![],
+        };
+        let mut parts = vec![(hook, m)];
+        parts.extend(later.into_iter().filter_map(|h| self.groups.get(&h).and_then(|g| g.additive.as_ref()).map(|m| (h, m))));
+        let width = m.dim(1)?;
+        if parts.iter().any(|(_, m)| m.dim(1).ok() != Some(width)) {
+            parts.truncate(1);
+        }
+        let diffs = live.diffs.as_ref().ok_or_else(|| Error::Input("no sender recorded before a receiver".into()))?;
+        let masks: Vec<&Tensor> = parts.iter().map(|(_, m)| *m).collect();
+        let all = Tensor::cat(&masks, 0)?; // [R_all, S]
+        // [bpD, S] x [S, R_all] -> [R_all, b*p*D]
+        let prod = diffs.narrow(1, 0, width)?.matmul(&all.t()?)?.t()?.contiguous()?;
+        let mut first = None;
+        let mut at = 0;
+        for (h, m) in parts {
+            let r = m.dim(0)?;
+            let t = prod.narrow(0, at, r)?.reshape((r, b, p, d))?;
+            at += r;
+            if first.is_none() {
+                first = Some(t);
+            } else {
+                live.pending.insert(h, t);
+            }
+        }
+        Ok(first)
+    }
+
+    /// `sum over missing edges (ablated - current)` for each receiver of `hook`'s group, `[R, b, p, D]`.
+    fn delta(&self, live: &mut Live, hook: HookPoint, shape: (usize, usize, usize)) -> Result<Option<Tensor>> {
+        let (b, p, d) = shape;
+        let g = &self.groups[&hook];
+        let mut acc = self.additive(live, hook, shape)?;
         for (l, m) in &g.post_norm {
             let cur = live.heads.get(l).ok_or_else(|| Error::Input(format!("heads of layer {l} not recorded before a receiver")))?;
             let diff = self.ablated[1 + 2 * l].broadcast_sub(cur)?;
@@ -441,19 +477,19 @@ impl Plan {
 
     /// A receiver hook: the residual input (block, MLP, logits) plus its delta, or a head
     /// input rebuilt per head.
-    fn receive(&self, live: &Live, hook: HookPoint, x: &Tensor) -> Result<Tensor> {
+    fn receive(&self, live: &mut Live, hook: HookPoint, x: &Tensor) -> Result<Tensor> {
         let g = &self.groups[&hook];
         let (l, which) = match hook {
             HookPoint::Q(l) => (l, HeadInput::Q),
             HookPoint::K(l) => (l, HeadInput::K),
             HookPoint::V(l) => (l, HeadInput::V),
             _ => {
-                let Some(delta) = self.delta(live, g, x.dims3()?)? else { return Ok(x.clone()) };
+                let Some(delta) = self.delta(live, hook, x.dims3()?)? else { return Ok(x.clone()) };
                 return Ok((x + delta.squeeze(0)?)?);
             }
         };
-        let attn_in = live.attn_in.get(&l).ok_or_else(|| Error::Input(format!("hook_attn_in of layer {l} not recorded")))?;
-        let Some(delta) = self.delta(live, g, attn_in.dims3()?)? else { return Ok(x.clone()) };
+        let attn_in = live.attn_in.get(&l).ok_or_else(|| Error::Input(format!("hook_attn_in of layer {l} not recorded")))?.clone();
+        let Some(delta) = self.delta(live, hook, attn_in.dims3()?)? else { return Ok(x.clone()) };
         let normed = self.model.apply_norm(NormSite::Ln1(l), &delta.broadcast_add(&attn_in.unsqueeze(0)?)?)?; // [R,b,p,D]
         let aw = &self.model.w.blocks[l].attn;
         let (w, bias) = match which {
@@ -587,8 +623,8 @@ fn circuit_hooks(model: &HookedTransformer, graph: &EdgeGraph, in_graph: &[bool]
         hooks = hooks.patch(Patch::new(
             hook,
             Intervention::func(move |x, h| {
-                let live = live.lock().expect("one forward at a time");
-                plan.receive(&live, h, x).map_err(wrap)
+                let mut live = live.lock().expect("one forward at a time");
+                plan.receive(&mut live, h, x).map_err(wrap)
             }),
         ));
     }
