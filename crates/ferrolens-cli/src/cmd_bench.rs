@@ -48,6 +48,9 @@ pub enum Bench {
     Edges,
     /// Prefill and greedy decoding with a KV cache (fused and generic attention).
     Decode,
+    /// MIB pieces: EAP, EAP-IG (5 steps, inputs) and one edge-patched circuit run (half the
+    /// edges, random ranking).
+    Circuits,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -180,6 +183,27 @@ pub fn run(a: Args) -> Result<()> {
                     })?;
                     out.insert(format!("edges_{tag}_s"), t.into());
                 }
+            }
+            Bench::Circuits => {
+                use ferrolens_methods::eap_ig::{eap_ig, EapIgOptions, EapVariant};
+                use ferrolens_methods::edge_circuit::{edge_patched_metric, AblatedSenders, EdgeAblation, EdgeGraph};
+                let data = prep.raw_data();
+                let g = EdgeGraph::new(&model, true);
+                let ab = AblatedSenders::new(&model, &data, EdgeAblation::Counterfactual)?;
+                for (tag, variant) in [("eap", EapVariant::Eap), ("eap_ig", EapVariant::IgInputs)] {
+                    let t = time(dev, a.repeat, || {
+                        eap_ig(&model, &data, &g, &ab, &EapIgOptions { variant, ..Default::default() }, &|_, _| {})?;
+                        Ok(())
+                    })?;
+                    out.insert(format!("{tag}_s"), t.into());
+                }
+                let half = g.top_n(&ferrolens_methods::mib::random_scores(&g, 0), g.len() / 2, false)?;
+                let t = time(dev, a.repeat, || {
+                    edge_patched_metric(&model, &data, &g, &half, &ab)?;
+                    Ok(())
+                })?;
+                out.insert("edge_patched_run_s".into(), t.into());
+                out.insert("edges".into(), g.len().into());
             }
         }
     }
