@@ -431,7 +431,7 @@ impl Plan {
         let diffs = live.diffs.as_ref().ok_or_else(|| Error::Input("no sender recorded before a receiver".into()))?;
         let masks: Vec<&Tensor> = parts.iter().map(|(_, m)| *m).collect();
         let all = Tensor::cat(&masks, 0)?; // [R_all, S]
-        // [bpD, S] x [S, R_all] -> [R_all, b*p*D]
+                                           // [bpD, S] x [S, R_all] -> [R_all, b*p*D]
         let prod = diffs.narrow(1, 0, width)?.matmul(&all.t()?)?.t()?.contiguous()?;
         let mut first = None;
         let mut at = 0;
