@@ -19,7 +19,7 @@ pub struct FormatScore {
     pub wording: Wording,
     /// Prompts scored.
     pub n: usize,
-    /// Tokens per prompt.
+    /// Tokens of the longest prompt.
     pub tokens: usize,
     /// Accuracy (the answer colour's logit is the largest of the colour answers) and mean
     /// `logit[answer] - logit[wrong]` (the pair's other listed colour).
@@ -46,10 +46,13 @@ pub fn colored_formats(
     for &o in objects {
         for &s in shots {
             for &w in wordings {
-                let cfg = ColoredConfig { n, seed, n_objects: o, shots: s, all_lengths: false, wording: w };
+                // Every token length (a padded batch): a format whose prompts vary in length is
+                // still scored on `n` prompts.
+                let cfg = ColoredConfig { n, seed, n_objects: o, shots: s, all_lengths: true, wording: w };
                 let batch = PairBatch::new(tok, generate(tok, &cfg)?, "colored-objects")?;
                 let score = colored_accuracy(model, &batch, &[])?;
-                out.push(FormatScore { objects: o, shots: s, wording: w, n: batch.len(), tokens: batch.clean[0].len(), score });
+                let tokens = batch.clean.iter().map(|c| c.len()).max().unwrap_or(0);
+                out.push(FormatScore { objects: o, shots: s, wording: w, n: batch.len(), tokens, score });
                 progress(out.len(), total);
             }
         }

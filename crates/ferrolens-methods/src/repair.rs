@@ -125,14 +125,14 @@ pub struct ColoredScore {
     pub logit_diff: f64,
 }
 
-/// [`ColoredScore`] of the clean prompts of `batch` (Colored Objects, one token length), with
-/// the last-position attention of `heads` set uniformly onto the query's wrong colours.
+/// [`ColoredScore`] of the clean prompts of `batch` (Colored Objects; prompts of different
+/// lengths run left-padded), with the last-position attention of `heads` set uniformly onto the
+/// query's wrong colours.
 pub fn colored_accuracy(model: &HookedTransformer, batch: &PairBatch, heads: &[(usize, usize)]) -> Result<ColoredScore> {
     let tok = model.tokenizer()?;
-    let p = batch.clean[0].len();
-    if batch.clean.iter().any(|c| c.len() != p) {
-        return Err(Error::Input("the Colored Objects prompts must share one token length (generate them without --all-templates)".into()));
-    }
+    // Prompts of different lengths are left-padded (every answer is read at the last position).
+    let p = batch.clean.iter().map(|c| c.len()).max().unwrap_or(0);
+    let pads: Vec<usize> = batch.clean.iter().map(|c| p - c.len()).collect();
     let b = batch.len();
     // The colour answers in the batch's wording (`" Red"` or `" red"`).
     let wording = if batch.pairs[0].answer.trim().starts_with(char::is_uppercase) { Wording::Qa } else { Wording::Statement };
@@ -148,7 +148,7 @@ pub fn colored_accuracy(model: &HookedTransformer, batch: &PairBatch, heads: &[(
             return Err(Error::Input(format!("pair {i}: the query lists no colour other than the answer")));
         }
         for j in &wrong {
-            target[i * p + j] = 1.0 / wrong.len() as f32;
+            target[i * p + pads[i] + j] = 1.0 / wrong.len() as f32;
         }
     }
     let target = Tensor::from_vec(target, (b, 1, 1, p), model.device())?.to_dtype(model.dtype())?;
@@ -164,8 +164,13 @@ pub fn colored_accuracy(model: &HookedTransformer, batch: &PairBatch, heads: &[(
         let full = target.broadcast_as((b, model.cfg.n_heads, p, p))?.contiguous()?;
         hooks = hooks.patch(Patch::new(HookPoint::Pattern(l), Intervention::Replace(full)).heads(&hs).positions(&[p - 1]));
     }
-    let tokens = model.tokens_tensor(&batch.clean)?;
-    let logits = model.run_span(Some(&tokens), &ferrolens_model::RunSpan { last_logits_only: true, ..Default::default() }, &mut hooks)?;
+    let (tokens, mask) = if pads.iter().all(|&x| x == 0) {
+        (model.tokens_tensor(&batch.clean)?, None)
+    } else {
+        let (t, m) = model.tokens_padded(&batch.clean, ferrolens_model::PadSide::Left)?;
+        (t, Some(m))
+    };
+    let logits = model.run_span(Some(&tokens), &ferrolens_model::RunSpan { last_logits_only: true, mask, ..Default::default() }, &mut hooks)?;
     let last = logits.squeeze(1)?.to_dtype(DType::F32)?; // [b, V]
     let ids = Tensor::new(answers.as_slice(), model.device())?;
     let color_logits = last.index_select(&ids, 1)?; // [b, 8]
