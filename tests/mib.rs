@@ -220,8 +220,11 @@ fn a_missing_edge_carries_the_ablated_output_into_its_receiver() {
     for i in 0..2 {
         assert!((got[i] - want[i]).abs() < 1e-10);
     }
-    // A mismatched flag vector is refused.
+    // A mismatched flag vector, or a graph of another model, is refused.
     assert!(edge_patched_metric(&gem, &data, &g, &[true; 3], &cf).is_err());
+    let other = EdgeGraph::from_shape(3, 4, 2, false, true);
+    let err = edge_patched_metric(&gem, &data, &other, &vec![true; other.len()], &cf).unwrap_err().to_string();
+    assert!(err.contains("build it with EdgeGraph::new"), "{err}");
 }
 
 /// EAP-IG on the inputs with one step takes the gradient at the corrupt run: it equals

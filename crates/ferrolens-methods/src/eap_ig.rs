@@ -85,13 +85,14 @@ pub fn eap_ig(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Vec<f64>> {
     let (b, p) = data.check()?;
+    graph.check(model)?;
     if opts.steps == 0 && opts.variant != EapVariant::Eap {
         return Err(Error::Input("EAP-IG needs at least one interpolation step (--ig-steps 1 or more)".into()));
     }
     let n = model.cfg.n_layers;
     let d = model.cfg.d_model;
     let clean = sender_outputs(model, data.clean, data.mask)?;
-    // The runs: (hook interpolated, its clean and ablated ends, alphas); `None`: the clean run.
+    // The runs: (hook interpolated and its chunk, alphas); `None`: the clean run.
     let steps = opts.steps.max(1);
     let runs: Runs = match opts.variant {
         EapVariant::Eap => vec![(None, vec![1.0])],

@@ -141,6 +141,18 @@ impl EdgeGraph {
         g
     }
 
+    /// An error unless this graph has `model`'s shape (layers, heads, KV heads, block layout).
+    pub fn check(&self, model: &HookedTransformer) -> Result<()> {
+        let c = &model.cfg;
+        if (self.n_layers, self.n_heads, self.n_kv, self.parallel) != (c.n_layers, c.n_heads, c.n_kv_heads, c.parallel_attn_mlp) {
+            return Err(Error::Input(format!(
+                "the edge graph is of a model with {} layers of {} heads ({} KV heads), not of {} ({} layers of {} heads, {} KV heads); build it with EdgeGraph::new(&model, ..)",
+                self.n_layers, self.n_heads, self.n_kv, c.name, c.n_layers, c.n_heads, c.n_kv_heads
+            )));
+        }
+        Ok(())
+    }
+
     /// Number of edges.
     pub fn len(&self) -> usize {
         self.edges.len()
@@ -514,6 +526,7 @@ impl Plan {
 /// Hooks that run `in_graph` (one flag per edge of `graph`) as an edge circuit with the
 /// senders' outputs of missing edges taken from `ablated`.
 fn circuit_hooks(model: &HookedTransformer, graph: &EdgeGraph, in_graph: &[bool], ablated: &AblatedSenders) -> Result<Hooks> {
+    graph.check(model)?;
     if in_graph.len() != graph.len() {
         return Err(Error::Input(format!("{} edge flags for a graph of {} edges", in_graph.len(), graph.len())));
     }
