@@ -10,7 +10,7 @@ use ferrolens_methods::edge_circuit::{EdgeAblation, EdgeGraph};
 use ferrolens_methods::mib::{evaluate, CircuitMethod, MibEvaluation, MibOptions, PERCENTAGES};
 use ferrolens_model::HookedTransformer;
 use ferrolens_report::{line_chart, write_table, Column, Report, Table};
-use ferrolens_tasks::{read_jsonl, PairBatch, Task};
+use ferrolens_tasks::{PairBatch, Task};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -144,10 +144,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     opts.check()?;
     let model = crate::load_model(&a.model)?;
-    let (task_name, pairs) = match &a.data {
-        Some(p) => (format!("jsonl:{}", p.display()), read_jsonl(p)?),
-        None => (Task::parse(&a.task.task)?.name().to_string(), a.task.pairs(&model)?),
-    };
+    let (task_name, pairs) = a.task.load(a.data.as_deref(), &model)?;
     let batch = PairBatch::new(model.tokenizer()?, pairs, &task_name)?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("out").join("circuits-eval"));
     let bars = Bars::new(a.quiet);

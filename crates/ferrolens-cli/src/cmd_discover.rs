@@ -62,6 +62,14 @@ impl TaskArgs {
         })
     }
 
+    /// The pairs of `data` (JSONL, named `jsonl:PATH`) or else of this task, with their name.
+    pub fn load(&self, data: Option<&std::path::Path>, model: &HookedTransformer) -> Result<(String, Vec<PromptPair>)> {
+        Ok(match data {
+            Some(p) => (format!("jsonl:{}", p.display()), read_jsonl(p)?),
+            None => (Task::parse(&self.task)?.name().to_string(), self.pairs(model)?),
+        })
+    }
+
     /// The pairs of this task for `model`'s tokenizer.
     pub fn pairs(&self, model: &HookedTransformer) -> Result<Vec<PromptPair>> {
         Ok(self.options()?.generate(model.tokenizer()?)?)
@@ -127,10 +135,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let t_start = Instant::now();
     let model = crate::load_model(&a.model)?;
-    let (task_name, pairs) = match &a.data {
-        Some(p) => (format!("jsonl:{}", p.display()), read_jsonl(p)?),
-        None => (Task::parse(&a.task.task)?.name().to_string(), a.task.pairs(&model)?),
-    };
+    let (task_name, pairs) = a.task.load(a.data.as_deref(), &model)?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("out").join(task_name.replace([':', '/'], "_")));
     let batch = PairBatch::new(model.tokenizer()?, pairs, &task_name)?;
     let bars = Bars::new(a.quiet);

@@ -24,7 +24,6 @@
 
 use crate::circuit::{position_mean, position_weights, Node};
 use crate::edges::Receiver;
-use crate::metrics::mean_value;
 use crate::patching::PatchingData;
 use crate::path::HeadInput;
 use candle_core::{DType, Tensor};
@@ -232,14 +231,7 @@ impl EdgeGraph {
             let (s, r) = self.labels(i);
             return Err(Error::Input(format!("the score of edge {s} -> {r} is {}; edge scores must be finite", scores[i])));
         }
-        let key = |i: usize| if absolute { scores[i].abs() } else { scores[i] };
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
-        let mut keep = vec![false; scores.len()];
-        for &i in order.iter().take(n) {
-            keep[i] = true;
-        }
-        Ok(keep)
+        Ok(top_flags(scores, n, absolute))
     }
 
     /// Drop edges off every input-to-logits path: repeatedly, a head or MLP without a kept edge
@@ -299,6 +291,19 @@ impl EdgeGraph {
             (2 + 2 * l, 0)
         }
     }
+}
+
+/// Flags of the `n` highest `scores` (by `|score|` when `absolute`), ties in index order: the
+/// selection of MIB's `apply_topn`, for edges and for nodes.
+pub(crate) fn top_flags(scores: &[f64], n: usize, absolute: bool) -> Vec<bool> {
+    let key = |i: usize| if absolute { scores[i].abs() } else { scores[i] };
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
+    let mut keep = vec![false; scores.len()];
+    for &i in order.iter().take(n) {
+        keep[i] = true;
+    }
+    keep
 }
 
 /// How edges outside a circuit are ablated.
@@ -656,10 +661,4 @@ pub fn edge_patched_metric(model: &HookedTransformer, data: &PatchingData, graph
         return Err(Error::Input(format!("the circuit's metric is {x} (not finite)")));
     }
     Ok(v)
-}
-
-/// The mean of [`edge_patched_metric`].
-pub fn edge_patched_mean(model: &HookedTransformer, data: &PatchingData, graph: &EdgeGraph, in_graph: &[bool], ablated: &AblatedSenders) -> Result<f64> {
-    let v = edge_patched_metric(model, data, graph, in_graph, ablated)?;
-    mean_value(&Tensor::new(v.as_slice(), &candle_core::Device::Cpu)?)
 }

@@ -20,7 +20,7 @@
 //! edges (uniform in [-1, 1], as MIB's notebook draws it, there without a seed) is the floor.
 
 use crate::eap_ig::{eap_ig, EapIgOptions, EapVariant};
-use crate::edge_circuit::{edge_patched_metric, AblatedSenders, EdgeAblation, EdgeGraph, Sender};
+use crate::edge_circuit::{edge_patched_metric, top_flags, AblatedSenders, EdgeAblation, EdgeGraph, Sender};
 use crate::patching::{Direction, PatchingData};
 use crate::scores::Component;
 use crate::study::{prepare, run_methods, Batching, Method, Prepared, Progress, RunOptions};
@@ -135,14 +135,7 @@ pub fn circuit_at(graph: &EdgeGraph, ranking: &Ranking, absolute: bool, x: f64) 
                 return Err(Error::Input(format!("the score of node {} is {}; node scores must be finite", graph.senders[i], s[i])));
             }
             let n = (x * s.len() as f64) as usize;
-            let key = |i: usize| if absolute { s[i].abs() } else { s[i] };
-            let mut order: Vec<usize> = (0..s.len()).collect();
-            order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
-            let mut nodes = vec![false; s.len()];
-            for &i in order.iter().take(n) {
-                nodes[i] = true;
-            }
-            Ok((n, graph.edges_between(&nodes)))
+            Ok((n, graph.edges_between(&top_flags(s, n, absolute))))
         }
     }
 }
