@@ -8,12 +8,15 @@ mod cmd_device;
 mod cmd_discover;
 mod cmd_formats;
 mod cmd_heads;
+mod cmd_merge;
 mod cmd_models;
 mod cmd_overlap;
 mod cmd_patch;
 mod cmd_path;
+mod cmd_plan;
 mod cmd_run;
 mod discover_report;
+mod parts;
 mod study;
 
 use clap::{Parser, Subcommand};
@@ -55,6 +58,10 @@ enum Cmd {
     Formats(cmd_formats::Args),
     /// Heads shared by two circuits (circuit.json files of `discover`).
     Overlap(cmd_overlap::Args),
+    /// Join the parts of a sharded sweep (`--shard I/N`) into the outputs of an unsharded run.
+    Merge(cmd_merge::Args),
+    /// Memory per device of a model from its configuration alone (weights, activations, KV cache).
+    Plan(cmd_plan::Args),
     /// Write a built-in task's prompt pairs as JSONL.
     Data(cmd_data::Args),
     /// Time forwards, sweeps and attribution (JSON, for docs/benchmarks.md).
@@ -89,6 +96,8 @@ fn main() {
         Cmd::Circuits(a) => cmd_circuits::run(a),
         Cmd::Formats(a) => cmd_formats::run(a),
         Cmd::Data(a) => cmd_data::run(a),
+        Cmd::Merge(a) => cmd_merge::run(a),
+        Cmd::Plan(a) => cmd_plan::run(a),
         Cmd::Overlap(a) => cmd_overlap::run(a),
         Cmd::Heads(a) => cmd_heads::run(a),
         Cmd::PathPatch(a) => cmd_path::run(a),

@@ -414,6 +414,7 @@ pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: 
         at_clean: noise,
         batching: opts.batching,
         progress: opts.progress,
+        shard: None,
     };
     let run = run_methods(model, batch, &prep, &methods, &comps, &ro)?;
     let mut grids = run.grids;

@@ -20,6 +20,7 @@ pub mod path;
 pub mod repair;
 pub mod retrieval;
 pub mod scores;
+pub mod shard;
 pub mod study;
 
 pub use atp_star::{grad_drop, qk_fix};

@@ -384,6 +384,7 @@ pub fn node_scores(
         at_clean: true,
         batching: Batching::Pad,
         progress,
+        shard: None,
     };
     let run = run_methods(model, batch, prep, methods, &comps, &ro)?;
     methods

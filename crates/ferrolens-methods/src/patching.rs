@@ -107,11 +107,15 @@ pub struct SweepOptions<'a> {
     pub max_rows: usize,
     /// Called with (done, total) patches.
     pub progress: Option<&'a (dyn Fn(usize, usize) + Sync)>,
+    /// Run only the patches whose flat index in the result (hook-major, row-major over the swept
+    /// axes, as [`PatchResult::values`]) passes; the others are left NaN. For shards
+    /// ([`crate::shard`]); `None` runs every patch.
+    pub only: Option<&'a (dyn Fn(usize) -> bool + Sync)>,
 }
 
 impl Default for SweepOptions<'_> {
     fn default() -> Self {
-        SweepOptions { direction: Direction::Denoise, max_rows: 256, progress: None }
+        SweepOptions { direction: Direction::Denoise, max_rows: 256, progress: None, only: None }
     }
 }
 
@@ -439,17 +443,21 @@ pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &P
     let n_sites: usize = sizes.iter().product();
     let mut shape = vec![spec.hooks.len()];
     shape.extend(&sizes);
-    let mut values = ArrayD::<f64>::zeros(IxDyn(&shape));
+    let owned = |u: usize| opts.only.is_none_or(|f| f(u));
+    let mut values = ArrayD::<f64>::from_elem(IxDyn(&shape), if opts.only.is_some() { f64::NAN } else { 0.0 });
     let chunk = (opts.max_rows / b).max(1);
-    let total = spec.hooks.len() * n_sites;
+    let total = (0..spec.hooks.len() * n_sites).filter(|&u| owned(u)).count();
     let mut done = 0;
     for (hi, (hook, plan)) in plans.iter().enumerate() {
+        let todo: Vec<usize> = (0..n_sites).filter(|&s| owned(hi * n_sites + s)).collect();
+        if todo.is_empty() {
+            continue;
+        }
         let src_act = src.get(*hook)?;
-        for start in (0..n_sites).step_by(chunk) {
-            let sites: Vec<usize> = (start..(start + chunk).min(n_sites)).collect();
+        for sites in todo.chunks(chunk) {
             let c = sites.len();
             let rep = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&std::iter::repeat_n(t, c).collect::<Vec<_>>(), 0)?) };
-            let mask = sites_mask(src_act.dims(), plan, &sizes, &sites, b)?.to_device(model.device())?;
+            let mask = sites_mask(src_act.dims(), plan, &sizes, sites, b)?.to_device(model.device())?;
             let mut hooks = Hooks::new().patch(Patch::new(*hook, Intervention::Replace(rep(src_act)?)).mask(mask));
             let mask_rows = data.mask_rows(c)?;
             let logits = match hook.layer() {

@@ -78,6 +78,7 @@ pub fn inhibition_heads(model: &HookedTransformer, ioi: &PairBatch, opts: &Repai
         at_clean: true,
         batching: Batching::Pad,
         progress: None,
+        shard: None,
     };
     let run = run_methods(model, ioi, &prep, &[Method::Atp], &[Component::HeadZ], &ro)?;
     let grid = &run.grids[0];

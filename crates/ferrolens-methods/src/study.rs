@@ -19,6 +19,7 @@ use crate::attribution::{attribution, AttributionOptions};
 use crate::metrics::{LogitDiff, Metric, Normalised};
 use crate::patching::{activation_patching, metric_of, Direction, PatchingData, SweepOptions};
 use crate::scores::{pearson, Component, Positions, ScoreGrid};
+use crate::shard::Shard;
 use candle_core::{DType, Tensor};
 use ferrolens_model::{Error, HookedTransformer, Hooks, LrpRules, PadSide, Result, RunSpan};
 use ferrolens_tasks::PairBatch;
@@ -192,6 +193,10 @@ pub struct RunOptions<'a> {
     pub batching: Batching,
     /// Progress of the activation-patching sweeps.
     pub progress: Option<Progress<'a>>,
+    /// Compute only this shard's rows of the result ([`crate::shard`]: the row index over all
+    /// grids in order, round robin); the other rows are NaN. Activation patching runs only the
+    /// owned patches; AtP/RelP run whole (one backward) and are masked.
+    pub shard: Option<Shard>,
 }
 
 impl Default for RunOptions<'_> {
@@ -204,6 +209,7 @@ impl Default for RunOptions<'_> {
             at_clean: false,
             batching: Batching::Auto,
             progress: None,
+            shard: None,
         }
     }
 }
@@ -239,7 +245,8 @@ pub fn run_methods(
             Batching::Auto => batch.padding_overhead() > GROUP_ABOVE,
         };
     if !group {
-        let (grids, times) = run_prepared(model, prep, methods, components, o)?;
+        let (mut grids, times) = run_prepared(model, prep, methods, components, o)?;
+        mask_shard(&mut grids, o.shard);
         return Ok(MethodRun { grids, times, grouped: false });
     }
     let names = batch.common_labels();
@@ -268,7 +275,67 @@ pub fn run_methods(
             }
         }
     }
-    Ok(MethodRun { grids: grids.unwrap_or_default(), times, grouped: true })
+    let mut grids = grids.unwrap_or_default();
+    mask_shard(&mut grids, o.shard);
+    Ok(MethodRun { grids, times, grouped: true })
+}
+
+/// Set the rows a shard does not own to NaN (row index over all grids in order).
+fn mask_shard(grids: &mut [ScoreGrid], shard: Option<Shard>) {
+    let Some(s) = shard else { return };
+    let mut u = 0;
+    for g in grids {
+        for v in &mut g.values {
+            if !s.owns(u) {
+                *v = f64::NAN;
+            }
+            u += 1;
+        }
+    }
+}
+
+/// One result grid [`run_methods`] will return, in its order: method, component, the layer of
+/// each row block and the number of rows (`n_layers x position slots x heads`). The rows of all
+/// grids in this order are a sweep's work units ([`crate::shard`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedGrid {
+    /// Method.
+    pub method: Method,
+    /// Component.
+    pub component: Component,
+    /// Rows per layer (position slots x heads).
+    pub rows_per_layer: usize,
+    /// Layers.
+    pub n_layers: usize,
+}
+
+impl PlannedGrid {
+    /// Rows of the grid.
+    pub fn rows(&self) -> usize {
+        self.rows_per_layer * self.n_layers
+    }
+}
+
+/// The grids [`run_methods`] returns for these arguments, in order, without running anything
+/// (for `--dry-run` and shard plans). Activation patching keeps the components' order; the
+/// gradient methods give head components first, then residual-like ones.
+pub fn planned_grids(model: &HookedTransformer, prep: &Prepared, methods: &[Method], components: &[Component], o: &RunOptions) -> Vec<PlannedGrid> {
+    let p = prep.clean.dim(1).unwrap_or(0);
+    let plan = |m: Method, c: Component| {
+        let by = if c.has_heads() { o.by_pos } else { o.resid_by_pos };
+        let slots = if by && prep.positions.separate() { prep.positions.slots(p) } else { 1 };
+        PlannedGrid { method: m, component: c, rows_per_layer: slots * c.n_heads(model).max(1), n_layers: model.cfg.n_layers }
+    };
+    let mut out = Vec::new();
+    for &m in methods {
+        if m == Method::Act {
+            out.extend(components.iter().map(|&c| plan(m, c)));
+        } else {
+            out.extend(components.iter().filter(|c| c.has_heads()).map(|&c| plan(m, c)));
+            out.extend(components.iter().filter(|c| !c.has_heads()).map(|&c| plan(m, c)));
+        }
+    }
+    out
 }
 
 /// Score grids and (method, seconds) timings.
@@ -299,7 +366,11 @@ fn run_prepared(model: &HookedTransformer, prep: &Prepared, methods: &[Method], 
                             p(&what, done, total);
                         }
                     };
-                    let opts = SweepOptions { direction: o.direction, progress: Some(&cb), ..Default::default() };
+                    // This grid's rows start after every grid before it (the shard's row order).
+                    let offset: usize = grids.iter().map(|g: &ScoreGrid| g.values.len()).sum();
+                    let owned = |u: usize| o.shard.is_none_or(|s| s.owns(offset + u));
+                    let only: Option<&(dyn Fn(usize) -> bool + Sync)> = if o.shard.is_some() { Some(&owned) } else { None };
+                    let opts = SweepOptions { direction: o.direction, progress: Some(&cb), only, ..Default::default() };
                     grids.push(activation_patching(model, &data, c, &pos_of(&c), &opts)?);
                 }
             }

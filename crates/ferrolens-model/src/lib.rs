@@ -32,6 +32,7 @@ pub mod layers;
 pub mod lens;
 pub mod loader;
 pub mod lrp;
+pub mod plan;
 pub mod registry;
 pub mod tokenizer;
 pub mod transformer;
@@ -46,7 +47,7 @@ pub use export::{save_hf_dir, ExportWeights};
 pub use hook::{HookPoint, NameFilter};
 pub use hooks::{HookFn, Hooks, Intervention, Patch};
 pub use kv::KvCache;
-pub use loader::{load, load_gguf, load_hf_dir, load_hub, LoadOptions};
+pub use loader::{config_of, load, load_gguf, load_hf_dir, load_hub, LoadOptions};
 pub use lrp::LrpRules;
 /// The `ndarray` version [`arrays`] speaks (use it to avoid a version mismatch).
 pub use ndarray;

@@ -234,9 +234,11 @@ fn find_tokenizer(find: impl Fn(&str) -> Option<PathBuf>) -> Result<Option<Token
     }
 }
 
-/// Load a model by hub id (`org/name[@revision]`) through hf-hub's cache (`HF_HOME`,
-/// default `~/.cache/huggingface`). With `HF_HUB_OFFLINE=1` only the cache is read.
-pub fn load_hub(id: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
+/// A getter of one hub repository's files (`org/name[@revision]`): the hf-hub cache first, then
+/// the hub unless `HF_HUB_OFFLINE=1`. Returns the repository id and `get(file)`, which is
+/// `Ok(None)` for a file the repository does not have; `config.json` is required.
+#[allow(clippy::type_complexity)]
+fn hub_files(id: &str) -> Result<(String, impl Fn(&str) -> Result<Option<PathBuf>>)> {
     let (repo_id, rev) = match id.split_once('@') {
         Some((r, v)) => (r.to_string(), v.to_string()),
         None => (id.to_string(), "main".to_string()),
@@ -250,34 +252,99 @@ pub fn load_hub(id: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
     } else {
         Some(hf_hub::api::sync::ApiBuilder::from_env().build().map_err(|e| Error::Fetch(format!("cannot set up the hub client: {e}")))?)
     };
-    let get = |file: &str| -> Result<Option<PathBuf>> {
+    let rid = repo_id.clone();
+    let get = move |file: &str| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(file) {
             return Ok(Some(p));
         }
-        match &api {
-            None => Ok(None),
+        let got = match &api {
+            None => None,
             Some(api) => match api.repo(repo.clone()).get(file) {
-                Ok(p) => Ok(Some(p)),
-                Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => Ok(None),
-                Err(e) => Err(Error::Fetch(format!(
-                    "cannot fetch {file} of {repo_id}@{rev}: {e}. Offline? Set HF_HUB_OFFLINE=1 to use the cache in {}",
-                    cache.path().display()
-                ))),
+                Ok(p) => Some(p),
+                Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => None,
+                Err(e) => {
+                    return Err(Error::Fetch(format!(
+                        "cannot fetch {file} of {rid}@{rev}: {e}. Offline? Set HF_HUB_OFFLINE=1 to use the cache in {}",
+                        cache.path().display()
+                    )))
+                }
             },
+        };
+        if got.is_none() && file == "config.json" {
+            return Err(Error::Fetch(format!(
+                "{rid}@{rev} has no config.json in the hub cache {}{}",
+                cache.path().display(),
+                if offline { " (HF_HUB_OFFLINE is set: download it once while online)" } else { "" }
+            )));
         }
+        Ok(got)
     };
-    let cfg_path = get("config.json")?.ok_or_else(|| {
-        Error::Fetch(format!(
-            "{repo_id}@{rev} has no config.json in the hub cache {}{}",
-            cache.path().display(),
-            if offline { " (HF_HUB_OFFLINE is set: download it once while online)" } else { "" }
-        ))
-    })?;
+    Ok((repo_id, get))
+}
+
+/// The configuration of a model without loading its weights: from a registry name or GGUF file
+/// (the metadata only), a Hugging Face directory or `config.json` file, or a hub id (its
+/// `config.json` only). For memory plans (`ferrolens plan`) before anything large is read.
+pub fn config_of(spec: &str) -> Result<Config> {
+    let from_json = |j: &serde_json::Value, name: &str| -> Result<Config> {
+        let mt = j["model_type"].as_str().ok_or_else(|| Error::Config("config.json has no `model_type`; is it a transformers model config?".into()))?;
+        let cfg = (arch::by_model_type(mt)?.from_hf)(j, name)?;
+        cfg.validate()?;
+        Ok(cfg)
+    };
+    let gguf = |path: &Path, name: &str| -> Result<Config> {
+        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let ct = gguf_file::Content::read(&mut f)
+            .map_err(|e| Error::Weights(format!("{} is not a readable GGUF file ({})", path.display(), crate::error::first_line(&e))))?;
+        let arch_name = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let fam = arch::by_gguf_arch(&arch_name)?;
+        let meta = GgufMeta { md: &ct.metadata, arch: arch_name.clone() };
+        let j = arch::gguf_to_hf(fam, &meta, ct.tensor_infos.contains_key("output.weight"))?;
+        let mut cfg = from_json(&j, name)?;
+        cfg.tied_embeddings = !ct.tensor_infos.contains_key("output.weight");
+        Ok(cfg)
+    };
+    if let Some(entry) = registry::find(spec) {
+        return gguf(&registry::ensure(entry)?, entry.name);
+    }
+    let p = Path::new(spec);
+    let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    if p.is_file() {
+        return match p.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => gguf(p, &stem),
+            Some("json") => from_json(&read_json(p)?, &stem),
+            _ => Err(Error::Input(format!("{spec} is a file but neither a .gguf nor a config.json; give one of those or a model directory"))),
+        };
+    }
+    if p.is_dir() {
+        let c = p.join("config.json");
+        if !c.is_file() {
+            return Err(Error::Config(format!("{} has no config.json; is this a Hugging Face model directory?", p.display())));
+        }
+        let name = p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        return from_json(&read_json(&c)?, &name);
+    }
+    if spec.contains('/') && !spec.starts_with('.') && !spec.starts_with('/') {
+        let (repo_id, get) = hub_files(spec)?;
+        let c = get("config.json")?.expect("hub_files requires config.json");
+        return from_json(&read_json(&c)?, &repo_id);
+    }
+    Err(Error::Fetch(format!(
+        "`{spec}` is not a known model name ({}), an existing file or directory, or a hub id like org/name",
+        registry::names().join(", ")
+    )))
+}
+
+/// Load a model by hub id (`org/name[@revision]`) through hf-hub's cache (`HF_HOME`,
+/// default `~/.cache/huggingface`). With `HF_HUB_OFFLINE=1` only the cache is read.
+pub fn load_hub(id: &str, opts: &LoadOptions) -> Result<HookedTransformer> {
+    let (repo_id, get) = hub_files(id)?;
+    let cfg_path = get("config.json")?.expect("hub_files requires config.json");
     let dir = cfg_path.parent().expect("a file has a parent").to_path_buf();
     // Make sure the weight files are present in the snapshot folder.
     if get("model.safetensors")?.is_none() {
         let idx = get("model.safetensors.index.json")?
-            .ok_or_else(|| Error::Fetch(format!("{repo_id}@{rev} has neither model.safetensors nor model.safetensors.index.json")))?;
+            .ok_or_else(|| Error::Fetch(format!("{repo_id} has neither model.safetensors nor model.safetensors.index.json")))?;
         let j = read_json(&idx)?;
         let mut shards: Vec<String> =
             j["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();

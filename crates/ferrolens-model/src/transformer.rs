@@ -136,6 +136,25 @@ impl HookedTransformer {
         self
     }
 
+    /// A fingerprint of the model (SHA-256, hex): its configuration without the display name, the
+    /// weight dtype, and every value of the token embedding `W_E` as f32. Two loads of the same
+    /// checkpoint in the same dtype agree whatever path or name they were loaded by; a fine-tune
+    /// or another quantization differs. Shards of one sweep compare it before they are merged.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let cfg = Config { name: String::new(), ..self.cfg.clone() };
+        h.update(serde_json::to_vec(&cfg).map_err(|e| Error::Input(format!("internal: config does not serialize: {e}")))?);
+        h.update(format!("{:?}", self.dtype).as_bytes());
+        let v = self.w.embed.dim(0)?;
+        // Row blocks, so a large vocabulary is not copied as f32 at once.
+        for start in (0..v).step_by(4096) {
+            let rows = self.w.embed.narrow(0, start, 4096.min(v - start))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            h.update(rows.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The same model without its tokenizer: a cheap copy (configuration and reference-counted
     /// weights) that closures in hook interventions can own.
     pub fn without_tokenizer(&self) -> HookedTransformer {

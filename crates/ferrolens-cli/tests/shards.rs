@@ -1,0 +1,184 @@
+//! `--shard I/N` and `ferrolens merge` (issue 16) on the default model: three shards merged are
+//! the unsharded run's files; merge refuses parts of different sweeps, overlapping parts and a
+//! missing shard (naming it); a killed shard rerun alone completes the merge.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ferrolens() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferrolens"))
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn err(o: Output) -> String {
+    assert!(!o.status.success(), "expected a refusal; stdout {}", String::from_utf8_lossy(&o.stdout));
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!e.contains("panicked") && !e.contains("RUST_BACKTRACE"), "{e}");
+    e
+}
+
+/// A CSV as (key columns joined, score) rows.
+fn csv(p: &Path) -> HashMap<String, f64> {
+    let s = std::fs::read_to_string(p).unwrap();
+    let mut lines = s.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let si = head.iter().position(|h| *h == "score").unwrap();
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let key = f.iter().enumerate().filter(|(i, _)| *i != si).map(|(_, v)| *v).collect::<Vec<_>>().join(",");
+            (key, f[si].parse::<f64>().unwrap_or(f64::NAN))
+        })
+        .collect()
+}
+
+fn same_rows(a: &Path, b: &Path) {
+    let (x, y) = (csv(a), csv(b));
+    assert_eq!(x.len(), y.len(), "{} vs {}", a.display(), b.display());
+    assert!(x.len() >= 60);
+    for (k, v) in &x {
+        let w = y.get(k).unwrap_or_else(|| panic!("row {k} missing from {}", b.display()));
+        assert!((v - w).abs() < 1e-6, "{k}: {v} vs {w}");
+    }
+}
+
+#[test]
+fn three_shards_merge_into_the_unsharded_patch_run() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    ok(ferrolens().args(["data", "--task", "ioi", "--n", "3", "--seed", "3", "--out"]).arg(&data).output().unwrap());
+    let patch = |extra: &[&str], out: &PathBuf| {
+        let mut c = ferrolens();
+        c.args(["patch", "--method", "act,atp", "--component", "heads", "--quiet", "--data"]).arg(&data).args(extra).arg("--out").arg(out);
+        c.output().unwrap()
+    };
+    let full = dir.join("full");
+    ok(patch(&[], &full));
+    let part = |i: usize| dir.join(format!("part-{i}"));
+    for i in 0..3 {
+        ok(patch(&["--shard", &format!("{i}/3")], &part(i)));
+        assert!(part(i).join("shard.json").is_file());
+        assert!(!part(i).join("scores.csv").exists(), "a shard writes its part only");
+    }
+    let merged = dir.join("merged");
+    let merge = |dirs: &[PathBuf], out: &PathBuf| ferrolens().arg("merge").args(dirs).arg("--out").arg(out).arg("--quiet").output().unwrap();
+    let all: Vec<PathBuf> = (0..3).map(part).collect();
+    ok(merge(&all, &merged));
+    same_rows(&full.join("scores.csv"), &merged.join("scores.csv"));
+    for f in ["scores.parquet", "heatmap_act_heads.svg", "heatmap_atp_heads.png"] {
+        assert!(merged.join(f).is_file(), "{f}");
+    }
+    let s = |d: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(d.join("summary.json")).unwrap()).unwrap() };
+    let (a, b) = (s(&full), s(&merged));
+    assert_eq!(b["shards"], 3);
+    for k in ["clean_logit_diff", "corrupt_logit_diff", "n_pairs"] {
+        assert_eq!(a[k], b[k], "{k}");
+    }
+    for (x, y) in a["pearson_vs_act"].as_array().unwrap().iter().zip(b["pearson_vs_act"].as_array().unwrap()) {
+        assert!((x["r"].as_f64().unwrap() - y["r"].as_f64().unwrap()).abs() < 1e-6);
+    }
+
+    // Missing shard: named, with the command that reruns it.
+    let e = err(merge(&all[..2], &dir.join("m2")));
+    assert!(e.contains("shard 2/3") && e.contains("missing") && e.contains("--shard 2/3"), "{e}");
+    assert!(!dir.join("m2").exists(), "a refused merge leaves no folder");
+    // Overlap.
+    let e = err(merge(&[all[0].clone(), all[1].clone(), all[1].clone(), all[2].clone()], &dir.join("m3")));
+    assert!(e.contains("both shard 1/3") && e.contains("overlap"), "{e}");
+    // Other data, other options, other dtype.
+    let data2 = dir.join("d2.jsonl");
+    ok(ferrolens().args(["data", "--task", "ioi", "--n", "4", "--seed", "4", "--out"]).arg(&data2).output().unwrap());
+    let other = dir.join("other");
+    let mut c = ferrolens();
+    c.args(["patch", "--method", "act,atp", "--component", "heads", "--quiet", "--shard", "2/3", "--data"]).arg(&data2).arg("--out").arg(&other);
+    ok(c.output().unwrap());
+    let e = err(merge(&[all[0].clone(), all[1].clone(), other.clone()], &dir.join("m4")));
+    assert!(e.contains("different sweeps") && e.contains("the data"), "{e}");
+    let opt = dir.join("opt");
+    ok(patch(&["--shard", "2/3", "--noising"], &opt));
+    let e = err(merge(&[all[0].clone(), all[1].clone(), opt], &dir.join("m5")));
+    assert!(e.contains("the options") && e.contains("noising"), "{e}");
+    let f64dir = dir.join("f64");
+    let mut c = ferrolens();
+    c.args(["--dtype", "f64", "patch", "--method", "act,atp", "--component", "heads", "--quiet", "--shard", "2/3", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&f64dir);
+    ok(c.output().unwrap());
+    let e = err(merge(&[all[0].clone(), all[1].clone(), f64dir], &dir.join("m6")));
+    assert!(e.contains("the model"), "{e}");
+    // A killed shard leaves no shard.json (it is written last, by rename): the merge names the
+    // folder; rerunning that shard alone completes the merge.
+    std::fs::remove_file(part(1).join("shard.json")).unwrap();
+    let e = err(merge(&all, &dir.join("m7")));
+    assert!(e.contains("part-1") && e.contains("no shard.json"), "{e}");
+    ok(patch(&["--shard", "1/3"], &part(1)));
+    let merged2 = dir.join("merged2");
+    ok(merge(&all, &merged2));
+    same_rows(&full.join("scores.csv"), &merged2.join("scores.csv"));
+    // Bad shard strings fail before the model loads.
+    let e = err(patch(&["--shard", "3/3"], &dir.join("bad")));
+    assert!(e.contains("numbered from 0"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn generic_patching_shards_merge() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-shards-generic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    ok(ferrolens().args(["data", "--task", "ioi", "--n", "2", "--seed", "5", "--out"]).arg(&data).output().unwrap());
+    let patch = |extra: &[&str], out: &PathBuf| {
+        let mut c = ferrolens();
+        c.args(["patch", "--hooks", "blocks.*.attn.hook_pattern", "--axis", "head", "--axis", "dest_pos=end", "--quiet", "--data"])
+            .arg(&data)
+            .args(extra)
+            .arg("--out")
+            .arg(out);
+        c.output().unwrap()
+    };
+    ok(patch(&[], &dir.join("full")));
+    let parts: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("p{i}"))).collect();
+    for (i, p) in parts.iter().enumerate() {
+        ok(patch(&["--shard", &format!("{i}/2")], p));
+    }
+    ok(ferrolens().arg("merge").args(&parts).arg("--out").arg(dir.join("merged")).arg("--quiet").output().unwrap());
+    same_rows(&dir.join("full/generic.csv"), &dir.join("merged/generic.csv"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn dry_run_and_plan() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-dry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    ok(ferrolens().args(["data", "--task", "ioi", "--n", "4", "--seed", "3", "--out"]).arg(&data).output().unwrap());
+    let o = ok(ferrolens()
+        .args(["patch", "--method", "act,atp", "--component", "heads,resid_pre", "--shard", "1/4", "--dry-run", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.join("never"))
+        .output()
+        .unwrap());
+    let s = String::from_utf8_lossy(&o.stdout);
+    // SmolLM2: heads 30 x 9 = 270 rows; resid_pre 30 layers x 15 positions = 450; twice (act, AtP).
+    assert!(s.contains("work units: 1440 rows; shard 1/4 owns 360"), "{s}");
+    assert!(s.contains("time estimate") && s.contains("memory estimate"), "{s}");
+    assert!(!dir.join("never").exists(), "a dry run writes nothing");
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/configs/meta-llama-3-70b.json");
+    let o =
+        ok(ferrolens().args(["--dtype", "bf16", "plan", "--model", cfg, "--devices", "cuda:0,cuda:1", "--device-memory", "h200", "--json"]).output().unwrap());
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["devices"][1]["layers"], serde_json::json!([40, 80]));
+    assert_eq!(j["devices"][0]["fits"], true);
+    assert!((j["params"].as_f64().unwrap() / 1e9 - 70.55).abs() < 0.05);
+    let e = err(ferrolens().args(["plan", "--model", cfg, "--device-memory", "lots"]).output().unwrap());
+    assert!(e.contains("GiB"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
