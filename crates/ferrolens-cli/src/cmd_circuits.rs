@@ -4,13 +4,15 @@
 //! it, and writes mib.csv, the curves, the edge and node scores, a figure and report.html.
 
 use crate::cmd_discover::TaskArgs;
+use crate::parts::{rerun_line, sha256, write_part, Manifest, Part};
 use crate::study::Bars;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use ferrolens_methods::edge_circuit::{EdgeAblation, EdgeGraph};
-use ferrolens_methods::mib::{evaluate, CircuitMethod, MibEvaluation, MibOptions, PERCENTAGES};
-use ferrolens_model::HookedTransformer;
+use ferrolens_methods::mib::{evaluate, planned_rankings, CircuitMethod, MibEvaluation, MibOptions, PERCENTAGES};
+use ferrolens_methods::shard::Shard;
 use ferrolens_report::{line_chart, write_table, Column, Report, Table};
 use ferrolens_tasks::{PairBatch, Task};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -116,6 +118,14 @@ pub struct EvalArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Score and evaluate shard I of N (0-based) of the rankings (methods, then random; round
+    /// robin) and write them with a manifest to OUT/shard.json; `ferrolens merge` joins the parts
+    /// into the unsharded outputs (docs/scale-out.md).
+    #[arg(long)]
+    shard: Option<Shard>,
+    /// Print the rankings (work units) and this shard's share, then stop.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 fn parse_method(s: &str) -> std::result::Result<CircuitMethod, String> {
@@ -127,6 +137,35 @@ pub fn run(a: Args) -> Result<()> {
         Sub::Eval(a) => eval(a),
         Sub::Repair(a) => repair_cmd(a),
     }
+}
+
+/// What `circuits eval` writes its outputs from (besides the evaluation): everything that does
+/// not need the model, so a merge runs without it.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct EvalInfo {
+    model: String,
+    task: String,
+    pairs: usize,
+    ig_steps: usize,
+    head_inputs: bool,
+    random_seed: u64,
+    fractions: Vec<f64>,
+    /// (sender, receiver) of every edge, graph order.
+    edge_labels: Vec<(String, String)>,
+    /// Every node, sender-id order.
+    node_labels: Vec<String>,
+}
+
+/// A `circuits eval` shard's part: the info, the rows it owns and their scores.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct EvalPayload {
+    info: EvalInfo,
+    /// The rankings of the whole evaluation, in row order.
+    planned: Vec<String>,
+    ev: MibEvaluation,
+    edge_scores: Vec<(String, Vec<f64>)>,
+    node_scores: Vec<(String, Vec<f64>)>,
+    pairs_jsonl: String,
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
@@ -141,8 +180,35 @@ fn eval(a: EvalArgs) -> Result<()> {
         seed: a.random_seed,
         fractions: &a.fractions,
         progress: None,
+        shard: a.shard,
     };
     opts.check()?;
+    let planned = planned_rankings(&methods);
+    if a.dry_run {
+        let shard = a.shard.unwrap_or(Shard { index: 0, count: 1 });
+        println!("circuits eval: {} rankings (work units), in order: {}", planned.len(), planned.join(", "));
+        let mine: Vec<&String> = planned.iter().enumerate().filter(|(i, _)| shard.owns(*i)).map(|(_, n)| n).collect();
+        println!(
+            "shard {shard} scores and evaluates: {}",
+            if mine.is_empty() { "nothing (more shards than rankings)".to_string() } else { mine.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
+        );
+        println!(
+            "cost (this repository's 2-core CPU, SmolLM2-135M, 24 IOI pairs, docs/benchmarks.md): eap_ig_act scoring ~36 min, \
+             act node scores ~2 min, the others under a minute each; every ranking's two curves take 20 edge-patched runs"
+        );
+        return Ok(());
+    }
+    if let Some(s) = a.shard {
+        if s.count > planned.len() {
+            bail!(
+                "{} shards for {} rankings ({}): shard {s} would have nothing to do; give at most {} shards",
+                s.count,
+                planned.len(),
+                planned.join(", "),
+                planned.len()
+            );
+        }
+    }
     let model = crate::load_model(&a.model)?;
     let (task_name, pairs) = a.task.load(a.data.as_deref(), &model)?;
     let batch = PairBatch::new(model.tokenizer()?, pairs, &task_name)?;
@@ -151,14 +217,69 @@ fn eval(a: EvalArgs) -> Result<()> {
     let progress = |what: &str, done: usize, total: usize| bars.report(what, done, total);
     let opts = MibOptions { progress: Some(&progress), ..opts };
     crate::in_new_dir(&out, || {
-        ferrolens_tasks::write_jsonl(&out.join("pairs.jsonl"), &batch.pairs)?;
+        let graph = EdgeGraph::new(&model, opts.head_inputs);
         if !a.quiet {
-            let g = EdgeGraph::new(&model, opts.head_inputs);
-            eprintln!("{} on {task_name}: {} pairs, {} edges, {} nodes, {} ablation", model.cfg.name, batch.len(), g.len(), g.senders.len(), a.ablation.name());
+            eprintln!(
+                "{} on {task_name}: {} pairs, {} edges, {} nodes, {} ablation",
+                model.cfg.name,
+                batch.len(),
+                graph.len(),
+                graph.senders.len(),
+                a.ablation.name()
+            );
         }
-        let ev = evaluate(&model, &batch, &opts)?;
+        let mut ev = evaluate(&model, &batch, &opts)?;
         bars.finish();
-        write_outputs(&out, &model, &task_name, &batch, &a, &ev, t0.elapsed().as_secs_f64())?;
+        let info = EvalInfo {
+            model: model.cfg.name.clone(),
+            task: task_name.clone(),
+            pairs: batch.len(),
+            ig_steps: a.ig_steps,
+            head_inputs: opts.head_inputs,
+            random_seed: a.random_seed,
+            fractions: a.fractions.clone(),
+            edge_labels: (0..graph.len()).map(|i| graph.labels(i)).collect(),
+            node_labels: graph.senders.iter().map(|s| s.label()).collect(),
+        };
+        let mut jsonl = Vec::new();
+        for p in &batch.pairs {
+            jsonl.push(serde_json::to_string(p)?);
+        }
+        let pairs_jsonl = jsonl.join("\n") + "\n";
+        if let Some(shard) = a.shard {
+            let (edge_scores, node_scores) = (std::mem::take(&mut ev.edge_scores), std::mem::take(&mut ev.node_scores));
+            let options = serde_json::json!({
+                "methods": methods.iter().map(|m| m.name()).collect::<Vec<_>>(), "ablation": a.ablation.name(), "ig_steps": a.ig_steps,
+                "receivers": format!("{:?}", a.edge_receivers), "fractions": a.fractions, "random_seed": a.random_seed,
+            });
+            let manifest = Manifest {
+                format: 1,
+                command: "circuits eval".into(),
+                shard,
+                model: model.cfg.name.clone(),
+                model_fingerprint: model.fingerprint()?,
+                data: task_name.clone(),
+                data_sha256: sha256(pairs_jsonl.as_bytes()),
+                options,
+                units_total: planned.len(),
+                units_covered: shard.count_of(planned.len()),
+                rule: "ranking % N == I over the rankings in row order (node methods, edge methods, atp_ig, random)".into(),
+                seconds: t0.elapsed().as_secs_f64(),
+                rerun: rerun_line(shard),
+            };
+            write_part(&out, &Part { manifest, payload: EvalPayload { info, planned, ev, edge_scores, node_scores, pairs_jsonl } })?;
+            if !a.quiet {
+                eprintln!(
+                    "shard {shard}: {} in {:.1} s; wrote {}",
+                    planned_rankings(&methods).iter().enumerate().filter(|(i, _)| shard.owns(*i)).map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", "),
+                    t0.elapsed().as_secs_f64(),
+                    out.join(crate::parts::PART_FILE).display()
+                );
+            }
+            return Ok(());
+        }
+        std::fs::write(out.join("pairs.jsonl"), &pairs_jsonl)?;
+        write_outputs(&out, &info, &ev, t0.elapsed().as_secs_f64(), None)?;
         if !a.quiet {
             for r in &ev.rows {
                 eprintln!("{:>10}  CPR {:6.3}  CMD {:6.3}", r.method, r.cpr, r.cmd);
@@ -169,7 +290,47 @@ fn eval(a: EvalArgs) -> Result<()> {
     })
 }
 
-fn write_outputs(out: &Path, model: &HookedTransformer, task: &str, batch: &PairBatch, a: &EvalArgs, ev: &MibEvaluation, seconds: f64) -> Result<()> {
+/// `ferrolens merge` of `circuits eval` parts (checked to be every shard of one evaluation, in
+/// shard order): rows and score columns in the unsharded order.
+pub(crate) fn merge(parts: Vec<Part<EvalPayload>>, out: &Path, quiet: bool) -> Result<()> {
+    let n = parts.len();
+    let seconds: f64 = parts.iter().map(|p| p.manifest.seconds).sum();
+    let first = &parts[0].payload;
+    let (info, planned, pairs_jsonl) = (first.info.clone(), first.planned.clone(), first.pairs_jsonl.clone());
+    let mut ev = MibEvaluation { rows: vec![], edge_scores: vec![], node_scores: vec![], ..first.ev.clone() };
+    for (i, name) in planned.iter().enumerate() {
+        let owner = &parts[i % n].payload;
+        let row = owner
+            .ev
+            .rows
+            .iter()
+            .find(|r| &r.method == name)
+            .ok_or_else(|| anyhow::anyhow!("shard {}/{n} has no row for {name}, which it owns; rerun it", i % n))?;
+        ev.rows.push(row.clone());
+        if let Some(s) = owner.edge_scores.iter().find(|(m, _)| m == name) {
+            ev.edge_scores.push(s.clone());
+        }
+        if let Some(s) = owner.node_scores.iter().find(|(m, _)| m == name) {
+            ev.node_scores.push(s.clone());
+        }
+    }
+    for p in &parts {
+        if (p.payload.ev.ends.full - ev.ends.full).abs() > 1e-6 || (p.payload.ev.ends.empty - ev.ends.empty).abs() > 1e-6 {
+            bail!("the shards measured different full-model or empty-circuit metrics; they did not run on the same model and data");
+        }
+    }
+    crate::in_new_dir(out, || {
+        std::fs::write(out.join("pairs.jsonl"), &pairs_jsonl)?;
+        write_outputs(out, &info, &ev, seconds, Some(n))?;
+        if !quiet {
+            eprintln!("merged {n} shards; report: {}", out.join("report.html").display());
+        }
+        Ok(())
+    })
+}
+
+fn write_outputs(out: &Path, info: &EvalInfo, ev: &MibEvaluation, seconds: f64, shards: Option<usize>) -> Result<()> {
+    let task = &info.task;
     let rows = &ev.rows;
     let mib = Table::new()
         .col("method", Column::Str(rows.iter().map(|r| r.method.clone()).collect()))
@@ -202,18 +363,17 @@ fn write_outputs(out: &Path, model: &HookedTransformer, task: &str, batch: &Pair
         .col("logit_diff", Column::F64(metric))
         .col("faithfulness", Column::F64(f));
     write_table(&curves, &out.join("curves"))?;
-    let graph = EdgeGraph::new(model, a.edge_receivers == crate::cmd_discover::EdgeReceivers::Heads);
     if !ev.edge_scores.is_empty() {
         let mut t = Table::new()
-            .col("sender", Column::Str((0..graph.len()).map(|i| graph.labels(i).0).collect()))
-            .col("receiver", Column::Str((0..graph.len()).map(|i| graph.labels(i).1).collect()));
+            .col("sender", Column::Str(info.edge_labels.iter().map(|l| l.0.clone()).collect()))
+            .col("receiver", Column::Str(info.edge_labels.iter().map(|l| l.1.clone()).collect()));
         for (name, s) in &ev.edge_scores {
             t = t.col(name, Column::F64(s.clone()));
         }
         write_table(&t, &out.join("edge_scores"))?;
     }
     if !ev.node_scores.is_empty() {
-        let mut t = Table::new().col("node", Column::Str(graph.senders.iter().map(|s| s.label()).collect()));
+        let mut t = Table::new().col("node", Column::Str(info.node_labels.clone()));
         for (name, s) in &ev.node_scores {
             t = t.col(name, Column::F64(s.clone()));
         }
@@ -227,24 +387,28 @@ fn write_outputs(out: &Path, model: &HookedTransformer, task: &str, batch: &Pair
     let xl = "log10 fraction of edges (of nodes for act/atp/relp)";
     line_chart("Faithfulness, signed ranking (CPR = area)", xl, "faithfulness", &series(false), &out.join("curves_signed"))?;
     line_chart("Faithfulness, |score| ranking (CMD = area under |1 - f|)", xl, "faithfulness", &series(true), &out.join("curves_absolute"))?;
-    let summary = serde_json::json!({
-        "model": model.cfg.name,
+    let mut summary = serde_json::json!({
+        "model": info.model,
         "task": task,
-        "pairs": batch.len(),
+        "pairs": info.pairs,
         "ablation": ev.ablation.name(),
-        "ig_steps": a.ig_steps,
-        "receivers": if graph.head_inputs { "heads" } else { "blocks" },
+        "ig_steps": info.ig_steps,
+        "receivers": if info.head_inputs { "heads" } else { "blocks" },
         "n_edges": ev.n_edges,
         "n_nodes": ev.n_nodes,
         "logit_diff_full": ev.ends.full,
         "logit_diff_empty": ev.ends.empty,
-        "random_seed": a.random_seed,
-        "fractions": a.fractions,
+        "random_seed": info.random_seed,
+        "fractions": info.fractions,
         "rows": rows.iter().map(|r| serde_json::json!({"method": r.method, "cpr": r.cpr, "cmd": r.cmd, "score_seconds": r.score_seconds})).collect::<Vec<_>>(),
         "seconds": seconds,
     });
+    if let Some(n) = shards {
+        summary["shards"] = n.into();
+        summary["seconds_note"] = "seconds: summed over the shards; score_seconds: of the shard that ran the method".into();
+    }
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    let mut rep = Report::new(&format!("Circuit evaluation (MIB CPR/CMD): {} on {task}", model.cfg.name));
+    let mut rep = Report::new(&format!("Circuit evaluation (MIB CPR/CMD): {} on {task}", info.model));
     rep.heading("Circuit localisation, MIB metrics");
     rep.para(
         "Each method ranks the edges (edge methods) or the nodes (node methods); the circuit at fraction x is the best floor(x * total) items \
@@ -254,13 +418,13 @@ fn write_outputs(out: &Path, model: &HookedTransformer, task: &str, batch: &Pair
          0.001 .. 1 (MIB's released code).",
     );
     rep.kv(&[
-        ("model", model.cfg.name.clone()),
-        ("prompt pairs", format!("{} ({task})", batch.len())),
+        ("model", info.model.clone()),
+        ("prompt pairs", format!("{} ({task})", info.pairs)),
         ("ablation", ev.ablation.name().to_string()),
         ("edges / nodes", format!("{} / {}", ev.n_edges, ev.n_nodes)),
         ("logit diff: full model / empty circuit", format!("{:.3} / {:.3}", ev.ends.full, ev.ends.empty)),
-        ("EAP-IG steps", a.ig_steps.to_string()),
-        ("seconds", format!("{seconds:.1}")),
+        ("EAP-IG steps", info.ig_steps.to_string()),
+        ("seconds", if let Some(n) = shards { format!("{seconds:.1} (summed over {n} shards)") } else { format!("{seconds:.1}") }),
     ]);
     rep.html(&mib.to_html(50));
     rep.figure(&out.join("curves_signed.svg"), "Faithfulness against the fraction of edges (nodes), signed ranking")?;

@@ -29,6 +29,8 @@ pub fn run(a: Args) -> Result<()> {
     let first = read_manifest(&a.parts[0])?;
     match first.command.as_str() {
         "patch" => crate::cmd_patch::merge(read_parts(&a.parts)?, &a.out, a.json, a.quiet),
+        "circuits eval" => crate::cmd_circuits::merge(read_parts(&a.parts)?, &a.out, a.quiet),
+        "heads retrieval" => crate::cmd_heads::merge(read_parts(&a.parts)?, &a.out),
         other => bail!("{} is a part of `{other}`, which this version of ferrolens cannot merge", a.parts[0].display()),
     }
 }

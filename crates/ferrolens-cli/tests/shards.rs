@@ -47,6 +47,21 @@ fn same_rows(a: &Path, b: &Path) {
     }
 }
 
+/// Two CSV files with the same cells, numbers within 1e-6.
+fn same_table(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read_to_string(a).unwrap(), std::fs::read_to_string(b).unwrap());
+    assert_eq!(x.lines().count(), y.lines().count(), "{} vs {}", a.display(), b.display());
+    assert!(x.lines().count() > 2);
+    for (l, m) in x.lines().zip(y.lines()) {
+        for (c, d) in l.split(',').zip(m.split(',')) {
+            match (c.parse::<f64>(), d.parse::<f64>()) {
+                (Ok(u), Ok(v)) => assert!((u - v).abs() < 1e-6, "{l} vs {m}"),
+                _ => assert_eq!(c, d, "{l} vs {m}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn three_shards_merge_into_the_unsharded_patch_run() {
     let dir = std::env::temp_dir().join(format!("ferrolens-shards-{}", std::process::id()));
@@ -180,5 +195,66 @@ fn dry_run_and_plan() {
     assert!((j["params"].as_f64().unwrap() / 1e9 - 70.55).abs() < 0.05);
     let e = err(ferrolens().args(["plan", "--model", cfg, "--device-memory", "lots"]).output().unwrap());
     assert!(e.contains("GiB"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn retrieval_shards_merge_into_the_unsharded_run() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-shards-retrieval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |extra: &[&str], out: &PathBuf| {
+        let mut c = ferrolens();
+        c.args(["heads", "retrieval", "--lengths", "320", "--depths", "0.2,0.8", "--n-needles", "2", "--max-new-tokens", "20", "--mask-k", "0", "--quiet"])
+            .args(extra)
+            .arg("--out")
+            .arg(out);
+        c.output().unwrap()
+    };
+    ok(run(&[], &dir.join("full")));
+    let parts: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("p{i}"))).collect();
+    for (i, p) in parts.iter().enumerate() {
+        ok(run(&["--shard", &format!("{i}/3")], p));
+    }
+    ok(ferrolens().arg("merge").args(&parts).arg("--out").arg(dir.join("merged")).output().unwrap());
+    // Per-head scores (mean over the correct runs) and the runs table are the unsharded run's.
+    same_rows(&dir.join("full/scores.csv"), &dir.join("merged/scores.csv"));
+    let runs = |d: &str| std::fs::read_to_string(dir.join(d).join("runs.csv")).unwrap();
+    assert_eq!(runs("full"), runs("merged"));
+    assert_eq!(runs("full").lines().count(), 1 + 4, "2 depths x 2 needles");
+    assert!(dir.join("merged/report.html").is_file() && dir.join("merged/retrieval_heatmap.svg").is_file());
+    // The masking experiment needs the merged ranking: shards refuse it before any work.
+    let e = err(run(&["--shard", "0/3", "--mask-k", "5"], &dir.join("bad")));
+    assert!(e.contains("--mask-k 0"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn circuits_eval_shards_merge_into_the_unsharded_run() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-shards-mib-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |extra: &[&str], out: &PathBuf| {
+        let mut c = ferrolens();
+        c.args(["circuits", "eval", "--n", "2", "--methods", "atp,eap", "--fractions", "0.01,0.1,1", "--quiet"]).args(extra).arg("--out").arg(out);
+        c.output().unwrap()
+    };
+    ok(run(&[], &dir.join("full")));
+    // Three rankings (atp, eap, random): one a shard.
+    let parts: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("p{i}"))).collect();
+    for (i, p) in parts.iter().enumerate() {
+        ok(run(&["--shard", &format!("{i}/3")], p));
+    }
+    ok(ferrolens().arg("merge").args(&parts).arg("--out").arg(dir.join("merged")).arg("--quiet").output().unwrap());
+    let table = |d: &str, f: &str| std::fs::read_to_string(dir.join(d).join(f)).unwrap();
+    // mib.csv: method, cpr, cmd equal (score_seconds differ by run).
+    let mib = |d: &str| table(d, "mib.csv").lines().map(|l| l.split(',').take(4).collect::<Vec<_>>().join(",")).collect::<Vec<_>>();
+    assert_eq!(mib("full"), mib("merged"));
+    assert_eq!(mib("full").len(), 4);
+    same_table(&dir.join("full/curves.csv"), &dir.join("merged/curves.csv"));
+    same_table(&dir.join("full/edge_scores.csv"), &dir.join("merged/edge_scores.csv"));
+    same_table(&dir.join("full/node_scores.csv"), &dir.join("merged/node_scores.csv"));
+    assert!(dir.join("merged/report.html").is_file() && dir.join("merged/curves_signed.svg").is_file());
+    // More shards than rankings: refused before the model loads.
+    let e = err(run(&["--shard", "0/4"], &dir.join("bad")));
+    assert!(e.contains("at most 3 shards"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

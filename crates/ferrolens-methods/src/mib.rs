@@ -23,6 +23,7 @@ use crate::eap_ig::{eap_ig, EapIgOptions, EapVariant};
 use crate::edge_circuit::{edge_patched_metric, top_flags, AblatedSenders, EdgeAblation, EdgeGraph, Sender};
 use crate::patching::{Direction, PatchingData};
 use crate::scores::Component;
+use crate::shard::Shard;
 use crate::study::{prepare, run_methods, Batching, Method, Prepared, Progress, RunOptions};
 use ferrolens_model::{Error, HookedTransformer, LrpRules, Result};
 use ferrolens_tasks::PairBatch;
@@ -311,6 +312,9 @@ pub struct MibOptions<'a> {
     pub fractions: &'a [f64],
     /// Progress: `(what, done, total)`.
     pub progress: Option<Progress<'a>>,
+    /// Score and evaluate only this shard's rankings ([`crate::shard`]: the rows of
+    /// [`planned_rankings`], round robin); `None` does every one.
+    pub shard: Option<Shard>,
 }
 
 impl Default for MibOptions<'_> {
@@ -323,6 +327,7 @@ impl Default for MibOptions<'_> {
             seed: 0,
             fractions: &PERCENTAGES,
             progress: None,
+            shard: None,
         }
     }
 }
@@ -405,6 +410,19 @@ pub fn node_scores(
         .collect()
 }
 
+/// The rankings [`evaluate`] scores and evaluates, in the order of its rows: node methods
+/// (act, atp, relp), edge methods, atp_ig, then `random`. A shard's work units.
+pub fn planned_rankings(methods: &[CircuitMethod]) -> Vec<String> {
+    let mut out: Vec<String> =
+        methods.iter().filter(|m| matches!(m, CircuitMethod::Act | CircuitMethod::Atp | CircuitMethod::Relp)).map(|m| m.name().to_string()).collect();
+    out.extend(methods.iter().filter(|m| !m.node_level()).map(|m| m.name().to_string()));
+    if methods.contains(&CircuitMethod::AtpIg) {
+        out.push("atp_ig".into());
+    }
+    out.push("random".into());
+    out
+}
+
 /// Score `batch` by every method of `opts` and evaluate each ranking by MIB's CPR and CMD
 /// (counterfactual or mean ablation), with a seeded random ranking as the floor.
 pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions) -> Result<MibEvaluation> {
@@ -421,9 +439,13 @@ pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions)
     let ends = Ends::new(model, &data, &graph, &ablated)?;
     let mut rows = Vec::new();
     let (mut edge_scores, mut node_scores_out) = (Vec::new(), Vec::new());
+    // With a shard, only the rankings it owns (by their index in `planned_rankings`).
+    let planned = planned_rankings(opts.methods);
+    let owned = |name: &str| opts.shard.is_none_or(|s| planned.iter().position(|n| n == name).is_some_and(|i| s.owns(i)));
     let node_methods: Vec<Method> = opts
         .methods
         .iter()
+        .filter(|m| owned(m.name()))
         .filter_map(|m| match m {
             CircuitMethod::Act => Some(Method::Act),
             CircuitMethod::Atp => Some(Method::Atp),
@@ -441,7 +463,7 @@ pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions)
             rankings.push((m.name().to_string(), Ranking::Nodes(s), secs));
         }
     }
-    for m in opts.methods.iter().filter(|m| !m.node_level()) {
+    for m in opts.methods.iter().filter(|m| !m.node_level() && owned(m.name())) {
         let variant = match m {
             CircuitMethod::Eap => EapVariant::Eap,
             CircuitMethod::EapIg => EapVariant::IgInputs,
@@ -454,7 +476,7 @@ pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions)
         edge_scores.push((m.name().to_string(), s.clone()));
         rankings.push((m.name().to_string(), Ranking::Edges(s), t0.elapsed().as_secs_f64()));
     }
-    if opts.methods.contains(&CircuitMethod::AtpIg) {
+    if opts.methods.contains(&CircuitMethod::AtpIg) && owned("atp_ig") {
         // Node IG scores: each sender's EAP-IG-inputs edge scores summed (computed here unless
         // eap_ig ran).
         let t0 = Instant::now();
@@ -472,7 +494,9 @@ pub fn evaluate(model: &HookedTransformer, batch: &PairBatch, opts: &MibOptions)
         node_scores_out.push(("atp_ig".to_string(), nodes.clone()));
         rankings.push(("atp_ig".to_string(), Ranking::Nodes(nodes), t0.elapsed().as_secs_f64()));
     }
-    rankings.push(("random".into(), Ranking::Edges(random_scores(&graph, opts.seed)), 0.0));
+    if owned("random") {
+        rankings.push(("random".into(), Ranking::Edges(random_scores(&graph, opts.seed)), 0.0));
+    }
     for (name, ranking, secs) in rankings {
         let what = format!("evaluate {name}");
         let mut row = mib_score(model, &data, &graph, &ablated, &ends, &name, &ranking, opts.fractions, &|d, t| say(&what, d, t))?;

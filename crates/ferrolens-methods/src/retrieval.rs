@@ -269,16 +269,26 @@ pub struct NiahOptions {
     pub chunk: usize,
     /// Keep runs whose ROUGE-1 recall is above this.
     pub rouge_threshold: f64,
+    /// Run only this shard's runs ([`crate::shard`]: run index in (length, depth, needle)
+    /// order, round robin); `None` runs all.
+    pub shard: Option<crate::shard::Shard>,
 }
 
 impl Default for NiahOptions {
     fn default() -> Self {
-        NiahOptions { lengths: vec![512, 1024, 2048], depths: vec![0.0, 0.25, 0.5, 0.75, 1.0], max_new_tokens: 50, chunk: 512, rouge_threshold: 0.5 }
+        NiahOptions {
+            lengths: vec![512, 1024, 2048],
+            depths: vec![0.0, 0.25, 0.5, 0.75, 1.0],
+            max_new_tokens: 50,
+            chunk: 512,
+            rouge_threshold: 0.5,
+            shard: None,
+        }
     }
 }
 
 /// One (needle, length, depth) run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NiahRun {
     /// Index into the needle list.
     pub needle: usize,
@@ -384,11 +394,17 @@ pub fn niah_sweep(
     let fmt = PromptFormat::for_tokenizer(tok);
     let hay = tok.encode(haystack)?;
     let stop = stop_tokens(model);
-    let total = opts.lengths.len() * opts.depths.len() * needles.len();
+    let all = opts.lengths.len() * opts.depths.len() * needles.len();
+    let total = opts.shard.map_or(all, |s| s.count_of(all));
     let mut runs = Vec::with_capacity(total);
+    let mut unit = 0;
     for &length in &opts.lengths {
         for &depth in &opts.depths {
             for (ni, needle) in needles.iter().enumerate() {
+                unit += 1;
+                if opts.shard.is_some_and(|s| !s.owns(unit - 1)) {
+                    continue;
+                }
                 let p = build_prompt(tok, &fmt, &hay, needle, length, depth)?;
                 let mut hooks = Hooks::new().uniform_attention(masked);
                 let run = decode_with_copy_hits(model, &p.ids, p.answer_span.clone(), opts.max_new_tokens, &stop, opts.chunk, &mut hooks)?;
