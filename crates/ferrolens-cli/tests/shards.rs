@@ -258,3 +258,36 @@ fn circuits_eval_shards_merge_into_the_unsharded_run() {
     assert!(e.contains("at most 3 shards"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn deploy_scripts_run_shards_as_slurm_and_kubernetes_would() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-shards-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    ok(ferrolens().args(["data", "--task", "ioi", "--n", "2", "--seed", "9", "--out"]).arg(&data).output().unwrap());
+    let args = ["patch", "--method", "act", "--component", "heads", "--quiet", "--data"];
+    let mut c = ferrolens();
+    c.args(args).arg(&data).arg("--out").arg(dir.join("full"));
+    ok(c.output().unwrap());
+    let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let sweep = dir.join("sweep");
+    let shard = |var: &str, i: usize| {
+        let mut c = Command::new(deploy.join("run-shard.sh"));
+        c.args(args).arg(&data).env("SHARDS", "3").env("OUT", &sweep).env("FERROLENS", env!("CARGO_BIN_EXE_ferrolens")).env(var, i.to_string());
+        for v in ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX", "SHARD_INDEX"].iter().filter(|v| **v != var) {
+            c.env_remove(v);
+        }
+        c.output().unwrap()
+    };
+    // Two tasks of a Slurm array, one pod of a Kubernetes Indexed Job.
+    ok(shard("SLURM_ARRAY_TASK_ID", 0));
+    ok(shard("SLURM_ARRAY_TASK_ID", 1));
+    ok(shard("JOB_COMPLETION_INDEX", 2));
+    // Resubmitting skips finished shards.
+    let o = ok(shard("SHARD_INDEX", 1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("skipping"));
+    let o = Command::new(deploy.join("merge.sh")).env("OUT", &sweep).env("FERROLENS", env!("CARGO_BIN_EXE_ferrolens")).output().unwrap();
+    ok(o);
+    same_rows(&dir.join("full/scores.csv"), &sweep.join("merged/scores.csv"));
+    std::fs::remove_dir_all(&dir).ok();
+}
