@@ -157,7 +157,7 @@ fn head_receiver_scores_are_directional_derivatives() {
     ] {
         let m_at = |eps: f64| -> f64 {
             let xe = (&x + (&delta * eps).unwrap()).unwrap();
-            let full = ln1(&xe).broadcast_matmul(w).unwrap().broadcast_add(b.as_ref().unwrap()).unwrap();
+            let full = ferrolens::model::layout::broadcast_matmul(&ln1(&xe), w).unwrap().broadcast_add(b.as_ref().unwrap()).unwrap();
             let (bb, p, _) = full.dims3().unwrap();
             let heads = full.reshape((bb, p, model.cfg.n_heads, d)).unwrap();
             let mut hooks = Hooks::new().patch(Patch::new(hook, Intervention::Replace(heads)).heads(&[h]));

@@ -154,7 +154,7 @@ fn a_missing_edge_carries_the_ablated_output_into_its_receiver() {
     let q_from = |l: usize, x: &Tensor| -> Tensor {
         let bw = &model.w.blocks[l];
         let n = model.apply_norm(NormSite::Ln1(l), x).unwrap();
-        let q = n.broadcast_matmul(&bw.attn.w_q).unwrap().broadcast_add(bw.attn.b_q.as_ref().unwrap()).unwrap();
+        let q = ferrolens::model::layout::broadcast_matmul(&n, &bw.attn.w_q).unwrap().broadcast_add(bw.attn.b_q.as_ref().unwrap()).unwrap();
         let (b, p, _) = q.dims3().unwrap();
         q.reshape((b, p, model.cfg.n_heads, model.cfg.d_head)).unwrap()
     };

@@ -119,7 +119,7 @@ pub fn run(a: Args) -> Result<()> {
                 let x = Tensor::randn(0f32, 1.0, (n, n), dev)?;
                 let y = Tensor::randn(0f32, 1.0, (n, n), dev)?;
                 let t = time(dev, a.repeat.max(5), || {
-                    x.matmul(&y)?;
+                    ferrolens_model::layout::matmul(&x, &y)?;
                     Ok(())
                 })?;
                 out.insert("sgemm_1024_gflops".into(), (2.0 * (n as f64).powi(3) / t / 1e9).into());

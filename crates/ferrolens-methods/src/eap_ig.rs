@@ -28,6 +28,7 @@
 use crate::edge_circuit::{sender_outputs, AblatedSenders, EdgeGraph, Sender};
 use crate::patching::PatchingData;
 use candle_core::{DType, Tensor};
+use ferrolens_model::layout::matmul;
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, NormSite, Patch, Result};
 use serde::{Deserialize, Serialize};
 
@@ -157,7 +158,7 @@ pub fn eap_ig(
                         let (kb, _, c, dh) = g.dims4()?;
                         let gt = g.permute((2, 0, 1, 3))?.contiguous()?.reshape((c, kb * p, dh))?;
                         let wt = w.reshape((d, c, dh))?.permute((1, 2, 0))?.contiguous()?; // [c, dh, D]
-                        let gx = gt.matmul(&wt)?.reshape((c, kb, p, d))?;
+                        let gx = matmul(&gt, &wt)?.reshape((c, kb, p, d))?;
                         rows.push(fold(model.norm_vjp(NormSite::Ln1(l), attn_in, &gx)?, c)?);
                     }
                 } else {
@@ -201,7 +202,7 @@ pub fn eap_ig(
         let g = g.expect("every layer accumulated").to_dtype(DType::F64)?.t()?.contiguous()?; // [bpD, R]
         let rs = recv_of_layer(l);
         for (c, diff) in diffs.iter().enumerate() {
-            let s = (diff.matmul(&g)? / norm)?.to_vec2::<f64>()?; // [s_c, R]
+            let s = (matmul(diff, &g)? / norm)?.to_vec2::<f64>()?; // [s_c, R]
             for (k, row) in s.iter().enumerate() {
                 let sender = graph.sender_id(chunk_sender(c, k));
                 for (j, &r) in rs.iter().enumerate() {

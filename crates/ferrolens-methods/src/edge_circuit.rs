@@ -27,6 +27,7 @@ use crate::edges::Receiver;
 use crate::patching::PatchingData;
 use crate::path::HeadInput;
 use candle_core::{DType, Tensor};
+use ferrolens_model::layout::matmul;
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, NormSite, Patch, Result, RunSpan};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -388,8 +389,10 @@ struct Plan {
 /// What one forward has produced so far.
 #[derive(Default)]
 struct Live {
-    /// `ablated - current` of every recorded sender, `[b*p*D, senders]`, column = sender id
-    /// (the tall layout keeps the receivers' product one efficient GEMM).
+    /// `ablated - current` of every recorded sender, `[senders, b*p*D]`, row = sender id: the
+    /// senders recorded so far are a contiguous block of rows, so the receivers' product is one
+    /// GEMM on operands every backend takes (a column block of the transposed layout is strided,
+    /// which CUDA's matmul refuses: tests/layouts.rs).
     diffs: Option<Tensor>,
     /// Current heads' outputs of post-norm layers `[b,p,h,D]`.
     heads: HashMap<usize, Tensor>,
@@ -417,11 +420,11 @@ impl Plan {
             (diff.unsqueeze(0)?, 1 + l * (self.model.cfg.n_heads + 1) + self.model.cfg.n_heads)
         };
         let s = rows.dim(0)?;
-        let cols = rows.reshape((s, ()))?.t()?.contiguous()?; // [bpD, s]
+        let flat = rows.reshape((s, ()))?; // [s, bpD]
         if live.diffs.is_none() {
-            live.diffs = Some(Tensor::zeros((cols.dim(0)?, self.n_senders), cols.dtype(), cols.device())?);
+            live.diffs = Some(Tensor::zeros((self.n_senders, flat.dim(1)?), flat.dtype(), flat.device())?);
         }
-        live.diffs.as_ref().expect("allocated").slice_set(&cols, 1, first)?;
+        live.diffs.as_ref().expect("allocated").slice_set(&flat, 0, first)?;
         Ok(())
     }
 
@@ -448,8 +451,7 @@ impl Plan {
         let diffs = live.diffs.as_ref().ok_or_else(|| Error::Input("no sender recorded before a receiver".into()))?;
         let masks: Vec<&Tensor> = parts.iter().map(|(_, m)| *m).collect();
         let all = Tensor::cat(&masks, 0)?; // [R_all, S]
-                                           // [bpD, S] x [S, R_all] -> [R_all, b*p*D]
-        let prod = diffs.narrow(1, 0, width)?.matmul(&all.t()?)?.t()?.contiguous()?;
+        let prod = matmul(&all, &diffs.narrow(0, 0, width)?)?; // [R_all, S] x [S, b*p*D]
         let mut first = None;
         let mut at = 0;
         for (h, m) in parts {
@@ -476,7 +478,7 @@ impl Plan {
             let h = diff.dim(2)?;
             let r = m.dim(0)?;
             let flat = diff.permute((2, 0, 1, 3))?.contiguous()?.reshape((h, b * p * d))?;
-            let mixed = m.matmul(&flat)?.reshape((r, b, p, d))?;
+            let mixed = matmul(m, &flat)?.reshape((r, b, p, d))?;
             let mut pre = cur.sum(2)?;
             if let Some(bo) = &self.model.w.blocks[*l].attn.b_o {
                 pre = pre.broadcast_add(bo)?;
@@ -517,7 +519,7 @@ impl Plan {
         let (r, b, p, d) = normed.dims4()?;
         let dh = self.model.cfg.d_head;
         let wr = w.reshape((d, r, dh))?.permute((1, 0, 2))?.contiguous()?; // [R, D, dh]
-        let mut y = normed.reshape((r, b * p, d))?.matmul(&wr)?; // [R, bp, dh]
+        let mut y = matmul(&normed.reshape((r, b * p, d))?, &wr)?; // [R, bp, dh]
         if let Some(bias) = bias {
             y = y.broadcast_add(&bias.reshape((r, 1, dh))?)?;
         }

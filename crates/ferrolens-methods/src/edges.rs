@@ -21,6 +21,7 @@ use crate::circuit::Node;
 use crate::patching::PatchingData;
 use crate::path::HeadInput;
 use candle_core::{DType, Tensor};
+use ferrolens_model::layout::{broadcast_matmul, matmul};
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, NormSite, Result};
 use serde::{Deserialize, Serialize};
 
@@ -132,7 +133,7 @@ pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &E
                 for i in 0..count {
                     let gi = g.narrow(2, i, 1)?.squeeze(2)?.contiguous()?; // [b,p,dh]
                     let wi = w.narrow(1, i * dh, dh)?.t()?.contiguous()?; // [dh,D]
-                    let gx = gi.broadcast_matmul(&wi)?; // [b,p,D]
+                    let gx = broadcast_matmul(&gi, &wi)?; // [b,p,D]
                     rows.push(flat(model.norm_vjp(NormSite::Ln1(l), attn_in, &gx)?)?);
                     rs.push(Receiver::Head(l, i, input));
                 }
@@ -170,7 +171,7 @@ pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &E
         let (rs, g) = receivers_of(rl)?;
         let gt = g.t()?.contiguous()?;
         for (sl, sender) in senders.iter().enumerate().take(rl.min(n - 1) + 1) {
-            let scores = sender.matmul(&gt)?.to_vec2::<f64>()?; // [h+1, receivers]
+            let scores = matmul(sender, &gt)?.to_vec2::<f64>()?; // [h+1, receivers]
             for (j, r) in rs.iter().enumerate() {
                 // Heads feed their own layer's MLP (not in a parallel block) and everything later;
                 // an MLP feeds later layers.

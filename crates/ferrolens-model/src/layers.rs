@@ -213,7 +213,7 @@ impl HookedTransformer {
     /// `[b,h,q,k]`. Methods that recompute a pattern (AtP*'s QK fix) call this.
     pub fn attn_scores(&self, _l: usize, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         let kt = k.transpose(2, 3)?.contiguous()?;
-        let scores = (q.contiguous()?.matmul(&kt)? * self.cfg.attn_scale)?;
+        let scores = (crate::layout::matmul(&q.contiguous()?, &kt)? * self.cfg.attn_scale)?;
         Ok(match self.cfg.attn_softcap {
             Some(c) => ((scores / c)?.tanh()? * c)?,
             None => scores,
@@ -372,7 +372,7 @@ impl HookedTransformer {
         // the gradient at hook_pattern itself is still available).
         let pattern = if hooks.lrp.attn { pattern.detach() } else { pattern };
         let pattern = hooks.at(Pattern(l), pattern)?;
-        let z = pattern.matmul(&vt)?.transpose(1, 2)?.contiguous()?; // [b,p,h,d]
+        let z = crate::layout::matmul(&pattern, &vt)?.transpose(1, 2)?.contiguous()?; // [b,p,h,d]
         self.attn_output(l, z, hooks)
     }
 
@@ -386,7 +386,7 @@ impl HookedTransformer {
             // result[b,p,h,:] = z[b,p,h,:] @ W_O[h]   -> [b,p,h,D]
             let wo = aw.w_o.reshape((h, d, cfg.d_model))?;
             let zt = z.transpose(1, 2)?.contiguous()?; // [b,h,p,d]
-            let r = zt.broadcast_matmul(&wo.unsqueeze(0)?)?.transpose(1, 2)?.contiguous()?; // [b,p,h,D]
+            let r = crate::layout::broadcast_matmul(&zt, &wo.unsqueeze(0)?)?.transpose(1, 2)?.contiguous()?; // [b,p,h,D]
             let r = hooks.at(HookPoint::Result(l), r)?;
             let mut out = r.sum(2)?;
             if let Some(bo) = &aw.b_o {
@@ -540,7 +540,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let din = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, din))?.matmul(w)?;
+    let y = crate::layout::matmul(&x.reshape((rows, din))?, w)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

@@ -29,6 +29,7 @@ pub mod hook;
 pub mod hooks;
 pub mod kv;
 pub mod layers;
+pub mod layout;
 pub mod lens;
 pub mod loader;
 pub mod lrp;

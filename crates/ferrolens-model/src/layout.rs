@@ -1,0 +1,176 @@
+//! Matrix products whose operand layouts every backend accepts.
+//!
+//! candle's CPU matmul takes any strides; its CUDA matmul (cuBLAS strided-batched GEMM) refuses
+//! operands whose last two dimensions are neither row- nor column-contiguous, and batch
+//! dimensions that cannot be expressed as one batch stride (seen on an H200: a head slice of
+//! `z`, `[16,15,64]` with strides `[8640,576,1]`, times `W_O`). Every product in ferrolens goes
+//! through [`matmul`] / [`broadcast_matmul`] here (clippy's `disallowed-methods` forbids the
+//! tensor methods elsewhere), which apply candle-CUDA's own rule ([`cuda_refuses`], a port of
+//! `gemm_config` in candle-core 0.11's CUDA backend) on every device:
+//! - normally an operand CUDA would refuse is copied contiguous first (same numbers);
+//! - in **strict mode** ([`set_strict`], or `FERROLENS_STRICT_LAYOUTS=1`) it is an error naming
+//!   both layouts, so a CPU test run finds every such product without a GPU (tests/layouts.rs
+//!   runs every method that way).
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use ferrolens_model::layout::{cuda_refuses, matmul};
+//! let z = Tensor::zeros((16, 15, 9, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+//! let head = z.narrow(2, 3, 1).unwrap().squeeze(2).unwrap(); // [16,15,64], strides [8640,576,1]
+//! let w = Tensor::zeros((16, 64, 576), candle_core::DType::F32, &Device::Cpu).unwrap();
+//! assert!(cuda_refuses(&head, &w).is_some());
+//! assert_eq!(matmul(&head, &w).unwrap().dims(), &[16, 15, 576]);
+//! ```
+
+use crate::error::{Error, Result};
+use candle_core::Tensor;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+static STRICT: AtomicBool = AtomicBool::new(false);
+
+/// Turn strict mode on or off for this process: a product with a layout CUDA refuses is then an
+/// error (on every device) instead of a copy.
+pub fn set_strict(on: bool) {
+    STRICT.store(on, Ordering::SeqCst);
+}
+
+/// Whether strict mode is on ([`set_strict`] or `FERROLENS_STRICT_LAYOUTS=1`).
+pub fn strict() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    STRICT.load(Ordering::SeqCst) || *ENV.get_or_init(|| std::env::var("FERROLENS_STRICT_LAYOUTS").is_ok_and(|v| v == "1"))
+}
+
+/// Why candle's CUDA matmul would refuse `a @ b` (`[.., m, k] @ [.., k, n]`, same batch dims),
+/// or `None` when it accepts the layouts. A port of `gemm_config` (candle-core 0.11).
+pub fn cuda_refuses(a: &Tensor, b: &Tensor) -> Option<String> {
+    let (la, lb) = (a.layout(), b.layout());
+    let (da, db) = (a.dims(), b.dims());
+    if da.len() < 2 || db.len() < 2 || da.len() != db.len() {
+        return None; // candle reports a shape error itself
+    }
+    let r = da.len();
+    let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+    let (sa, sb) = (la.stride(), lb.stride());
+    let (a1, a2, b1, b2) = (sa[r - 1], sa[r - 2], sb[r - 1], sb[r - 2]);
+    let rhs_ok = ((b1 == 1 || n == 1) && (b2 == n || k == 1)) || ((b1 == k || n == 1) && (b2 == 1 || k == 1));
+    let lhs_ok = ((a1 == 1 || k == 1) && (a2 == k || m == 1)) || ((a1 == m || k == 1) && (a2 == 1 || m == 1));
+    let batch_ok = |s: &[usize], d: &[usize]| match s[..s.len() - 2] {
+        [s1, st] => s1 == st * d[1] || d[0] == 1 || d[1] == 1,
+        [_] | [] => true,
+        _ => false,
+    };
+    let why = if !lhs_ok {
+        "the left operand's last two dimensions are neither row- nor column-contiguous"
+    } else if !rhs_ok {
+        "the right operand's last two dimensions are neither row- nor column-contiguous"
+    } else if !batch_ok(sa, da) || !batch_ok(sb, db) {
+        "the batch dimensions have no single batch stride"
+    } else {
+        return None;
+    };
+    Some(format!("{why}: left {:?} strides {:?}, right {:?} strides {:?}", da, sa, db, sb))
+}
+
+/// The operands, copied contiguous where CUDA would refuse them; in strict mode, an error.
+fn fix(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    match cuda_refuses(a, b) {
+        None => Ok((a.clone(), b.clone())),
+        Some(why) if strict() => Err(Error::Input(format!("internal (strict layouts): a matrix product CUDA would refuse, {why}"))),
+        Some(_) => {
+            // Copy only the operand that needs it.
+            let ac = a.contiguous()?;
+            if cuda_refuses(&ac, b).is_none() {
+                return Ok((ac, b.clone()));
+            }
+            let bc = b.contiguous()?;
+            if cuda_refuses(a, &bc).is_none() {
+                return Ok((a.clone(), bc));
+            }
+            Ok((ac, bc))
+        }
+    }
+}
+
+/// `a @ b` (`[.., m, k] @ [.., k, n]`) with layouts every backend accepts.
+#[allow(clippy::disallowed_methods)]
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (a, b) = fix(a, b)?;
+    Ok(a.matmul(&b)?)
+}
+
+/// [`Tensor::broadcast_matmul`] with layouts every backend accepts (candle copies broadcast
+/// operands contiguous itself; operands used as they are get [`matmul`]'s check).
+#[allow(clippy::disallowed_methods)]
+pub fn broadcast_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (da, db) = (a.dims(), b.dims());
+    if da.len() < 2 || db.len() < 2 {
+        return Err(Error::Input(format!("a matrix product needs two dimensions on each side, got {da:?} and {db:?}")));
+    }
+    // Batch dimensions broadcast numpy-style, as candle's broadcast_matmul.
+    let (ba, bb) = (&da[..da.len() - 2], &db[..db.len() - 2]);
+    let nb = ba.len().max(bb.len());
+    let mut batch = Vec::with_capacity(nb);
+    for i in 0..nb {
+        let x = if i + ba.len() >= nb { ba[i + ba.len() - nb] } else { 1 };
+        let y = if i + bb.len() >= nb { bb[i + bb.len() - nb] } else { 1 };
+        if x != y && x != 1 && y != 1 {
+            return Err(Error::Input(format!("matrix product of {da:?} and {db:?}: batch dimensions do not broadcast")));
+        }
+        batch.push(x.max(y));
+    }
+    let ls = candle_core::Shape::from([batch.clone(), da[da.len() - 2..].to_vec()].concat());
+    let rs = candle_core::Shape::from([batch, db[db.len() - 2..].to_vec()].concat());
+    if ls != *a.shape() || rs != *b.shape() {
+        // Broadcast operands are made contiguous by candle; a rank-2 right operand against a
+        // contiguous left one is folded into one 2-D product, checked here the same way.
+        if b.rank() == 2 && a.is_contiguous() && ls == *a.shape() {
+            let rows: usize = a.dims()[..a.rank() - 1].iter().product();
+            let k = a.dims()[a.rank() - 1];
+            let mut out = a.dims().to_vec();
+            out.pop();
+            out.push(b.dims()[1]);
+            return matmul(&a.reshape((rows, k))?, b)?.reshape(out).map_err(Into::into);
+        }
+        let a = if ls != *a.shape() { a.broadcast_as(&ls)?.contiguous()? } else { a.clone() };
+        let b = if rs != *b.shape() { b.broadcast_as(&rs)?.contiguous()? } else { b.clone() };
+        return matmul(&a, &b);
+    }
+    matmul(a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, IndexOp};
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn the_rule_matches_known_cases() {
+        let d = Device::Cpu;
+        let x = Tensor::arange(0f32, 16.0 * 15.0 * 9.0 * 64.0, &d).unwrap().reshape((16, 15, 9, 64)).unwrap();
+        let w = Tensor::arange(0f32, 64.0 * 576.0, &d).unwrap().reshape((64, 576)).unwrap();
+        let head = x.i((.., .., 2, ..)).unwrap(); // strides [8640, 576, 1]
+        let wb = w.unsqueeze(0).unwrap().broadcast_as((16, 64, 576)).unwrap().contiguous().unwrap();
+        assert!(cuda_refuses(&head, &wb).unwrap().contains("left operand"));
+        // Contiguous, transposed and single-batch-stride layouts are accepted.
+        let hc = head.contiguous().unwrap();
+        assert!(cuda_refuses(&hc, &wb).is_none());
+        assert!(cuda_refuses(&hc, &wb.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap()).is_none());
+        assert!(cuda_refuses(&w.t().unwrap().contiguous().unwrap().t().unwrap().unsqueeze(0).unwrap(), &w.t().unwrap().unsqueeze(0).unwrap()).is_none());
+        // The copy gives the product of the contiguous operands.
+        let got = matmul(&head, &wb).unwrap();
+        let want = hc.matmul(&wb).unwrap();
+        assert_eq!((got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // Strict mode refuses instead.
+        set_strict(true);
+        let e = matmul(&head, &wb).unwrap_err().to_string();
+        set_strict(false);
+        assert!(e.contains("strict layouts") && e.contains("[8640, 576, 1]"), "{e}");
+        // Two batch dimensions without one batch stride.
+        let y = Tensor::zeros((4, 3, 5, 6), DType::F32, &d).unwrap().transpose(0, 1).unwrap(); // [3,4,5,6]
+        let z = Tensor::zeros((3, 4, 6, 2), DType::F32, &d).unwrap();
+        assert!(cuda_refuses(&y, &z).unwrap().contains("batch"));
+        assert_eq!(broadcast_matmul(&y, &z).unwrap().dims(), &[3, 4, 5, 2]);
+    }
+}
