@@ -1,14 +1,20 @@
 //! `ferrolens device-check`: the same computations on the CPU in f32 and on `--device` in
-//! `--dtype`, compared number by number (logits, a residual cache, the exact head sweep, AtP,
-//! RelP, retrieval decoding) and timed. Exits with an error when an f32 difference exceeds
+//! `--dtype`, compared number by number (logits, a residual cache, a cache of every hook, the
+//! exact head sweep, AtP, RelP, AtP*, EAP with both receiver kinds, EAP-IG and an edge-patched
+//! circuit, path patching, the head detectors, retrieval decoding) and timed. Exits with an error when an f32 difference exceeds
 //! `--tol`. scripts/gpu-check.sh runs it on a GPU machine; CI runs it on the CPU in bf16 so that
 //! the mixed-precision path does not rot.
 
 use crate::cmd_discover::TaskArgs;
 use anyhow::{bail, Result};
+use ferrolens_methods::atp_star::{grad_drop, qk_fix};
+use ferrolens_methods::eap_ig::{eap_ig, EapIgOptions, EapVariant};
+use ferrolens_methods::edge_circuit::{edge_patched_metric, AblatedSenders, EdgeAblation, EdgeGraph};
+use ferrolens_methods::heads::{detect_heads, Detector};
 use ferrolens_methods::retrieval::{build_prompt, decode_with_copy_hits, default_needles, stop_tokens, PromptFormat};
 use ferrolens_methods::study::prepare;
 use ferrolens_methods::{activation_patching, attribution, AttributionOptions, Component, Positions, ScoreGrid, SweepOptions};
+use ferrolens_methods::{edge_attribution, path_patch, EdgeOptions, HeadInput};
 use ferrolens_model::{device_name, load, DType, Device, HookPoint, HookedTransformer, Hooks, LoadOptions, LrpRules, Tensor};
 use ferrolens_tasks::PairBatch;
 use std::time::Instant;
@@ -27,13 +33,19 @@ pub struct Args {
     /// Context of the retrieval decoding check.
     #[arg(long, default_value_t = 512)]
     context: usize,
-    /// Checks to run: logits, cache, heads (exact head sweep, the slowest), atp, relp, decode.
-    #[arg(long, value_delimiter = ',', default_values_t = ["logits", "cache", "heads", "atp", "relp", "decode"].map(String::from))]
+    /// Checks to run: logits, cache, cache_all (every hook point), heads (exact head sweep, the
+    /// slowest), atp, relp, atp_star (QK fix and GradDrop), eap (block and head receivers),
+    /// circuits (EAP-IG and an edge-patched circuit), path (path patching), detect (head
+    /// detectors), decode.
+    #[arg(long, value_delimiter = ',', default_values_t = CHECKS.map(String::from))]
     what: Vec<String>,
     /// Where to write device_check.json (stdout only when absent).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
 }
+
+/// Every check, in the order they run.
+const CHECKS: [&str; 12] = ["logits", "cache", "cache_all", "heads", "atp", "relp", "atp_star", "eap", "circuits", "path", "detect", "decode"];
 
 fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
@@ -59,6 +71,9 @@ fn both<T>(cpu: &HookedTransformer, dev: &HookedTransformer, mut f: impl FnMut(&
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(bad) = a.what.iter().find(|w| !CHECKS.contains(&w.as_str())) {
+        bail!("unknown check `{bad}`: use {}", CHECKS.join(", "));
+    }
     let target = crate::LOAD_OPTIONS.get().cloned().unwrap_or_default();
     let cpu = load(&a.model, &LoadOptions::default())?;
     let dev = load(&a.model, &target)?;
@@ -88,9 +103,6 @@ pub fn run(a: Args) -> Result<()> {
     check(&mut rows, "logit_diff_metric", (pc.clean_value - pd.clean_value).abs(), 0.0, 0.0);
 
     let want = |w: &str| a.what.iter().any(|x| x == w);
-    if let Some(bad) = a.what.iter().find(|w| !["logits", "cache", "heads", "atp", "relp", "decode"].contains(&w.as_str())) {
-        bail!("unknown check `{bad}`: use logits, cache, heads, atp, relp, decode");
-    }
     let hooks: Vec<HookPoint> = (0..cpu.cfg.n_layers).step_by(7).map(HookPoint::ResidPost).collect();
     let prep = [&pc, &pd];
     if want("cache") {
@@ -126,6 +138,66 @@ pub fn run(a: Args) -> Result<()> {
         check(&mut rows, &format!("{name}_scores"), d, tc, td);
     }
 
+    if want("cache_all") {
+        // Every hook point (f32 on the device side is compared relative to each tensor's scale).
+        let all = cpu.hook_points();
+        let (cc, cd, tc, td) = both(&cpu, &dev, |m, i| {
+            let mut h = Hooks::new().cache_hooks(&all);
+            m.run(&prep[i].clean, &mut h)?;
+            Ok(h.take_cache())
+        })?;
+        let mut d = 0f64;
+        for h in &all {
+            let (x, y) = (cc.get(*h)?, cd.get(*h)?);
+            let scale = x.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+            d = d.max(max_abs(x, y)? / scale);
+        }
+        check(&mut rows, "cache_every_hook_relative", d, tc, td);
+    }
+    if want("atp_star") {
+        let (gc, gd, tc, td) = both(&cpu, &dev, |m, i| {
+            let data = prep[i].data();
+            let mut g = vec![qk_fix(m, &data, Component::HeadK, &Positions::All)?];
+            g.extend(grad_drop(m, &data, &AttributionOptions::atp(&[Component::HeadZ]))?);
+            Ok(g)
+        })?;
+        let d = gc.iter().zip(&gd).map(|(x, y)| grid_diff(x, y)).fold(0.0, f64::max);
+        check(&mut rows, "atp_star_scores", d, tc, td);
+    }
+    if want("eap") {
+        for head_inputs in [false, true] {
+            let (ec, ed, tc, td) = both(&cpu, &dev, |m, i| Ok(edge_attribution(m, &prep[i].data(), &EdgeOptions { head_inputs })?))?;
+            let d = ec.iter().zip(&ed).map(|(x, y)| (x.score - y.score).abs()).fold(0.0, f64::max);
+            check(&mut rows, if head_inputs { "eap_head_receivers" } else { "eap_block_receivers" }, d, tc, td);
+        }
+    }
+    if want("circuits") {
+        let (sc, sd, tc, td) = both(&cpu, &dev, |m, i| {
+            let data = prep[i].raw_data();
+            let graph = EdgeGraph::new(m, true);
+            let ab = AblatedSenders::new(m, &data, EdgeAblation::Counterfactual)?;
+            let mut s = eap_ig(m, &data, &graph, &ab, &EapIgOptions { variant: EapVariant::IgInputs, steps: 2, ..Default::default() }, &|_, _| {})?;
+            let half: Vec<bool> = (0..graph.len()).map(|e| e % 2 == 0).collect();
+            s.extend(edge_patched_metric(m, &data, &graph, &half, &ab)?);
+            Ok(s)
+        })?;
+        let d = sc.iter().zip(&sd).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        check(&mut rows, "eap_ig_and_edge_patched_circuit", d, tc, td);
+    }
+    if want("path") {
+        let n = cpu.cfg.n_layers;
+        let recv = [(n - 1, 0, HeadInput::Q), (n - 1, 0, HeadInput::K), (n - 1, 0, HeadInput::V)];
+        let (vc, vd, tc, td) = both(&cpu, &dev, |m, i| Ok(path_patch(m, &prep[i].data(), (n / 2, 0), &recv)?))?;
+        check(&mut rows, "path_patching", (vc - vd).abs(), tc, td);
+    }
+    if want("detect") {
+        // Repeated random-ish ordinary tokens (a repeat makes induction and duplicate heads fire).
+        let v = cpu.cfg.d_vocab as u32;
+        let toks: Vec<Vec<u32>> = (0..4).map(|r| (0..40).map(|i| (v / 2 + ((i % 20) * 37 + r * 11) as u32) % v).collect()).collect();
+        let (dc, dd, tc, td) = both(&cpu, &dev, |m, _| Ok(detect_heads(m, &toks, &Detector::ALL, false, false)?))?;
+        let d = dc.iter().flatten().flatten().zip(dd.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        check(&mut rows, "head_detector_scores", d, tc, td);
+    }
     if want("decode") {
         let tok = cpu.tokenizer()?;
         let hay = tok.encode(crate::cmd_heads::HAYSTACK)?;

@@ -194,7 +194,10 @@ fn every_command_rejects_bad_input_before_work() {
 /// reports a finite difference from f32, small enough that the methods still agree.
 #[test]
 fn device_check_reports_bf16_against_f32() {
-    let out = ferrolens().args(["device-check", "--dtype", "bf16", "--n", "2", "--what", "logits,cache,atp,decode", "--context", "200"]).output().unwrap();
+    let out = ferrolens()
+        .args(["device-check", "--dtype", "bf16", "--n", "2", "--what", "logits,cache,atp,decode,cache_all,eap,circuits,path,detect", "--context", "200"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["dtype"], "BF16");
@@ -205,6 +208,15 @@ fn device_check_reports_bf16_against_f32() {
     assert!(diff("resid_post_cache_relative") < 0.05);
     assert!(diff("atp_scores") < 0.1, "{}", diff("atp_scores"));
     assert!(j["checks"]["retrieval_decode"]["device_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // The checks of the other methods run in bf16 and report finite differences (atp_star, 30
+    // backward passes, is left to the GPU run; tests/layouts.rs covers its layouts).
+    for k in
+        ["cache_every_hook_relative", "eap_block_receivers", "eap_head_receivers", "eap_ig_and_edge_patched_circuit", "path_patching", "head_detector_scores"]
+    {
+        let d = diff(k);
+        assert!(d.is_finite() && d > 0.0, "{k}: {d}");
+    }
+    assert!(diff("cache_every_hook_relative") < 0.1);
     // Unknown devices and checks are refused with a hint.
     let bad = ferrolens().args(["device-check", "--device", "tpu"]).output().unwrap();
     assert!(!bad.status.success());
