@@ -163,7 +163,7 @@ run_checks() {
   [ "${GPU_CHECK_BENCH:-1}" = 1 ] || devices=()
   for d in "${devices[@]}"; do
     echo "== $tag: bench on $d"
-    "$F" bench --model "$m" --device "$d" --data "$res/ioi16.jsonl" --what sgemm,forward,atp,relp,heads,edges,decode \
+    "$F" bench --model "$m" --device "$d" --data "$res/ioi16.jsonl" --what sgemm,forward,atp,relp,atp-star,path,heads,edges,circuits,decode \
       --decode-context 4096 > "$res/$tag-bench-${d/:/}.json" || failed=1
     if [ "$d" != cpu ]; then
       "$F" bench --model "$m" --device "$d" --dtype bf16 --data "$res/ioi16.jsonl" --what forward,heads \

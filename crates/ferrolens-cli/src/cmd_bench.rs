@@ -51,6 +51,10 @@ pub enum Bench {
     /// MIB pieces: EAP, EAP-IG (5 steps, inputs) and one edge-patched circuit run (half the
     /// edges, random ranking).
     Circuits,
+    /// AtP*: the QK fix on keys (all positions) and GradDrop on heads.
+    AtpStar,
+    /// Path patching of a mid-layer head into the last layer's head 0 (q, k, v).
+    Path,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -183,6 +187,29 @@ pub fn run(a: Args) -> Result<()> {
                     })?;
                     out.insert(format!("edges_{tag}_s"), t.into());
                 }
+            }
+            Bench::AtpStar => {
+                use ferrolens_methods::atp_star::{grad_drop, qk_fix};
+                let t = time(dev, a.repeat, || {
+                    qk_fix(&model, &prep.data(), Component::HeadK, &Positions::All)?;
+                    Ok(())
+                })?;
+                out.insert("atp_qk_fix_s".into(), t.into());
+                let t = time(dev, a.repeat, || {
+                    grad_drop(&model, &prep.data(), &AttributionOptions::atp(&[Component::HeadZ]))?;
+                    Ok(())
+                })?;
+                out.insert("atp_graddrop_s".into(), t.into());
+            }
+            Bench::Path => {
+                use ferrolens_methods::{path_patch, HeadInput};
+                let n = model.cfg.n_layers;
+                let recv = [(n - 1, 0, HeadInput::Q), (n - 1, 0, HeadInput::K), (n - 1, 0, HeadInput::V)];
+                let t = time(dev, a.repeat, || {
+                    path_patch(&model, &prep.data(), (n / 2, 0), &recv)?;
+                    Ok(())
+                })?;
+                out.insert("path_patch_s".into(), t.into());
             }
             Bench::Circuits => {
                 use ferrolens_methods::eap_ig::{eap_ig, EapIgOptions, EapVariant};
