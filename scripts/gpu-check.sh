@@ -170,6 +170,16 @@ run_checks() {
         > "$res/$tag-bench-${d/:/}-bf16.json" || true
     fi
   done
+  # The PyTorch baseline on the same card (transformers + module hooks, as TransformerLens does):
+  # the same pairs, an HF export of the same model, f32 and bf16.
+  if [ "$dev" != cpu ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+    echo "== $tag: PyTorch baseline (scripts/torch_baseline.py)"
+    "$F" models export "$m" --weights f32 --out "$work/$tag-hf" > /dev/null
+    for dt in f32 bf16; do
+      python3 scripts/torch_baseline.py --model "$work/$tag-hf" --data "$res/ioi16.jsonl" --device "$dev" --dtype "$dt" \
+        --out "$res/$tag-torch-$dt.json" > /dev/null || failed=1
+    done
+  fi
   for f in "$res"/*/device_check.json; do
     python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[1].split("/")[-2], j["dtype"], "failures:", j["failures"] or "none"); [print("  ", k, v) for k, v in j["checks"].items()]' "$f"
   done
