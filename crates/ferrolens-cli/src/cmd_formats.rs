@@ -58,12 +58,13 @@ pub fn run(a: Args) -> Result<()> {
             .col("tokens", Column::OptU64(rows.iter().map(|r| Some(r.tokens as u64)).collect()))
             .col("accuracy", Column::F64(rows.iter().map(|r| r.score.accuracy).collect()))
             .col("chance", Column::F64(rows.iter().map(|r| 1.0 / r.objects as f64).collect()))
+            .col("above_chance", Column::F64(rows.iter().map(|r| r.score.accuracy - 1.0 / r.objects as f64).collect()))
             .col("logit_diff", Column::F64(rows.iter().map(|r| r.score.logit_diff).collect()));
         write_table(&t, &out.join("formats"))?;
-        let best = rows
-            .iter()
-            .max_by(|x, y| (x.score.accuracy, x.score.logit_diff).partial_cmp(&(y.score.accuracy, y.score.logit_diff)).expect("finite"))
-            .expect("at least one format");
+        // Best = furthest above chance among the listed colours (2 objects start at 50%, 4 at
+        // 25%), then the larger logit difference.
+        let margin = |r: &ferrolens_methods::formats::FormatScore| (r.score.accuracy - 1.0 / r.objects as f64, r.score.logit_diff);
+        let best = rows.iter().max_by(|x, y| margin(x).partial_cmp(&margin(y)).expect("finite")).expect("at least one format");
         let summary = serde_json::json!({
             "model": model.cfg.name,
             "n": a.n,
@@ -86,11 +87,12 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
             eprintln!(
-                "best: {} objects, {} shots, {} ({:.1}%); use --objects {} --shots {} --wording {} with discover/data",
+                "best (furthest above chance): {} objects, {} shots, {} ({:.1}%, chance {:.0}%); use --objects {} --shots {} --wording {} with discover/data",
                 best.objects,
                 best.shots,
                 best.wording.name(),
                 100.0 * best.score.accuracy,
+                100.0 / best.objects as f64,
                 best.objects,
                 best.shots,
                 best.wording.name()

@@ -302,7 +302,7 @@ fn formats_scores_colored_objects_formats() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let csv = std::fs::read_to_string(out.join("formats.csv")).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next(), Some("objects,shots,wording,n,tokens,accuracy,chance,logit_diff"));
+    assert_eq!(lines.next(), Some("objects,shots,wording,n,tokens,accuracy,chance,above_chance,logit_diff"));
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 4);
     for r in &rows {
@@ -310,7 +310,12 @@ fn formats_scores_colored_objects_formats() {
         assert!((acc * 16.0 - (acc * 16.0).round()).abs() < 1e-9, "accuracy is a count over 16 prompts: {r:?}");
     }
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    let best = s["best"]["score"]["accuracy"].as_f64().unwrap();
-    assert!(rows.iter().all(|r| r[5].parse::<f64>().unwrap() <= best));
+    // The best format is the one furthest above chance among its listed colours.
+    let b = &s["best"];
+    let best = b["score"]["accuracy"].as_f64().unwrap() - 1.0 / b["objects"].as_f64().unwrap();
+    for r in &rows {
+        let (acc, chance, above): (f64, f64, f64) = (r[5].parse().unwrap(), r[6].parse().unwrap(), r[7].parse().unwrap());
+        assert!((acc - chance - above).abs() < 1e-12 && above <= best + 1e-12, "{r:?} vs best {best}");
+    }
     std::fs::remove_dir_all(&out).ok();
 }
