@@ -4,7 +4,7 @@
 //! it, and writes mib.csv, the curves, the edge and node scores, a figure and report.html.
 
 use crate::cmd_discover::TaskArgs;
-use crate::parts::{rerun_line, sha256, write_part, Manifest, Part};
+use crate::parts::{sha256, write_part, Manifest, Part};
 use crate::study::Bars;
 use anyhow::{bail, Result};
 use ferrolens_methods::edge_circuit::{EdgeAblation, EdgeGraph};
@@ -252,29 +252,17 @@ fn eval(a: EvalArgs) -> Result<()> {
                 "methods": methods.iter().map(|m| m.name()).collect::<Vec<_>>(), "ablation": a.ablation.name(), "ig_steps": a.ig_steps,
                 "receivers": format!("{:?}", a.edge_receivers), "fractions": a.fractions, "random_seed": a.random_seed,
             });
+            let rule = "ranking % N == I over the rankings in row order (node methods, edge methods, atp_ig, random)";
             let manifest = Manifest {
-                format: 1,
-                command: "circuits eval".into(),
-                shard,
-                model: model.cfg.name.clone(),
-                model_fingerprint: model.fingerprint()?,
                 data: task_name.clone(),
                 data_sha256: sha256(pairs_jsonl.as_bytes()),
                 options,
-                units_total: planned.len(),
-                units_covered: shard.count_of(planned.len()),
-                rule: "ranking % N == I over the rankings in row order (node methods, edge methods, atp_ig, random)".into(),
-                seconds: t0.elapsed().as_secs_f64(),
-                rerun: rerun_line(shard),
+                ..Manifest::new("circuits eval", shard, &model, planned.len(), rule, t0.elapsed().as_secs_f64())?
             };
+            let mine = planned.iter().enumerate().filter(|(i, _)| shard.owns(*i)).map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ");
             write_part(&out, &Part { manifest, payload: EvalPayload { info, planned, ev, edge_scores, node_scores, pairs_jsonl } })?;
             if !a.quiet {
-                eprintln!(
-                    "shard {shard}: {} in {:.1} s; wrote {}",
-                    planned_rankings(&methods).iter().enumerate().filter(|(i, _)| shard.owns(*i)).map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", "),
-                    t0.elapsed().as_secs_f64(),
-                    out.join(crate::parts::PART_FILE).display()
-                );
+                eprintln!("shard {shard}: {} in {:.1} s; wrote {}", mine, t0.elapsed().as_secs_f64(), out.join(crate::parts::PART_FILE).display());
             }
             return Ok(());
         }

@@ -57,6 +57,23 @@ fn grid_diff(a: &ScoreGrid, b: &ScoreGrid) -> f64 {
     a.values.iter().zip(&b.values).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
+/// Cache `hooks` on `tokens[0]` with the CPU model and `tokens[1]` with the device model: the
+/// largest difference relative to each tensor's scale (at least 1), and both times.
+fn cache_diff(cpu: &HookedTransformer, dev: &HookedTransformer, tokens: [&Tensor; 2], hooks: &[HookPoint]) -> Result<(f64, f64, f64)> {
+    let (cc, cd, tc, td) = both(cpu, dev, |m, i| {
+        let mut h = Hooks::new().cache_hooks(hooks);
+        m.run(tokens[i], &mut h)?;
+        Ok(h.take_cache())
+    })?;
+    let mut d = 0f64;
+    for h in hooks {
+        let (x, y) = (cc.get(*h)?, cd.get(*h)?);
+        let scale = x.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+        d = d.max(max_abs(x, y)? / scale);
+    }
+    Ok((d, tc, td))
+}
+
 /// Run `f` on both models, time each (waiting for the device), and return both results.
 /// `f(model, i)` gets i = 0 for the CPU model, 1 for the device model.
 fn both<T>(cpu: &HookedTransformer, dev: &HookedTransformer, mut f: impl FnMut(&HookedTransformer, usize) -> Result<T>) -> Result<(T, T, f64, f64)> {
@@ -106,19 +123,8 @@ pub fn run(a: Args) -> Result<()> {
     let hooks: Vec<HookPoint> = (0..cpu.cfg.n_layers).step_by(7).map(HookPoint::ResidPost).collect();
     let prep = [&pc, &pd];
     if want("cache") {
-        let (cc, cd, tc, td) = both(&cpu, &dev, |m, i| {
-            let t = &prep[i].clean;
-            let mut h = Hooks::new().cache_hooks(&hooks);
-            m.run(t, &mut h)?;
-            Ok(h.take_cache())
-        })?;
-        let mut cache_diff = 0f64;
-        for h in &hooks {
-            let (x, y) = (cc.get(*h)?, cd.get(*h)?);
-            let scale = x.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
-            cache_diff = cache_diff.max(max_abs(x, y)? / scale);
-        }
-        check(&mut rows, "resid_post_cache_relative", cache_diff, tc, td);
+        let (d, tc, td) = cache_diff(&cpu, &dev, [&pc.clean, &pd.clean], &hooks)?;
+        check(&mut rows, "resid_post_cache_relative", d, tc, td);
     }
     if want("heads") {
         let (gc, gd, tc, td) = both(&cpu, &dev, |m, i| {
@@ -139,19 +145,7 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     if want("cache_all") {
-        // Every hook point (f32 on the device side is compared relative to each tensor's scale).
-        let all = cpu.hook_points();
-        let (cc, cd, tc, td) = both(&cpu, &dev, |m, i| {
-            let mut h = Hooks::new().cache_hooks(&all);
-            m.run(&prep[i].clean, &mut h)?;
-            Ok(h.take_cache())
-        })?;
-        let mut d = 0f64;
-        for h in &all {
-            let (x, y) = (cc.get(*h)?, cd.get(*h)?);
-            let scale = x.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
-            d = d.max(max_abs(x, y)? / scale);
-        }
+        let (d, tc, td) = cache_diff(&cpu, &dev, [&pc.clean, &pd.clean], &cpu.hook_points())?;
         check(&mut rows, "cache_every_hook_relative", d, tc, td);
     }
     if want("atp_star") {

@@ -2,11 +2,10 @@
 //! `ferrolens heads retrieval`: retrieval-head scores from needle-in-a-haystack decoding, with the
 //! masking experiment.
 
-use crate::parts::{rerun_line, sha256, write_part, Manifest, Part};
+use crate::parts::{sha256, write_part, Manifest, Part};
 use anyhow::{bail, Context, Result};
 use ferrolens_methods::heads::{detect_heads, repeated_random_tokens, Detector};
-use ferrolens_methods::retrieval::NiahRun;
-use ferrolens_methods::retrieval::{default_needles, niah_sweep, random_heads, ranked_heads, Needle, NiahOptions, NiahSweep};
+use ferrolens_methods::retrieval::{default_needles, niah_sweep, random_heads, ranked_heads, Needle, NiahOptions, NiahRun, NiahSweep};
 use ferrolens_methods::shard::Shard;
 use ferrolens_report::{heatmap, write_table, Column, Heatmap, Report, Table};
 use serde::{Deserialize, Serialize};
@@ -289,19 +288,10 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
             });
             let inputs = serde_json::to_vec(&(&needles, &haystack))?;
             let manifest = Manifest {
-                format: 1,
-                command: "heads retrieval".into(),
-                shard,
-                model: model.cfg.name.clone(),
-                model_fingerprint: model.fingerprint()?,
                 data: a.needles.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in needles and haystack".into()),
                 data_sha256: sha256(&inputs),
                 options,
-                units_total: units,
-                units_covered: shard.count_of(units),
-                rule: "run % N == I over the runs in (length, depth, needle) order".into(),
-                seconds: score_s,
-                rerun: rerun_line(shard),
+                ..Manifest::new("heads retrieval", shard, &model, units, "run % N == I over the runs in (length, depth, needle) order", score_s)?
             };
             let runs = base.runs.iter().map(|r| (r.clone(), r.scores.clone())).collect();
             write_part(&a.out, &Part { manifest, payload: RetrievalPayload { info, runs } })?;

@@ -1,7 +1,7 @@
 //! `ferrolens patch`: activation patching, AtP and RelP on a JSONL file of pairs; with `--hooks`,
 //! generic patching of any hook point over any axes.
 
-use crate::parts::{join_values, rerun_line, sha256_file, to_part_values, write_part, Manifest, Part};
+use crate::parts::{join_values, sha256_file, to_part_values, write_part, Manifest, Part};
 use crate::study::{grid_heatmaps, scores_table, Bars};
 use anyhow::{bail, Result};
 use ferrolens_methods::shard::Shard;
@@ -84,7 +84,7 @@ pub fn run(a: Args) -> Result<()> {
         return dry_run(&a, &model, &batch, rules);
     }
     crate::in_new_dir(&a.out, || match &a.hooks {
-        Some(pattern) => generic(&a, &model, &batch, pattern, direction),
+        Some(pattern) => generic(&a, &model, &batch, pattern, rules, direction),
         None => by_component(&a, &model, &batch, rules, direction),
     })
 }
@@ -128,22 +128,20 @@ fn options_of(a: &Args, rules: ferrolens_model::LrpRules) -> serde_json::Value {
 }
 
 /// Write a shard's part into `out` (after its results are computed).
-fn write_shard(a: &Args, model: &HookedTransformer, shard: Shard, units: usize, seconds: f64, payload: PatchPayload) -> Result<()> {
-    let rules = parse_rules(&a.rules)?;
+fn write_shard(
+    a: &Args,
+    model: &HookedTransformer,
+    rules: ferrolens_model::LrpRules,
+    shard: Shard,
+    units: usize,
+    seconds: f64,
+    payload: PatchPayload,
+) -> Result<()> {
     let manifest = Manifest {
-        format: 1,
-        command: "patch".into(),
-        shard,
-        model: model.cfg.name.clone(),
-        model_fingerprint: model.fingerprint()?,
         data: a.data.display().to_string(),
         data_sha256: sha256_file(&a.data)?,
         options: options_of(a, rules),
-        units_total: units,
-        units_covered: shard.count_of(units),
-        rule: "row % N == I over the rows of the unsharded scores table".into(),
-        seconds,
-        rerun: rerun_line(shard),
+        ..Manifest::new("patch", shard, model, units, "row % N == I over the rows of the unsharded scores table", seconds)?
     };
     write_part(&a.out, &Part { manifest, payload })?;
     if !a.quiet {
@@ -184,7 +182,7 @@ fn by_component(a: &Args, model: &HookedTransformer, batch: &PairBatch, rules: f
     if let Some(shard) = a.shard {
         let units = grids.iter().map(|g| g.values.len()).sum();
         let grids = grids.into_iter().map(|g| (ScoreGrid { values: vec![], ..g.clone() }, to_part_values(&g.values))).collect();
-        return write_shard(a, model, shard, units, t0.elapsed().as_secs_f64(), PatchPayload::Components { tokens, base, times, grids });
+        return write_shard(a, model, rules, shard, units, t0.elapsed().as_secs_f64(), PatchPayload::Components { tokens, base, times, grids });
     }
     write_components(&a.out, &grids, &tokens, base, &times, None, a.json, a.quiet)
 }
@@ -348,7 +346,7 @@ fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, rules: ferrol
 }
 
 /// `patch --hooks`: generic patching, checked before the sweep.
-fn generic(a: &Args, model: &HookedTransformer, batch: &PairBatch, pattern: &str, direction: Direction) -> Result<()> {
+fn generic(a: &Args, model: &HookedTransformer, batch: &PairBatch, pattern: &str, rules: ferrolens_model::LrpRules, direction: Direction) -> Result<()> {
     let hooks = model.hooks_matching(pattern)?;
     let labels = batch.label_indices();
     let axes = a.axis.iter().map(|s| Sweep::parse(s, &labels)).collect::<ferrolens_model::Result<Vec<_>>>()?;
@@ -369,7 +367,7 @@ fn generic(a: &Args, model: &HookedTransformer, batch: &PairBatch, pattern: &str
     let summary = summary_generic(a, model, batch, &prep, pattern, &r, rows.len(), t0.elapsed().as_secs_f64());
     if let Some(shard) = a.shard {
         let payload = PatchPayload::Generic { columns, keys, scores: to_part_values(&scores), summary };
-        return write_shard(a, model, shard, rows.len(), t0.elapsed().as_secs_f64(), payload);
+        return write_shard(a, model, rules, shard, rows.len(), t0.elapsed().as_secs_f64(), payload);
     }
     write_generic(&a.out, &columns, &keys, &scores, summary, None, a.json, a.quiet)
 }

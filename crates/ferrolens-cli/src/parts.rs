@@ -45,6 +45,29 @@ pub struct Manifest {
     pub rerun: String,
 }
 
+impl Manifest {
+    /// The manifest of `shard` of `units` work units of `command` on `model`, `seconds` of work,
+    /// owned by `rule`: the format, fingerprint, units covered and rerun line filled in. The
+    /// data (`data`, `data_sha256`) and `options` are the caller's, set with struct update.
+    pub fn new(command: &str, shard: Shard, model: &ferrolens_model::HookedTransformer, units: usize, rule: &str, seconds: f64) -> Result<Self> {
+        Ok(Manifest {
+            format: 1,
+            command: command.into(),
+            shard,
+            model: model.cfg.name.clone(),
+            model_fingerprint: model.fingerprint()?,
+            data: String::new(),
+            data_sha256: String::new(),
+            options: serde_json::Value::Null,
+            units_total: units,
+            units_covered: shard.count_of(units),
+            rule: rule.into(),
+            seconds,
+            rerun: rerun_line(shard),
+        })
+    }
+}
+
 /// A part: the manifest and the command's payload.
 #[derive(Serialize, Deserialize)]
 pub struct Part<T> {

@@ -140,6 +140,8 @@ fn every_command_rejects_bad_input_before_work() {
     let junk = junk.to_str().unwrap();
     let out = dir.join("out");
     let o = out.to_str().unwrap();
+    let dir_s = dir.to_str().unwrap().to_string();
+    let many = (0..31).map(|i| format!("cuda:{i}")).collect::<Vec<_>>().join(",");
     let rows: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--prompt", ""], "empty prompt"),
         (vec!["run", "--prompt", "Hi", "--top-k", "0"], "give --top-k 1 or more"),
@@ -177,6 +179,15 @@ fn every_command_rejects_bad_input_before_work() {
         (vec!["formats", "--objects", "1", "--out", o], "needs 2..=8 objects"),
         (vec!["formats", "--wording", "nope", "--out", o], "use qa or statement"),
         (vec!["discover", "--task", "colored-objects", "--wording", "nope", "--out", o], "use qa or statement"),
+        (vec!["patch", "--data", &ioi, "--shard", "3/3", "--out", o], "numbered from 0"),
+        (vec!["patch", "--data", &ioi, "--shard", "1/x", "--out", o], "is not a shard; write I/N"),
+        (vec!["circuits", "eval", "--data", &ioi, "--methods", "atp,eap", "--shard", "0/9", "--out", o], "give at most 3 shards"),
+        (vec!["heads", "retrieval", "--shard", "0/2", "--out", o], "add --mask-k 0"),
+        (vec!["merge", &dir_s, "--out", o], "has no shard.json"),
+        (vec!["merge", o, "--out", o], "is one of the parts"),
+        (vec!["plan", "--device-memory", "lots"], "a size in GiB"),
+        (vec!["plan", "--devices", &many], "give at most 30 devices"),
+        (vec!["device-check", "--what", "nope"], "unknown check `nope`"),
     ];
     for (args, want) in rows {
         std::fs::remove_dir_all(&out).ok();
