@@ -123,7 +123,7 @@ fn smollm2_cache_matches_transformer_lens() {
 /// last-position logits stay close to HF's f32 reference with the same top-1 token.
 #[test]
 fn smollm2_bf16_tracks_f32() {
-    let model = ferrolens::model::load("smollm2-135m", &ferrolens::model::LoadOptions { dtype: DType::BF16, device: candle_core::Device::Cpu }).unwrap();
+    let model = ferrolens::model::load("smollm2-135m", &ferrolens::model::LoadOptions::on(candle_core::Device::Cpu, DType::BF16)).unwrap();
     let r = reference("smollm2/reference.safetensors");
     let mut worst = 0f64;
     for i in 0..4 {

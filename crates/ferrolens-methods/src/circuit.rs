@@ -114,7 +114,7 @@ pub(crate) fn position_mean(t: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
         Some(w) => {
             let mut shape = w.dims().to_vec();
             shape.resize(t.rank(), 1);
-            t.broadcast_mul(&w.to_dtype(t.dtype())?.reshape(shape)?)?.sum(0)?
+            t.broadcast_mul(&w.to_device(t.device())?.to_dtype(t.dtype())?.reshape(shape)?)?.sum(0)?
         }
     })
 }

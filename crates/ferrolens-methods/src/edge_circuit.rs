@@ -420,7 +420,9 @@ impl Plan {
             (diff.unsqueeze(0)?, 1 + l * (self.model.cfg.n_heads + 1) + self.model.cfg.n_heads)
         };
         let s = rows.dim(0)?;
-        let flat = rows.reshape((s, ()))?; // [s, bpD]
+        // A split model's senders are on their layers' devices: the differences gather on the
+        // home device (the receivers' products move back to theirs).
+        let flat = self.model.to_home(rows.reshape((s, ()))?)?; // [s, bpD]
         if live.diffs.is_none() {
             live.diffs = Some(Tensor::zeros((self.n_senders, flat.dim(1)?), flat.dtype(), flat.device())?);
         }
@@ -456,7 +458,7 @@ impl Plan {
         let mut at = 0;
         for (h, m) in parts {
             let r = m.dim(0)?;
-            let t = prod.narrow(0, at, r)?.reshape((r, b, p, d))?;
+            let t = self.at_receiver(h, prod.narrow(0, at, r)?.reshape((r, b, p, d))?)?;
             at += r;
             if first.is_none() {
                 first = Some(t);
@@ -478,20 +480,29 @@ impl Plan {
             let h = diff.dim(2)?;
             let r = m.dim(0)?;
             let flat = diff.permute((2, 0, 1, 3))?.contiguous()?.reshape((h, b * p * d))?;
-            let mixed = matmul(m, &flat)?.reshape((r, b, p, d))?;
+            let m = ferrolens_model::pipeline::Place::of(&flat).take(m.clone())?;
+            let mixed = matmul(&m, &flat)?.reshape((r, b, p, d))?;
             let mut pre = cur.sum(2)?;
             if let Some(bo) = &self.model.w.blocks[*l].attn.b_o {
                 pre = pre.broadcast_add(bo)?;
             }
             let out = self.model.apply_norm(NormSite::Ln1Post(*l), &pre)?;
             let new = self.model.apply_norm(NormSite::Ln1Post(*l), &mixed.broadcast_add(&pre.unsqueeze(0)?)?)?;
-            let contrib = new.broadcast_sub(&out.unsqueeze(0)?)?;
+            let contrib = self.at_receiver(hook, new.broadcast_sub(&out.unsqueeze(0)?)?)?;
             acc = Some(match acc {
                 Some(a) => (a + contrib)?,
                 None => contrib,
             });
         }
         Ok(acc)
+    }
+
+    /// `t` on the place of receiver hook `hook`'s layer.
+    fn at_receiver(&self, hook: HookPoint, t: Tensor) -> Result<Tensor> {
+        match hook.layer() {
+            Some(l) => self.model.to_layer(l, t),
+            None => Ok(t),
+        }
     }
 
     /// A receiver hook: the residual input (block, MLP, logits) plus its delta, or a head
@@ -600,7 +611,13 @@ fn circuit_hooks(model: &HookedTransformer, graph: &EdgeGraph, in_graph: &[bool]
     }
     let plan = Arc::new(Plan {
         model: model.without_tokenizer(),
-        ablated: ablated.chunks.iter().map(|t| t.to_dtype(model.dtype())).collect::<candle_core::Result<_>>()?,
+        // Each sender's ablated output on its layer's place (the input's on the home place).
+        ablated: ablated
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(c, t)| if c == 0 { model.to_home(t.clone()) } else { model.to_layer((c - 1) / 2, t.clone()) })
+            .collect::<Result<_>>()?,
         groups,
         n_senders: graph.senders.len(),
     });

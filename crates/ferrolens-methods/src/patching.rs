@@ -457,7 +457,7 @@ pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &P
         for sites in todo.chunks(chunk) {
             let c = sites.len();
             let rep = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&std::iter::repeat_n(t, c).collect::<Vec<_>>(), 0)?) };
-            let mask = sites_mask(src_act.dims(), plan, &sizes, sites, b)?.to_device(model.device())?;
+            let mask = sites_mask(src_act.dims(), plan, &sizes, sites, b)?.to_device(src_act.device())?;
             let mut hooks = Hooks::new().patch(Patch::new(*hook, Intervention::Replace(rep(src_act)?)).mask(mask));
             let mask_rows = data.mask_rows(c)?;
             let logits = match hook.layer() {

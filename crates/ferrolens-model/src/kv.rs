@@ -116,12 +116,17 @@ impl KvCache {
     /// Argmax positions of every layer for batch row `row`: `[n_layers][n_heads]`.
     /// One device-to-host copy for all layers (decoding reads this at every step).
     pub fn argmax_rows(&self, row: usize) -> Result<Vec<Vec<u32>>> {
-        let mut rows = Vec::with_capacity(self.argmax.len());
+        let mut rows: Vec<Tensor> = Vec::with_capacity(self.argmax.len());
         for (l, a) in self.argmax.iter().enumerate() {
             let a = a.as_ref().ok_or_else(|| {
                 Error::Input(format!("no attention argmax recorded at layer {l}: build the cache with KvCache::with_argmax and run a forward first"))
             })?;
-            rows.push(a.get(row)?);
+            // A split model's layers hold theirs on their own devices: gather on the first's.
+            let a = a.get(row)?;
+            rows.push(match rows.first() {
+                Some(r0) => a.to_device(r0.device())?,
+                None => a,
+            });
         }
         Ok(Tensor::stack(&rows, 0)?.to_vec2::<u32>()?)
     }

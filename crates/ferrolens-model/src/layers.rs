@@ -231,7 +231,7 @@ impl HookedTransformer {
         }
         let allowed = |i: usize, j: usize| j <= i + off && window.is_none_or(|w| i + off - j < w);
         let mask: Vec<u8> = (0..q).flat_map(|i| (0..k).map(move |j| u8::from(allowed(i, j)))).collect();
-        Ok(Some(Tensor::from_vec(mask, (q, k), &self.device)?))
+        Ok(Some(Tensor::from_vec(mask, (q, k), self.layer_device(l))?))
     }
 
     /// [`HookedTransformer::attn_mask`] of a padded batch: `keys` `[b, k]` marks real tokens
@@ -258,7 +258,7 @@ impl HookedTransformer {
                 }
             }
         }
-        Ok(Tensor::from_vec(m, (b, 1, q, k), &self.device)?)
+        Ok(Tensor::from_vec(m, (b, 1, q, k), self.layer_device(l))?)
     }
 
     pub(crate) fn attention(
@@ -439,6 +439,7 @@ impl HookedTransformer {
     }
 
     pub(crate) fn unembed(&self, resid: Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+        let resid = self.head_place.take(resid)?;
         let x = self.norm(&resid, &self.w.ln_final, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized, hooks)?;
         let logits = linear(&x, &self.w.unembed, self.w.b_u.as_ref())?;
         match self.cfg.final_softcap {
@@ -470,6 +471,7 @@ impl HookedTransformer {
             return Ok(x.clone());
         };
         let mut none = Hooks::new();
+        let x = &crate::pipeline::Place::of(&nw.w).take(x.clone())?;
         self.norm(x, nw, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized, &mut none)
     }
 
@@ -481,9 +483,10 @@ impl HookedTransformer {
         let Some(nw) = self.norm_weights(site) else {
             return Ok(g_out.to_dtype(DType::F64)?);
         };
-        let (n, s) = self.norm_parts(x)?;
+        let dev = nw.w.device();
+        let (n, s) = self.norm_parts(&x.to_device(dev)?)?;
         // u = dM/d(normalized before the gain)
-        let u = g_out.to_dtype(DType::F64)?.broadcast_mul(&nw.w.to_dtype(DType::F64)?)?;
+        let u = g_out.to_device(dev)?.to_dtype(DType::F64)?.broadcast_mul(&nw.w.to_dtype(DType::F64)?)?;
         let nu = n.broadcast_mul(&u)?.mean_keepdim(D::Minus1)?;
         let r = match self.cfg.norm {
             NormKind::RmsNorm => u.broadcast_sub(&n.broadcast_mul(&nu)?)?,
@@ -500,8 +503,9 @@ impl HookedTransformer {
         let Some(nw) = self.norm_weights(site) else {
             return Ok(dx.to_dtype(DType::F64)?);
         };
-        let (n, s) = self.norm_parts(x)?;
-        let dx = dx.to_dtype(DType::F64)?;
+        let dev = nw.w.device();
+        let (n, s) = self.norm_parts(&x.to_device(dev)?)?;
+        let dx = dx.to_device(dev)?.to_dtype(DType::F64)?;
         let dx = match self.cfg.norm {
             NormKind::LayerNorm => dx.broadcast_sub(&dx.mean_keepdim(D::Minus1)?)?,
             NormKind::RmsNorm => dx,

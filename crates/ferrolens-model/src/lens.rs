@@ -33,6 +33,12 @@ impl HookedTransformer {
         Ok((logits, h.take_cache()))
     }
 
+    /// Stack parts from any layer on the home place (a split model's layers are elsewhere).
+    fn gather(&self, parts: Vec<Tensor>) -> Result<Tensor> {
+        let parts = parts.into_iter().map(|t| self.to_home(t)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&parts, 0)?)
+    }
+
     /// `t` `[b,p,...]` at position `pos` (`[b,...]`), or unchanged.
     fn at_pos(t: &Tensor, pos: Option<usize>) -> Result<Tensor> {
         Ok(match pos {
@@ -54,7 +60,7 @@ impl HookedTransformer {
         }
         parts.push(Self::at_pos(cache.get(HookPoint::ResidPost(n - 1))?, pos)?);
         labels.push("final_post".into());
-        Ok((Tensor::stack(&parts, 0)?, labels))
+        Ok((self.gather(parts)?, labels))
     }
 
     /// The final residual split into what each part wrote (TL's `decompose_resid`):
@@ -74,7 +80,7 @@ impl HookedTransformer {
             parts.push(Self::at_pos(cache.get(HookPoint::MlpOut(l))?, pos)?);
             labels.push(format!("{l}_mlp_out"));
         }
-        Ok((Tensor::stack(&parts, 0)?, labels))
+        Ok((self.gather(parts)?, labels))
     }
 
     /// Every head's output `hook_result` of the layers before `layer` (all layers with `None`)
@@ -97,7 +103,7 @@ impl HookedTransformer {
         if parts.is_empty() {
             return Err(Error::Input("no layers before the requested one: nothing to stack".into()));
         }
-        Ok((Tensor::stack(&parts, 0)?, labels))
+        Ok((self.gather(parts)?, labels))
     }
 
     /// Put a stack of residual components `[n, b, (p,) D]` through the final norm with the scale
@@ -112,15 +118,17 @@ impl HookedTransformer {
             NormKind::LayerNorm => stack.broadcast_sub(&stack.mean_keepdim(D::Minus1)?)?,
             NormKind::RmsNorm => stack.clone(),
         };
-        Ok(x.broadcast_div(&scale.unsqueeze(0)?.to_dtype(x.dtype())?)?)
+        Ok(x.broadcast_div(&scale.unsqueeze(0)?.to_device(x.device())?.to_dtype(x.dtype())?)?)
     }
 
     /// The logits a stack of components scaled by [`HookedTransformer::apply_ln_to_stack`]
     /// contributes: `stack * w_ln_final @ W_U`, `[n, b, (p,) V]` (no bias: the final norm's bias and
     /// `b_U` belong to no component; no soft-cap: it is not linear).
     pub fn stack_to_logits(&self, scaled: &Tensor) -> Result<Tensor> {
+        let scaled = scaled.to_device(&self.head_place.device)?;
         let w = self.w.ln_final.w.to_dtype(scaled.dtype())?;
-        linear(&scaled.broadcast_mul(&w)?, &self.w.unembed.to_dtype(scaled.dtype())?, None)
+        let logits = linear(&scaled.broadcast_mul(&w)?, &self.w.unembed.to_dtype(scaled.dtype())?, None)?;
+        Ok(logits.to_device(&self.device)?)
     }
 
     /// The logit lens (nostalgebraist 2020): every accumulated residual
@@ -130,7 +138,7 @@ impl HookedTransformer {
     pub fn logit_lens(&self, cache: &ActivationCache, pos: Option<usize>) -> Result<Tensor> {
         let (stack, _) = self.accumulated_resid(cache, pos)?;
         // f64 models stay f64; the rest norm in f32 (as the forward does).
-        let x = stack.to_dtype(if self.dtype() == DType::F64 { DType::F64 } else { DType::F32 })?;
+        let x = stack.to_device(&self.head_place.device)?.to_dtype(if self.dtype() == DType::F64 { DType::F64 } else { DType::F32 })?;
         let xc = match self.cfg.norm {
             NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
             NormKind::RmsNorm => x,
@@ -143,9 +151,10 @@ impl HookedTransformer {
         }
         let bu = self.w.b_u.as_ref().map(|b| b.to_dtype(y.dtype())).transpose()?;
         let logits = linear(&y, &self.w.unembed.to_dtype(y.dtype())?, bu.as_ref())?;
-        Ok(match self.cfg.final_softcap {
+        let logits = match self.cfg.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits,
-        })
+        };
+        Ok(logits.to_device(&self.device)?)
     }
 }

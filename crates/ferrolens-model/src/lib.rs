@@ -33,6 +33,7 @@ pub mod layout;
 pub mod lens;
 pub mod loader;
 pub mod lrp;
+pub mod pipeline;
 pub mod plan;
 pub mod registry;
 pub mod tokenizer;

@@ -26,13 +26,50 @@ use std::path::{Path, PathBuf};
 pub struct LoadOptions {
     /// Weight dtype: F32 (default), F64 for finite-difference checks, BF16/F16 on GPU.
     pub dtype: DType,
-    /// Device for the weights.
+    /// Device for the weights (the first stage's device when `devices` is given).
     pub device: Device,
+    /// A pipeline ([`crate::pipeline`]): split the layers into contiguous stages over these
+    /// devices, each layer loaded straight onto its stage's. Empty: everything on `device`.
+    /// Set both with [`LoadOptions::split`]; a load refuses a `device` other than `devices[0]`.
+    pub devices: Vec<Device>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, devices: Vec::new() }
+    }
+}
+
+impl LoadOptions {
+    /// Options that load in `dtype` onto `device`.
+    pub fn on(device: Device, dtype: DType) -> Self {
+        LoadOptions { dtype, device, devices: Vec::new() }
+    }
+
+    /// These options with the layers split over `devices` (the first holds the embedding, the
+    /// last the unembedding); one device is a plain load onto it.
+    pub fn split(mut self, devices: &[Device]) -> Self {
+        if let Some(d) = devices.first() {
+            self.device = d.clone();
+        }
+        self.devices = if devices.len() > 1 { devices.to_vec() } else { Vec::new() };
+        self
+    }
+
+    /// The device of each of `n_layers` layers: empty when unsplit.
+    pub(crate) fn stage_devices(&self, n_layers: usize) -> Result<Vec<Device>> {
+        if self.devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.devices[0].same_device(&self.device) {
+            return Err(Error::Input(format!(
+                "LoadOptions.device is {} but the first of LoadOptions.devices is {}; set both with LoadOptions::split",
+                crate::device_name(&self.device),
+                crate::device_name(&self.devices[0])
+            )));
+        }
+        let ranges = crate::pipeline::stage_ranges(n_layers, self.devices.len())?;
+        Ok(ranges.iter().zip(&self.devices).flat_map(|(r, d)| r.clone().map(move |_| d.clone())).collect())
     }
 }
 

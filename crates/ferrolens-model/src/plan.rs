@@ -80,12 +80,8 @@ pub fn block_params(cfg: &Config) -> f64 {
 /// devices taking one more when they do not divide), and estimate each device's memory.
 pub fn memory_plan(cfg: &Config, devices: &[String], o: &PlanOptions) -> Result<Vec<DevicePlan>> {
     let k = devices.len();
-    if k == 0 {
-        return Err(Error::Input("a plan needs at least one device; give --devices cuda:0[,cuda:1,...]".into()));
-    }
-    if k > cfg.n_layers {
-        return Err(Error::Input(format!("{} has {} blocks, fewer than the {k} devices given; give at most {} devices", cfg.name, cfg.n_layers, cfg.n_layers)));
-    }
+    // The split a pipeline load makes (crate::pipeline).
+    let ranges = crate::pipeline::stage_ranges(cfg.n_layers, k)?;
     if o.batch == 0 || o.seq == 0 || o.dtype_bytes == 0 {
         return Err(Error::Input("batch, sequence length and dtype size must be positive".into()));
     }
@@ -104,14 +100,9 @@ pub fn memory_plan(cfg: &Config, devices: &[String], o: &PlanOptions) -> Result<
     let saved = b * p * (6.0 * d) * x + qkvz + mlp + scores;
     let logits = if o.full_logits { b * p * v * 4.0 } else { b * v * 4.0 };
     let kv_per_layer = 2.0 * b * o.kv_tokens as f64 * hkv * dh * x;
-    let base = cfg.n_layers / k;
-    let extra = cfg.n_layers % k;
-    let mut start = 0;
     let mut out = Vec::with_capacity(k);
-    for (i, dev) in devices.iter().enumerate() {
-        let n = base + usize::from(i < extra);
-        let layers = start..start + n;
-        start += n;
+    for (i, (dev, layers)) in devices.iter().zip(ranges).enumerate() {
+        let n = layers.len();
         let (first, last) = (i == 0, i + 1 == k);
         let mut weights = n as f64 * block_params(cfg) * x;
         if first {

@@ -54,6 +54,10 @@ pub struct HookedTransformer {
     pub tokenizer: Option<Tokenizer>,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
+    /// Each layer's device and dtype (read from its weights; see [`crate::pipeline`]).
+    pub(crate) layer_places: Vec<crate::pipeline::Place>,
+    /// The final norm's and unembedding's.
+    pub(crate) head_place: crate::pipeline::Place,
 }
 
 /// Where a forward pass starts and stops.
@@ -114,9 +118,8 @@ impl HookedTransformer {
     pub fn new(cfg: Config, w: Weights) -> Result<Self> {
         cfg.validate()?;
         crate::weights::check_shapes(&cfg, &w)?;
-        let device = w.embed.device().clone();
-        let dtype = w.embed.dtype();
-        Ok(HookedTransformer { cfg, w, tokenizer: None, device, dtype })
+        let (home, layer_places, head_place) = crate::pipeline::places_of(&w)?;
+        Ok(HookedTransformer { cfg, w, tokenizer: None, device: home.device, dtype: home.dtype, layer_places, head_place })
     }
 
     /// Attach a tokenizer; its prompts get the BOS token first as the config says
@@ -158,7 +161,15 @@ impl HookedTransformer {
     /// The same model without its tokenizer: a cheap copy (configuration and reference-counted
     /// weights) that closures in hook interventions can own.
     pub fn without_tokenizer(&self) -> HookedTransformer {
-        HookedTransformer { cfg: self.cfg.clone(), w: self.w.clone(), tokenizer: None, device: self.device.clone(), dtype: self.dtype }
+        HookedTransformer {
+            cfg: self.cfg.clone(),
+            w: self.w.clone(),
+            tokenizer: None,
+            device: self.device.clone(),
+            dtype: self.dtype,
+            layer_places: self.layer_places.clone(),
+            head_place: self.head_place.clone(),
+        }
     }
 
     /// The tokenizer, or an error saying the checkpoint has none.
@@ -444,7 +455,8 @@ impl HookedTransformer {
                     return Err(Error::Input(format!("start residual must be [batch, pos, {}], got {d:?}", cfg.d_model)));
                 }
                 self.check_len(d[1], span.pos_offset)?;
-                (*l, r.to_dtype(self.dtype)?)
+                // Straight to the start layer's place (the unembedding's when starting past the last).
+                (*l, self.layer_places.get(*l).unwrap_or(&self.head_place).take(r.clone())?)
             }
             (None, Some(t)) => (0, self.embed_at(t, span.pos_offset, pad.as_ref().map(|p| &p.pos), hooks)?),
             (None, None) => return Err(Error::Input("give tokens or a start residual".into())),
@@ -453,20 +465,28 @@ impl HookedTransformer {
             return Err(Error::Input("the input has no positions: give at least one token".into()));
         }
         let stop = span.stop_at_layer.unwrap_or(cfg.n_layers).min(cfg.n_layers);
-        let rope = self.rope_tables(span.pos_offset, p, pad.as_ref())?;
+        // Rotary tables on the home place, moved along with the residual when a stage starts.
+        let mut rope = self.rope_tables(span.pos_offset, p, pad.as_ref())?;
+        let mut rope_place = self.home_place();
         for l in start_layer..stop {
-            resid = self.block(l, resid, &rope, pad.as_ref(), kv.as_deref_mut(), hooks)?;
+            let place = &self.layer_places[l];
+            if !place.same(&rope_place) {
+                rope = rope.into_iter().map(|(f, c, s)| Ok((f, place.take(c)?, place.take(s)?))).collect::<Result<_>>()?;
+                rope_place = place.clone();
+            }
+            resid = self.block(l, place.take(resid)?, &rope, pad.as_ref(), kv.as_deref_mut(), hooks)?;
         }
         if let Some(kv) = kv {
             kv.advance(p);
         }
         if span.stop_at_layer.is_some() {
-            return Ok(resid);
+            return self.to_home(resid);
         }
         if span.last_logits_only {
             resid = resid.narrow(1, p - 1, 1)?;
         }
-        self.unembed(resid, hooks)
+        let logits = self.unembed(resid, hooks)?;
+        self.to_home(logits)
     }
 
     /// Run, compute `metric(logits)` (a scalar), and return the gradient of the metric at

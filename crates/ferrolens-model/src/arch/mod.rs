@@ -439,7 +439,11 @@ fn per_layer(t: &TensorName) -> bool {
 /// tensor, or the config ties it).
 pub fn load_weights(fam: &Family, cfg: &Config, src: &TensorSource, opts: &LoadOptions) -> Result<(Weights, bool)> {
     let kind = src.kind();
-    let (dt, dev) = (opts.dtype, &opts.device);
+    let dt = opts.dtype;
+    // A pipeline load puts each layer on its stage's device, the embedding on the first and the
+    // final norm and unembedding on the last (see crate::pipeline).
+    let stages = opts.stage_devices(cfg.n_layers)?;
+    let last = stages.last().cloned().unwrap_or_else(|| opts.device.clone());
     let mut global: HashMap<Slot, Tensor> = HashMap::new();
     let mut layers: Vec<HashMap<Slot, Tensor>> = vec![HashMap::new(); cfg.n_layers];
     let offset_added_by_file = kind == SourceKind::Gguf && fam.gguf_norm_offset_included;
@@ -453,6 +457,11 @@ pub fn load_weights(fam: &Family, cfg: &Config, src: &TensorSource, opts: &LoadO
             if t.slot == Slot::Unembed && cfg.tied_embeddings {
                 continue;
             }
+            let dev = match t.slot {
+                _ if per_layer(t) => stages.get(l).unwrap_or(&opts.device),
+                Slot::Unembed | Slot::UnembedBias | Slot::FinalNorm | Slot::FinalNormBias => &last,
+                _ => &opts.device,
+            };
             let raw = if t.slot.is_optional() { src.opt(&name, DType::F32, dev)? } else { Some(src.get(&name, DType::F32, dev)?) };
             let Some(raw) = raw else { continue };
             // To torch layout [out, in] for matrices.
@@ -531,7 +540,7 @@ pub fn load_weights(fam: &Family, cfg: &Config, src: &TensorSource, opts: &LoadO
     let embed = need(&mut global, Slot::Embed, None)?;
     let (unembed, tied) = match take(&mut global, Slot::Unembed) {
         Some(u) => (u, false),
-        None => (embed.t()?.contiguous()?, true),
+        None => (embed.t()?.contiguous()?.to_device(&last)?, true),
     };
     let w = Weights {
         pos_embed: take(&mut global, Slot::PosEmbed),
