@@ -152,6 +152,10 @@ run_checks() {
     if [ "$dev" != cpu ]; then
       echo "== $tag: device-check bf16 (differences reported)"
       "$F" device-check --model "$m" --device "$dev" --dtype bf16 --n 8 --what logits,cache,atp,decode --out "$res/$tag-bf16" > /dev/null || true
+      # Pipeline split (issue 16): two handles of one GPU are two devices to candle, so a tensor
+      # left on the wrong stage fails here as it would across two cards.
+      echo "== $tag: device-check f32 split over two device handles (--devices $dev,$dev)"
+      "$F" device-check --model "$m" --devices "$dev,$dev" --n 8 --out "$res/$tag-split" > /dev/null || failed=1
     fi
   done
   # Timings on the first model (the real one in `real` mode), GPU against the same machine's CPU.

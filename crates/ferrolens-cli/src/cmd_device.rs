@@ -214,6 +214,8 @@ pub fn run(a: Args) -> Result<()> {
     let report = serde_json::json!({
         "model": cpu.cfg.name,
         "device": device_name(dev.device()),
+        // With --devices: the pipeline's stages (layers per device).
+        "stages": dev.stages().iter().map(|s| serde_json::json!({"device": s.device, "layers": [s.layers.start, s.layers.end]})).collect::<Vec<_>>(),
         "dtype": format!("{:?}", target.dtype),
         "pairs": batch.len(),
         "tolerance": if f32_run { serde_json::json!(a.tol) } else { serde_json::json!("reported only (half precision)") },

@@ -4,13 +4,19 @@
 //! writes the tables, figures, circuit.json and report.html.
 
 use crate::discover_report::Settings;
+use crate::parts::{join_values, sha256, to_part_values, write_part, Manifest, Part};
 use crate::study::Bars;
-use anyhow::Result;
-use ferrolens_methods::circuit::{discover, DiscoverOptions};
-use ferrolens_methods::study::{Batching, Method};
-use ferrolens_methods::Direction;
+use anyhow::{bail, Context, Result};
+use ferrolens_methods::circuit::{
+    discover, faithfulness_scan, faithfulness_sizes, node_score_units, node_scores, rank_nodes, CurvePoint, DiscoverOptions, DiscoverResume,
+};
+use ferrolens_methods::shard::Shard;
+use ferrolens_methods::study::{prepare, Batching, Method};
+use ferrolens_methods::{Direction, ScoreGrid};
 use ferrolens_model::HookedTransformer;
 use ferrolens_tasks::{read_jsonl, PairBatch, PromptPair, Task, TaskOptions};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -130,6 +136,43 @@ pub struct Args {
     /// always run the padded batch.
     #[arg(long, value_enum, default_value_t = Batching::Auto)]
     batching: Batching,
+    /// Run shard I of N (0-based) of one step and write it to OUT/shard.json for `ferrolens
+    /// merge`: without --from, the node scores (rows of every method's grids, round robin);
+    /// with --from a merge of those, the faithfulness scan (circuit sizes, round robin). The
+    /// study finishes with `discover --from MERGED` (docs/scale-out.md).
+    #[arg(long)]
+    shard: Option<Shard>,
+    /// Resume from a merge of discover shards (its discover.json): their node scores, and the
+    /// faithfulness scan when merged too, instead of computing them. Same model, pairs and options.
+    #[arg(long)]
+    from: Option<PathBuf>,
+}
+
+/// The file a merge of discover parts writes, and `--from` reads.
+pub const RESUME_FILE: &str = "discover.json";
+
+/// What discover shards carry, and what their merge keeps for `--from`.
+#[derive(Serialize, Deserialize)]
+pub struct DiscoverPayload {
+    /// `scores` (node-score shards) or `faithfulness` (scan shards).
+    pub step: String,
+    /// Every method's grids (values empty; see `values`).
+    pub grids: Vec<ScoreGrid>,
+    /// The grids' values (`None`: not this shard's).
+    pub values: Vec<Vec<Option<f64>>>,
+    /// Seconds per scoring method.
+    pub times: Vec<(String, f64)>,
+    /// The faithfulness scan's sizes and values (`None`: not this shard's); empty for `scores`.
+    pub scan: Vec<(usize, Option<f64>)>,
+}
+
+/// A merged discover run (`OUT/discover.json`): the manifest of its parts and their joined payload.
+#[derive(Serialize, Deserialize)]
+pub struct Resumable {
+    /// The parts' manifest (shard fields of the first part).
+    pub manifest: Manifest,
+    /// The joined payload.
+    pub payload: DiscoverPayload,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -138,6 +181,29 @@ pub fn run(a: Args) -> Result<()> {
     let (task_name, pairs) = a.task.load(a.data.as_deref(), &model)?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("out").join(task_name.replace([':', '/'], "_")));
     let batch = PairBatch::new(model.tokenizer()?, pairs, &task_name)?;
+    let data_sha = sha256(serde_json::to_string(&batch.pairs)?.as_bytes());
+    // The options that change the numbers (a resumed or merged run must share them).
+    let options = serde_json::json!({"method": a.method.name(), "direction": format!("{:?}", a.direction), "top_k": a.top_k});
+    let resumed = match &a.from {
+        Some(dir) => Some(read_resumable(dir, &model, &data_sha, &options)?),
+        None => None,
+    };
+    let resume = match &resumed {
+        Some(r) => Some(DiscoverResume {
+            grids: Some(
+                r.payload
+                    .grids
+                    .iter()
+                    .zip(&r.payload.values)
+                    .map(|(g, v)| ScoreGrid { values: v.iter().map(|x| x.unwrap_or(f64::NAN)).collect(), ..g.clone() })
+                    .collect(),
+            ),
+            scan: (!r.payload.scan.is_empty())
+                .then(|| r.payload.scan.iter().map(|(size, f)| CurvePoint { size: *size, faithfulness: f.unwrap_or(f64::NAN) }).collect()),
+            times: r.payload.times.iter().filter_map(|(m, t)| m.parse::<Method>().ok().map(|m| (m, *t))).collect(),
+        }),
+        None => None,
+    };
     let bars = Bars::new(a.quiet);
     let progress = |what: &str, done: usize, total: usize| bars.report(what, done, total);
     let opts = DiscoverOptions {
@@ -148,10 +214,14 @@ pub fn run(a: Args) -> Result<()> {
         head_inputs: a.edge_receivers == EdgeReceivers::Heads,
         batching: a.batching,
         progress: Some(&progress),
+        resume: resume.as_ref(),
         ..Default::default()
     };
     // Checked before the long work and before anything is written (discover checks again).
     opts.check(&model)?;
+    if let Some(shard) = a.shard {
+        return run_shard(&a, &model, &batch, &opts, shard, ShardIds { data_sha, options, out: &out, resumed: resumed.as_ref() });
+    }
     crate::in_new_dir(&out, || {
         ferrolens_tasks::write_jsonl(&out.join("pairs.jsonl"), &batch.pairs)?;
         if !a.quiet {
@@ -193,4 +263,161 @@ pub fn run(a: Args) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// What identifies a discover shard's sweep.
+struct ShardIds<'a> {
+    data_sha: String,
+    options: serde_json::Value,
+    out: &'a Path,
+    resumed: Option<&'a Resumable>,
+}
+
+/// `discover --shard`: one shard of the node scores, or (with --from merged scores) of the
+/// faithfulness scan.
+fn run_shard(a: &Args, model: &HookedTransformer, batch: &PairBatch, opts: &DiscoverOptions, shard: Shard, ids: ShardIds) -> Result<()> {
+    let t0 = Instant::now();
+    let prep = prepare(model, batch)?;
+    let data = match &a.data {
+        Some(p) => p.display().to_string(),
+        None => format!("{} (n {}, seed {})", a.task.task, a.task.n, a.task.seed),
+    };
+    let (payload, units, rule) = match ids.resumed {
+        None => {
+            let units = node_score_units(model, &prep, opts);
+            let (grids, times) = node_scores(model, batch, &prep, opts, Some(shard))?;
+            let values = grids.iter().map(|g| to_part_values(&g.values)).collect();
+            let grids = grids.into_iter().map(|g| ScoreGrid { values: vec![], ..g }).collect();
+            let times = times.iter().map(|(m, t)| (m.name().to_string(), *t)).collect();
+            (
+                DiscoverPayload { step: "scores".into(), grids, values, times, scan: vec![] },
+                units,
+                "row % N == I over every method's grids (act, AtP, RelP; heads, then MLPs)",
+            )
+        }
+        Some(r) if r.payload.scan.is_empty() => {
+            let grids = opts.resume.and_then(|x| x.grids.clone()).expect("resumed grids");
+            let (_, ranked) = rank_nodes(model, &grids, opts.method)?;
+            let sizes = faithfulness_sizes(ranked.len(), opts.top_k);
+            let pts = faithfulness_scan(model, &prep, &ranked, &sizes, opts.max_rows, Some(shard))?;
+            let scan = pts.iter().map(|p| (p.size, (!p.faithfulness.is_nan()).then_some(p.faithfulness))).collect();
+            (
+                DiscoverPayload { step: "faithfulness".into(), grids: r.payload.grids.clone(), values: r.payload.values.clone(), times: r.payload.times.clone(), scan },
+                sizes.len(),
+                "size index % N == I over the faithfulness scan's circuit sizes",
+            )
+        }
+        Some(_) => bail!(
+            "{} already holds the merged faithfulness scan: nothing of this study is left to shard; finish it without --shard (`ferrolens discover --from DIR ...`)",
+            a.from.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        ),
+    };
+    let step = payload.step.clone();
+    crate::in_new_dir(ids.out, || {
+        let part = Part {
+            manifest: Manifest {
+                data,
+                data_sha256: ids.data_sha.clone(),
+                options: ids.options.clone(),
+                ..Manifest::new(&format!("discover {step}"), shard, model, units, rule, t0.elapsed().as_secs_f64())?
+            },
+            payload,
+        };
+        write_part(ids.out, &part)?;
+        if !a.quiet {
+            eprintln!(
+                "shard {shard} of the {step} step: {} of {units} units; wrote {}",
+                shard.count_of(units),
+                ids.out.join(crate::parts::PART_FILE).display()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Read a merged discover run and check that it belongs to this model, these pairs and options.
+fn read_resumable(dir: &Path, model: &HookedTransformer, data_sha: &str, options: &serde_json::Value) -> Result<Resumable> {
+    let p = dir.join(RESUME_FILE);
+    let r: Resumable = serde_json::from_slice(
+        &std::fs::read(&p)
+            .with_context(|| format!("{} has no {RESUME_FILE}: give the output folder of `ferrolens merge` over `discover --shard` parts", dir.display()))?,
+    )
+    .with_context(|| format!("{} is not a merged discover run", p.display()))?;
+    let m = &r.manifest;
+    if m.model_fingerprint != model.fingerprint()? {
+        bail!("{} was computed with another model or dtype ({}); resume with the same --model and --dtype", dir.display(), m.model);
+    }
+    if m.data_sha256 != data_sha {
+        bail!("{} was computed on other prompt pairs ({}); resume with the same --data or task options (--task, --n, --seed, ...)", dir.display(), m.data);
+    }
+    if &m.options != options {
+        bail!("{} was computed with other options ({}); resume with the same --method, --direction and --top-k", dir.display(), m.options);
+    }
+    Ok(r)
+}
+
+/// `ferrolens merge` of discover parts (every shard of one step, in shard order): writes
+/// OUT/discover.json for `discover --from OUT`.
+pub fn merge(parts: Vec<Part<DiscoverPayload>>, out: &Path, quiet: bool) -> Result<()> {
+    let first = &parts[0];
+    let step = first.payload.step.clone();
+    let n = parts.len();
+    let mut payload = DiscoverPayload { step: step.clone(), grids: first.payload.grids.clone(), values: vec![], times: vec![], scan: vec![] };
+    if step == "scores" {
+        let mut offset = 0;
+        for gi in 0..first.payload.grids.len() {
+            let all: Vec<&[Option<f64>]> = parts.iter().map(|p| p.payload.values[gi].as_slice()).collect();
+            let joined = join_values(&all, offset)?;
+            offset += joined.len();
+            payload.values.push(to_part_values(&joined));
+        }
+        // Seconds per method, summed over the shards.
+        for (m, _) in &first.payload.times {
+            let t: f64 = parts.iter().flat_map(|p| p.payload.times.iter().filter(|(x, _)| x == m).map(|(_, t)| *t)).sum();
+            payload.times.push((m.clone(), t));
+        }
+    } else {
+        payload.values = first.payload.values.clone();
+        payload.times = first.payload.times.clone();
+        let all: Vec<Vec<Option<f64>>> = parts.iter().map(|p| p.payload.scan.iter().map(|x| x.1).collect()).collect();
+        let refs: Vec<&[Option<f64>]> = all.iter().map(|v| v.as_slice()).collect();
+        let joined = join_values(&refs, 0)?;
+        payload.scan = first.payload.scan.iter().zip(joined).map(|((size, _), f)| (*size, (!f.is_nan()).then_some(f))).collect();
+    }
+    let seconds: f64 = parts.iter().map(|p| p.manifest.seconds).sum();
+    let manifest = Manifest { seconds, ..first.manifest.clone() };
+    let rerun = manifest.rerun.clone();
+    crate::in_new_dir(out, || {
+        std::fs::write(out.join(RESUME_FILE), serde_json::to_vec(&Resumable { manifest, payload })?)
+            .with_context(|| format!("writing {}", out.join(RESUME_FILE).display()))
+    })?;
+    if !quiet {
+        // The next command: the shard's own line with --from this merge (and no --shard to finish).
+        let base: Vec<&str> = rerun.split(' ').collect();
+        let mut next: Vec<String> = Vec::new();
+        let mut skip = 0;
+        for w in &base {
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            if matches!(*w, "--shard" | "--from" | "--out") {
+                skip = 1;
+                continue;
+            }
+            next.push(w.to_string());
+        }
+        let next = next.join(" ");
+        eprintln!("merged {n} {step} parts into {}", out.join(RESUME_FILE).display());
+        if step == "scores" {
+            eprintln!(
+                "next: shard the faithfulness scan (`{next} --from {} --shard I/N --out PART`), or finish: `{next} --from {} --out DIR`",
+                out.display(),
+                out.display()
+            );
+        } else {
+            eprintln!("next: finish the study: `{next} --from {} --out DIR`", out.display());
+        }
+    }
+    Ok(())
 }

@@ -32,6 +32,7 @@ pub fn run(a: Args) -> Result<()> {
         "circuits eval" => crate::cmd_circuits::merge(read_parts(&a.parts)?, &a.out, a.quiet),
         "heads retrieval" => crate::cmd_heads::merge(read_parts(&a.parts)?, &a.out),
         "cache" => crate::cmd_cache::merge(read_parts_in(&a.parts)?, &a.out, a.quiet),
+        "discover scores" | "discover faithfulness" => crate::cmd_discover::merge(read_parts(&a.parts)?, &a.out, a.quiet),
         other => bail!("{} is a part of `{other}`, which this version of ferrolens cannot merge", a.parts[0].display()),
     }
 }

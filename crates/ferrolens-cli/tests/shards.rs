@@ -291,3 +291,121 @@ fn deploy_scripts_run_shards_as_slurm_and_kubernetes_would() {
     same_rows(&dir.join("full/scores.csv"), &sweep.join("merged/scores.csv"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn cache_shards_merge_and_split_devices_give_the_same_file() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-cache-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("p.txt");
+    // Two token lengths: the grouped layout with prompt_index.
+    std::fs::write(&prompts, "The cat sat on the mat\nA dog ran\n\nThe bird flew over the tree\nA fish swam\nThe sun rose\n").unwrap();
+    let hooks = "blocks.0.hook_resid_post,blocks.29.attn.hook_z";
+    let cache = |pre: &[&str], extra: &[&str], out: &Path| {
+        let mut c = ferrolens();
+        c.args(pre).args(["cache", "--hooks", hooks, "--prompts"]).arg(&prompts).args(extra).arg("--out").arg(out);
+        c.output().unwrap()
+    };
+    let full = dir.join("full.safetensors");
+    ok(cache(&[], &[], &full));
+    for i in 0..2 {
+        ok(cache(&[], &["--shard", &format!("{i}/2"), "--batch-size", "1"], &dir.join(format!("part-{i}"))));
+    }
+    let merged = dir.join("merged");
+    ok(ferrolens().arg("merge").arg(dir.join("part-0")).arg(dir.join("part-1")).arg("--out").arg(&merged).output().unwrap());
+    // The model split over two (CPU) devices writes the same file.
+    let split = dir.join("split.safetensors");
+    ok(cache(&["--devices", "cpu,cpu"], &[], &split));
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let want = load(&full);
+    assert!(want.keys().any(|k| k.ends_with("prompt_index")), "{:?}", want.keys());
+    for got in [load(&merged.join("cache.safetensors")), load(&split)] {
+        let mut keys: Vec<_> = got.keys().collect();
+        keys.sort();
+        let mut wk: Vec<_> = want.keys().collect();
+        wk.sort();
+        assert_eq!(keys, wk);
+        for (k, t) in &want {
+            let u = &got[k];
+            assert_eq!(t.dims(), u.dims(), "{k}");
+            let d = (t.to_dtype(candle_core::DType::F64).unwrap() - u.to_dtype(candle_core::DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-5, "{k}: {d}");
+        }
+    }
+    // A missing shard is named; a shard's --out must be a folder.
+    let e = err(ferrolens().arg("merge").arg(dir.join("part-1")).arg("--out").arg(dir.join("m2")).output().unwrap());
+    assert!(e.contains("0/2") && e.contains("missing"), "{e}");
+    let e = err(cache(&[], &["--shard", "0/2"], &dir.join("x.safetensors")));
+    assert!(e.contains("folder"), "{e}");
+    // --devices replaces --device; plain runs agree split and unsplit.
+    let e = err(ferrolens().args(["--device", "cuda:0", "--devices", "cpu,cpu", "run", "--prompt", "Hi"]).output().unwrap());
+    assert!(e.contains("drop --device"), "{e}");
+    let run = |pre: &[&str]| {
+        let o = ok(ferrolens().args(pre).args(["run", "--prompt", "The capital of France is", "--json"]).output().unwrap());
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["top_k"].clone()
+    };
+    assert_eq!(run(&[]), run(&["--devices", "cpu,cpu,cpu"]));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn discover_shards_of_both_steps_finish_into_the_unsharded_study() {
+    let dir = std::env::temp_dir().join(format!("ferrolens-discover-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = ["discover", "--task", "ioi", "--n", "2", "--seed", "5", "--method", "act", "--quiet"];
+    let discover = |extra: &[&str], out: &Path| ferrolens().args(base).args(extra).arg("--out").arg(out).output().unwrap();
+    let full = dir.join("full");
+    ok(discover(&[], &full));
+    // Step 1 in three shards, merged; step 2 (the faithfulness scan) in two, merged; then finish.
+    for i in 0..3 {
+        ok(discover(&["--shard", &format!("{i}/3")], &dir.join(format!("s{i}"))));
+    }
+    let scores = dir.join("scores");
+    let o = ok(ferrolens().arg("merge").args((0..3).map(|i| dir.join(format!("s{i}")))).arg("--out").arg(&scores).output().unwrap());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--from"), "the merge names the next step");
+    let scores_s = scores.to_str().unwrap();
+    for i in 0..2 {
+        ok(discover(&["--from", scores_s, "--shard", &format!("{i}/2")], &dir.join(format!("f{i}"))));
+    }
+    let faith = dir.join("faith");
+    ok(ferrolens().arg("merge").arg(dir.join("f0")).arg(dir.join("f1")).arg("--out").arg(&faith).output().unwrap());
+    let done = dir.join("done");
+    ok(discover(&["--from", faith.to_str().unwrap()], &done));
+    let circuit = |d: &Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(d.join("circuit.json")).unwrap()).unwrap();
+    let (a, b) = (circuit(&full), circuit(&done));
+    assert_eq!(
+        a["nodes"].as_array().unwrap().iter().map(|n| n["node"].clone()).collect::<Vec<_>>(),
+        b["nodes"].as_array().unwrap().iter().map(|n| n["node"].clone()).collect::<Vec<_>>()
+    );
+    assert!(a["size"].as_u64().unwrap() > 0);
+    assert!((a["faithfulness"].as_f64().unwrap() - b["faithfulness"].as_f64().unwrap()).abs() < 1e-6);
+    assert_eq!(a["curve"].as_array().unwrap().len(), b["curve"].as_array().unwrap().len());
+    same_rows(&full.join("scores.csv"), &done.join("scores.csv"));
+    // Resuming from the scores alone (no scan merged) finishes the same way.
+    let done2 = dir.join("done2");
+    ok(discover(&["--from", scores_s], &done2));
+    assert!((circuit(&done2)["faithfulness"].as_f64().unwrap() - a["faithfulness"].as_f64().unwrap()).abs() < 1e-6);
+    // Refusals: other pairs, other options, a finished scan sharded again.
+    let e = err(ferrolens()
+        .args(["discover", "--task", "ioi", "--n", "3", "--seed", "5", "--method", "act", "--quiet", "--from", scores_s, "--out"])
+        .arg(dir.join("x"))
+        .output()
+        .unwrap());
+    assert!(e.contains("other prompt pairs"), "{e}");
+    let e = err(ferrolens()
+        .args(["discover", "--task", "ioi", "--n", "2", "--seed", "5", "--method", "atp", "--quiet", "--from", scores_s, "--out"])
+        .arg(dir.join("x"))
+        .output()
+        .unwrap());
+    assert!(e.contains("other options"), "{e}");
+    let e = err(discover(&["--from", faith.to_str().unwrap(), "--shard", "0/2"], &dir.join("x")));
+    assert!(e.contains("nothing of this study is left to shard"), "{e}");
+    assert!(!dir.join("x").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -21,7 +21,8 @@ use crate::edges::{edge_attribution, Edge, EdgeOptions, Receiver};
 use crate::heads::attention_between;
 use crate::patching::{Direction, PatchingData};
 use crate::scores::{Component, ScoreGrid};
-use crate::study::{prepare, run_methods, Batching, Method, Prepared, Progress, RunOptions};
+use crate::shard::Shard;
+use crate::study::{planned_grids, prepare, run_methods, Batching, Method, Prepared, Progress, RunOptions};
 use candle_core::{DType, Tensor};
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, LrpRules, Patch, Result, RunSpan};
 use ferrolens_tasks::PairBatch;
@@ -170,7 +171,7 @@ pub fn ablated_metric(model: &HookedTransformer, data: &PatchingData, means: &Ab
 }
 
 /// One point of a faithfulness curve.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct CurvePoint {
     /// Number of nodes kept.
     pub size: usize,
@@ -208,7 +209,20 @@ pub fn smallest_faithful(
     sizes: &[usize],
     target: f64,
 ) -> Result<(Option<usize>, Vec<CurvePoint>)> {
-    let mut pts = faithfulness_curve(model, data, ablation, ranked, sizes)?;
+    let pts = faithfulness_curve(model, data, ablation, ranked, sizes)?;
+    smallest_faithful_from(model, data, ablation, ranked, pts, target)
+}
+
+/// [`smallest_faithful`] after its scan: `pts` are the faithfulness at the scanned sizes (in
+/// increasing size), from [`faithfulness_curve`] or merged shards of it.
+pub fn smallest_faithful_from(
+    model: &HookedTransformer,
+    data: &PatchingData,
+    ablation: &Ablation,
+    ranked: &[Node],
+    mut pts: Vec<CurvePoint>,
+    target: f64,
+) -> Result<(Option<usize>, Vec<CurvePoint>)> {
     let first = pts.iter().position(|p| p.faithfulness >= target);
     let Some(i) = first else {
         return Ok((None, pts));
@@ -247,6 +261,21 @@ pub struct DiscoverOptions<'a> {
     pub max_rows: usize,
     /// Progress: `(what, done, total)`.
     pub progress: Option<Progress<'a>>,
+    /// Steps already done elsewhere (merged shards), used instead of computing them.
+    pub resume: Option<&'a DiscoverResume>,
+}
+
+/// What shards of a discovery computed, merged ([`node_scores`] and [`faithfulness_scan`] with
+/// a shard each, joined): [`discover`] takes these instead of running those steps.
+#[derive(Debug, Clone, Default)]
+pub struct DiscoverResume {
+    /// Every method's node-score grids (step 1), as [`node_scores`] returns them unsharded.
+    pub grids: Option<Vec<ScoreGrid>>,
+    /// Faithfulness at every size of [`faithfulness_sizes`] (the scan of step 2; a search for
+    /// the smallest faithful circuit bisects after it).
+    pub scan: Option<Vec<CurvePoint>>,
+    /// Seconds per scoring method of the resumed scores (summed over their shards).
+    pub times: Vec<(Method, f64)>,
 }
 
 impl Default for DiscoverOptions<'_> {
@@ -260,6 +289,7 @@ impl Default for DiscoverOptions<'_> {
             batching: Batching::Auto,
             max_rows: 240,
             progress: None,
+            resume: None,
         }
     }
 }
@@ -397,59 +427,41 @@ impl DiscoverOptions<'_> {
 pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: &DiscoverOptions) -> Result<Discovery> {
     opts.check(model)?;
     let prep = prepare(model, batch)?;
-    // 1. Node scores. Noising: AtP/RelP gradients at the clean run estimate the drop M(clean) -
-    // M(node corrupted), and the act scores become the same drop (1 - patched metric).
+    // 1. Node scores (or the merged shards' scores).
     let t0 = Instant::now();
-    let comps = [Component::HeadZ, Component::MlpOut];
-    let mut methods = vec![Method::Atp, Method::Relp];
-    if opts.method == Method::Act || opts.top_k.is_none() {
-        methods.insert(0, Method::Act);
-    }
-    let noise = opts.direction == Direction::Noise;
-    let ro = RunOptions {
-        by_pos: false,
-        resid_by_pos: false,
-        rules: LrpRules::RELP,
-        direction: opts.direction,
-        at_clean: noise,
-        batching: opts.batching,
-        progress: opts.progress,
-        shard: None,
-    };
-    let run = run_methods(model, batch, &prep, &methods, &comps, &ro)?;
-    let mut grids = run.grids;
-    if noise {
-        grids.iter_mut().filter(|g| g.method == "act").for_each(|g| g.values.iter_mut().for_each(|v| *v = 1.0 - *v));
-    }
-    let get = |c: Component| grids.iter().find(|g| g.method == opts.method.name() && g.component == c).expect("every method ran on heads and MLPs");
-    let mut scores = BTreeMap::new();
-    for l in 0..model.cfg.n_layers {
-        for h in 0..model.cfg.n_heads {
-            scores.insert(Node::Head(l, h), get(Component::HeadZ).get(l, 0, h));
+    let (grids, times) = match opts.resume.and_then(|r| r.grids.as_ref()) {
+        Some(g) => {
+            check_resumed_grids(model, opts, g)?;
+            (g.clone(), opts.resume.map(|r| r.times.clone()).unwrap_or_default())
         }
-        scores.insert(Node::Mlp(l), get(Component::MlpOut).get(l, 0, 0));
-    }
+        None => node_scores(model, batch, &prep, opts, None)?,
+    };
+    let (scores, ranked) = rank_nodes(model, &grids, opts.method)?;
     let t_scores = t0.elapsed().as_secs_f64();
-    let mut ranked: Vec<Node> = scores.keys().copied().collect();
-    ranked.sort_by(|x, y| scores[y].abs().total_cmp(&scores[x].abs()));
 
-    // 2. Faithfulness under mean ablation.
+    // 2. Faithfulness under mean ablation: the scan of the size grid, then (searching for the
+    // smallest faithful circuit) a bisection.
     let t0 = Instant::now();
     if let Some(p) = opts.progress {
         p("faithfulness", 0, 1);
     }
     let means = AblationMeans::new(model, &prep.corrupt, prep.mask.as_ref())?;
     let ablation = Ablation { means: &means, full: prep.clean_value, max_rows: opts.max_rows };
-    let (size, curve) = match opts.top_k {
-        Some(k) => {
-            let mut sizes = size_grid(ranked.len());
-            if !sizes.contains(&k) {
-                sizes.push(k);
-                sizes.sort();
+    let sizes = faithfulness_sizes(ranked.len(), opts.top_k);
+    let scan = match opts.resume.and_then(|r| r.scan.as_ref()) {
+        Some(pts) => {
+            if pts.iter().map(|p| p.size).collect::<Vec<_>>() != sizes {
+                return Err(Error::Input(
+                    "the resumed faithfulness scan was made for other circuit sizes (another --top-k or model); run that step again".into(),
+                ));
             }
-            (Some(k), faithfulness_curve(model, &prep.raw_data(), &ablation, &ranked, &sizes)?)
+            pts.clone()
         }
-        None => smallest_faithful(model, &prep.raw_data(), &ablation, &ranked, &size_grid(ranked.len()), opts.target)?,
+        None => faithfulness_curve(model, &prep.raw_data(), &ablation, &ranked, &sizes)?,
+    };
+    let (size, curve) = match opts.top_k {
+        Some(k) => (Some(k), scan),
+        None => smallest_faithful_from(model, &prep.raw_data(), &ablation, &ranked, scan, opts.target)?,
     };
     if let Some(p) = opts.progress {
         p("faithfulness", 1, 1);
@@ -497,7 +509,128 @@ pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: 
         n_mlps: nodes.iter().filter(|n| matches!(n, Node::Mlp(_))).count(),
         curve,
     };
-    Ok(Discovery { circuit, nodes, scores, ranked, grids, edges, classes, prep, timings: (t_scores, t_faith, t_edges, run.times) })
+    Ok(Discovery { circuit, nodes, scores, ranked, grids, edges, classes, prep, timings: (t_scores, t_faith, t_edges, times) })
+}
+
+/// The scoring methods [`discover`] runs: AtP and RelP always, activation patching when it ranks
+/// or when the circuit size is searched (for the correlation table).
+pub fn discover_methods(opts: &DiscoverOptions) -> Vec<Method> {
+    let mut methods = vec![Method::Atp, Method::Relp];
+    if opts.method == Method::Act || opts.top_k.is_none() {
+        methods.insert(0, Method::Act);
+    }
+    methods
+}
+
+/// The node components [`discover`] scores.
+pub const DISCOVER_COMPONENTS: [Component; 2] = [Component::HeadZ, Component::MlpOut];
+
+/// The run options of [`discover`]'s node scores (one score per head and MLP, over all
+/// positions; AtP/RelP at the clean run when noising).
+pub fn node_score_options<'a>(opts: &DiscoverOptions<'a>, shard: Option<Shard>) -> RunOptions<'a> {
+    RunOptions {
+        by_pos: false,
+        resid_by_pos: false,
+        rules: LrpRules::RELP,
+        direction: opts.direction,
+        at_clean: opts.direction == Direction::Noise,
+        batching: opts.batching,
+        progress: opts.progress,
+        shard,
+    }
+}
+
+/// Step 1 of [`discover`]: every method's node scores on heads and MLPs (noising: activation
+/// patching's scores become the drop `1 - patched metric`, as AtP/RelP at the clean run estimate
+/// it), with the seconds per method. With a shard, only its rows (the rows of [`planned_grids`]
+/// in order, round robin) are filled; the rest are NaN.
+pub fn node_scores(
+    model: &HookedTransformer,
+    batch: &PairBatch,
+    prep: &Prepared,
+    opts: &DiscoverOptions,
+    shard: Option<Shard>,
+) -> Result<(Vec<ScoreGrid>, Vec<(Method, f64)>)> {
+    let run = run_methods(model, batch, prep, &discover_methods(opts), &DISCOVER_COMPONENTS, &node_score_options(opts, shard))?;
+    let mut grids = run.grids;
+    if opts.direction == Direction::Noise {
+        grids.iter_mut().filter(|g| g.method == "act").for_each(|g| g.values.iter_mut().for_each(|v| *v = 1.0 - *v));
+    }
+    Ok((grids, run.times))
+}
+
+/// Work units of [`node_scores`]: the rows of every grid it returns.
+pub fn node_score_units(model: &HookedTransformer, prep: &Prepared, opts: &DiscoverOptions) -> usize {
+    planned_grids(model, prep, &discover_methods(opts), &DISCOVER_COMPONENTS, &node_score_options(opts, None)).iter().map(|g| g.rows()).sum()
+}
+
+fn check_resumed_grids(model: &HookedTransformer, opts: &DiscoverOptions, grids: &[ScoreGrid]) -> Result<()> {
+    let want = discover_methods(opts).len() * DISCOVER_COMPONENTS.len();
+    let nodes = |g: &ScoreGrid| g.values.len();
+    if grids.len() != want || grids.iter().any(|g| g.n_layers != model.cfg.n_layers || nodes(g) == 0) {
+        return Err(Error::Input(format!(
+            "the resumed node scores hold {} grids, but this discovery ({} on {}) makes {want}; resume from the scores of the same model and options",
+            grids.len(),
+            opts.method,
+            model.cfg.name
+        )));
+    }
+    if let Some(g) = grids.iter().find(|g| g.values.iter().any(|v| v.is_nan())) {
+        return Err(Error::Input(format!("the resumed {} {} scores have empty rows: a shard is missing from the merge", g.method, g.component.name())));
+    }
+    Ok(())
+}
+
+/// Node scores of the ranking `method` from [`node_scores`]' grids, and every node by
+/// decreasing |score|.
+pub fn rank_nodes(model: &HookedTransformer, grids: &[ScoreGrid], method: Method) -> Result<(BTreeMap<Node, f64>, Vec<Node>)> {
+    let get = |c: Component| {
+        grids
+            .iter()
+            .find(|g| g.method == method.name() && g.component == c)
+            .ok_or_else(|| Error::Input(format!("no {} scores of {} to rank the nodes by", method.name(), c.name())))
+    };
+    let (heads, mlps) = (get(Component::HeadZ)?, get(Component::MlpOut)?);
+    let mut scores = BTreeMap::new();
+    for l in 0..model.cfg.n_layers {
+        for h in 0..model.cfg.n_heads {
+            scores.insert(Node::Head(l, h), heads.get(l, 0, h));
+        }
+        scores.insert(Node::Mlp(l), mlps.get(l, 0, 0));
+    }
+    let mut ranked: Vec<Node> = scores.keys().copied().collect();
+    ranked.sort_by(|x, y| scores[y].abs().total_cmp(&scores[x].abs()));
+    Ok((scores, ranked))
+}
+
+/// The circuit sizes [`discover`] scans first: a fixed grid up to every node, plus `top_k`.
+pub fn faithfulness_sizes(n_nodes: usize, top_k: Option<usize>) -> Vec<usize> {
+    let mut sizes = size_grid(n_nodes);
+    if let Some(k) = top_k {
+        if !sizes.contains(&k) {
+            sizes.push(k);
+            sizes.sort();
+        }
+    }
+    sizes
+}
+
+/// Step 2's scan for a shard: faithfulness (mean ablation over `batch`'s corrupt prompts) of the
+/// top `size` nodes of `ranked` for the sizes of `sizes` the shard owns (unit = index in
+/// `sizes`); the others are NaN.
+pub fn faithfulness_scan(
+    model: &HookedTransformer,
+    prep: &Prepared,
+    ranked: &[Node],
+    sizes: &[usize],
+    max_rows: usize,
+    shard: Option<Shard>,
+) -> Result<Vec<CurvePoint>> {
+    let means = AblationMeans::new(model, &prep.corrupt, prep.mask.as_ref())?;
+    let ablation = Ablation { means: &means, full: prep.clean_value, max_rows };
+    let mine: Vec<usize> = sizes.iter().enumerate().filter(|(u, _)| shard.is_none_or(|s| s.owns(*u))).map(|(_, &k)| k).collect();
+    let got = if mine.is_empty() { vec![] } else { faithfulness_curve(model, &prep.raw_data(), &ablation, ranked, &mine)? };
+    Ok(sizes.iter().map(|&size| got.iter().find(|p| p.size == size).copied().unwrap_or(CurvePoint { size, faithfulness: f64::NAN })).collect())
 }
 
 /// IOI head classes in Wang et al.'s terms, from mean attention at labelled positions
