@@ -188,22 +188,19 @@ pub fn run(a: Args) -> Result<()> {
         Some(dir) => Some(read_resumable(dir, &model, &data_sha, &options)?),
         None => None,
     };
-    let resume = match &resumed {
-        Some(r) => Some(DiscoverResume {
-            grids: Some(
-                r.payload
-                    .grids
-                    .iter()
-                    .zip(&r.payload.values)
-                    .map(|(g, v)| ScoreGrid { values: v.iter().map(|x| x.unwrap_or(f64::NAN)).collect(), ..g.clone() })
-                    .collect(),
-            ),
-            scan: (!r.payload.scan.is_empty())
-                .then(|| r.payload.scan.iter().map(|(size, f)| CurvePoint { size: *size, faithfulness: f.unwrap_or(f64::NAN) }).collect()),
-            times: r.payload.times.iter().filter_map(|(m, t)| m.parse::<Method>().ok().map(|m| (m, *t))).collect(),
-        }),
-        None => None,
-    };
+    let resume = resumed.as_ref().map(|r| DiscoverResume {
+        grids: Some(
+            r.payload
+                .grids
+                .iter()
+                .zip(&r.payload.values)
+                .map(|(g, v)| ScoreGrid { values: v.iter().map(|x| x.unwrap_or(f64::NAN)).collect(), ..g.clone() })
+                .collect(),
+        ),
+        scan: (!r.payload.scan.is_empty())
+            .then(|| r.payload.scan.iter().map(|(size, f)| CurvePoint { size: *size, faithfulness: f.unwrap_or(f64::NAN) }).collect()),
+        times: r.payload.times.iter().filter_map(|(m, t)| m.parse::<Method>().ok().map(|m| (m, *t))).collect(),
+    });
     let bars = Bars::new(a.quiet);
     let progress = |what: &str, done: usize, total: usize| bars.report(what, done, total);
     let opts = DiscoverOptions {
@@ -285,7 +282,8 @@ fn run_shard(a: &Args, model: &HookedTransformer, batch: &PairBatch, opts: &Disc
     let (payload, units, rule) = match ids.resumed {
         None => {
             let units = node_score_units(model, &prep, opts);
-            let (grids, times) = node_scores(model, batch, &prep, opts, Some(shard))?;
+            let run = node_scores(model, batch, &prep, opts, Some(shard))?;
+            let (grids, times) = (run.grids, run.times);
             let values = grids.iter().map(|g| to_part_values(&g.values)).collect();
             let grids = grids.into_iter().map(|g| ScoreGrid { values: vec![], ..g }).collect();
             let times = times.iter().map(|(m, t)| (m.name().to_string(), *t)).collect();

@@ -22,7 +22,7 @@ use crate::heads::attention_between;
 use crate::patching::{Direction, PatchingData};
 use crate::scores::{Component, ScoreGrid};
 use crate::shard::Shard;
-use crate::study::{planned_grids, prepare, run_methods, Batching, Method, Prepared, Progress, RunOptions};
+use crate::study::{planned_grids, prepare, run_methods, Batching, Method, MethodRun, Prepared, Progress, RunOptions};
 use candle_core::{DType, Tensor};
 use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, LrpRules, Patch, Result, RunSpan};
 use ferrolens_tasks::PairBatch;
@@ -434,7 +434,10 @@ pub fn discover(model: &HookedTransformer, batch: &PairBatch, task: &str, opts: 
             check_resumed_grids(model, opts, g)?;
             (g.clone(), opts.resume.map(|r| r.times.clone()).unwrap_or_default())
         }
-        None => node_scores(model, batch, &prep, opts, None)?,
+        None => {
+            let run = node_scores(model, batch, &prep, opts, None)?;
+            (run.grids, run.times)
+        }
     };
     let (scores, ranked) = rank_nodes(model, &grids, opts.method)?;
     let t_scores = t0.elapsed().as_secs_f64();
@@ -544,19 +547,12 @@ pub fn node_score_options<'a>(opts: &DiscoverOptions<'a>, shard: Option<Shard>) 
 /// patching's scores become the drop `1 - patched metric`, as AtP/RelP at the clean run estimate
 /// it), with the seconds per method. With a shard, only its rows (the rows of [`planned_grids`]
 /// in order, round robin) are filled; the rest are NaN.
-pub fn node_scores(
-    model: &HookedTransformer,
-    batch: &PairBatch,
-    prep: &Prepared,
-    opts: &DiscoverOptions,
-    shard: Option<Shard>,
-) -> Result<(Vec<ScoreGrid>, Vec<(Method, f64)>)> {
-    let run = run_methods(model, batch, prep, &discover_methods(opts), &DISCOVER_COMPONENTS, &node_score_options(opts, shard))?;
-    let mut grids = run.grids;
+pub fn node_scores(model: &HookedTransformer, batch: &PairBatch, prep: &Prepared, opts: &DiscoverOptions, shard: Option<Shard>) -> Result<MethodRun> {
+    let mut run = run_methods(model, batch, prep, &discover_methods(opts), &DISCOVER_COMPONENTS, &node_score_options(opts, shard))?;
     if opts.direction == Direction::Noise {
-        grids.iter_mut().filter(|g| g.method == "act").for_each(|g| g.values.iter_mut().for_each(|v| *v = 1.0 - *v));
+        run.grids.iter_mut().filter(|g| g.method == "act").for_each(|g| g.values.iter_mut().for_each(|v| *v = 1.0 - *v));
     }
-    Ok((grids, run.times))
+    Ok(run)
 }
 
 /// Work units of [`node_scores`]: the rows of every grid it returns.
