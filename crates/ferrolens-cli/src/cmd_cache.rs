@@ -33,6 +33,10 @@ pub struct Args {
     /// joins the parts into the file an unsharded run writes.
     #[arg(long)]
     shard: Option<Shard>,
+    /// Print the prompts (and the shard's share), a time estimate from one timed batch and the
+    /// size of the file, then stop without writing anything.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// The file a shard writes into its folder, and a merge into its output folder.
@@ -85,6 +89,9 @@ pub fn run(a: Args) -> Result<()> {
         by_len.entry(ids.len()).or_default().push((i, ids));
     }
     let n_mine: usize = by_len.values().map(Vec::len).sum();
+    if a.dry_run {
+        return dry_run(&a, &model, &wanted, &by_len, prompts.len());
+    }
     let bar = indicatif::ProgressBar::new(n_mine as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} prompts {elapsed}").unwrap());
     let t0 = std::time::Instant::now();
@@ -206,5 +213,38 @@ pub fn merge(parts: Vec<(std::path::PathBuf, Part<CachePart>)>, out: &Path, quie
             out.join(CACHE_FILE).display()
         );
     }
+    Ok(())
+}
+
+/// `cache --dry-run`: one timed batch of the first length group, scaled to the shard's prompts.
+fn dry_run(
+    a: &Args,
+    model: &ferrolens_model::HookedTransformer,
+    wanted: &[ferrolens_model::HookPoint],
+    by_len: &BTreeMap<usize, Vec<(usize, Vec<u32>)>>,
+    n: usize,
+) -> Result<()> {
+    let shard = a.shard.unwrap_or(Shard { index: 0, count: 1 });
+    let mine: usize = by_len.values().map(Vec::len).sum();
+    let tokens: usize = by_len.iter().map(|(len, v)| len * v.len()).sum();
+    println!("cache on {}: {n} prompts in {} length group(s); {} hook points", model.cfg.name, by_len.len(), wanted.len());
+    println!("work units: {n} prompts; shard {shard} owns {mine} ({tokens} tokens)");
+    let Some((len, items)) = by_len.iter().next() else {
+        return Ok(());
+    };
+    let ids: Vec<Vec<u32>> = items.iter().take(a.batch_size.max(1)).map(|(_, v)| v.clone()).collect();
+    let batch = model.tokens_tensor(&ids)?;
+    model.forward(&batch)?;
+    let t0 = std::time::Instant::now();
+    let mut hooks = Hooks::new().cache_hooks(wanted);
+    model.run(&batch, &mut hooks)?;
+    let t = t0.elapsed().as_secs_f64();
+    let bytes: usize = hooks.cache_ref().iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum();
+    let per_token = bytes as f64 / (ids.len() * len) as f64;
+    let per_token_s = t / (ids.len() * len) as f64;
+    println!("time estimate for shard {shard}: about {:.0} s ({} prompts of {len} tokens took {t:.3} s here)", per_token_s * tokens as f64, ids.len());
+    let size = per_token * tokens as f64;
+    let size = if size >= (1u64 << 30) as f64 { format!("{:.2} GiB", size / (1u64 << 30) as f64) } else { format!("{:.1} MiB", size / (1u64 << 20) as f64) };
+    println!("file size estimate: {size} ({:.1} KiB per token)", per_token / 1024.0);
     Ok(())
 }

@@ -146,6 +146,10 @@ pub struct Args {
     /// faithfulness scan when merged too, instead of computing them. Same model, pairs and options.
     #[arg(long)]
     from: Option<PathBuf>,
+    /// Print the work units of the step this run would do (and the shard's share) with time and
+    /// memory estimates, then stop without writing anything.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// The file a merge of discover parts writes, and `--from` reads.
@@ -216,6 +220,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     // Checked before the long work and before anything is written (discover checks again).
     opts.check(&model)?;
+    if a.dry_run {
+        return dry_run(&a, &model, &batch, &opts, resumed.as_ref());
+    }
     if let Some(shard) = a.shard {
         return run_shard(&a, &model, &batch, &opts, shard, ShardIds { data_sha, options, out: &out, resumed: resumed.as_ref() });
     }
@@ -418,4 +425,48 @@ pub fn merge(parts: Vec<Part<DiscoverPayload>>, out: &Path, quiet: bool) -> Resu
         }
     }
     Ok(())
+}
+
+/// `discover --dry-run`: the units of the step this run would do, the shard's share, estimates.
+fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, opts: &DiscoverOptions, resumed: Option<&Resumable>) -> Result<()> {
+    let prep = prepare(model, batch)?;
+    let shard = a.shard.unwrap_or(Shard { index: 0, count: 1 });
+    match resumed {
+        None => {
+            println!("step 1 of discover: node scores of every head and MLP");
+            crate::cmd_patch::print_estimates(
+                model,
+                &prep,
+                &ferrolens_methods::circuit::discover_methods(opts),
+                &ferrolens_methods::circuit::DISCOVER_COMPONENTS,
+                &ferrolens_methods::circuit::node_score_options(opts, None),
+                shard,
+                "discover",
+            )
+        }
+        Some(r) if r.payload.scan.is_empty() => {
+            let n_nodes = model.cfg.n_layers * (model.cfg.n_heads + 1);
+            let sizes = faithfulness_sizes(n_nodes, opts.top_k);
+            let t_fwd = {
+                let span = ferrolens_model::RunSpan { last_logits_only: true, mask: prep.mask.clone(), ..Default::default() };
+                model.run_span(Some(&prep.clean), &span, &mut ferrolens_model::Hooks::new())?;
+                let t0 = Instant::now();
+                model.run_span(Some(&prep.clean), &span, &mut ferrolens_model::Hooks::new())?;
+                t0.elapsed().as_secs_f64()
+            };
+            let mine = shard.count_of(sizes.len());
+            println!("step 2 of discover: the faithfulness scan over {} circuit sizes {:?}", sizes.len(), sizes);
+            println!("work units: {} sizes; shard {shard} owns {mine}", sizes.len());
+            println!(
+                "time estimate for shard {shard}: about {:.0} s (one mean-ablated forward of {} pairs per size; {t_fwd:.3} s each here)",
+                mine as f64 * t_fwd,
+                batch.len()
+            );
+            Ok(())
+        }
+        Some(_) => {
+            println!("the merged scores and faithfulness scan are done: finishing (bisection for the smallest faithful circuit, EAP, report) is a few forwards and one backward, not sharded");
+            Ok(())
+        }
+    }
 }

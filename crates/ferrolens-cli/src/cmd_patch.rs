@@ -284,21 +284,9 @@ pub(crate) fn merge(parts: Vec<Part<PatchPayload>>, out: &Path, json: bool, quie
 /// `patch --dry-run`: the work units, this shard's share, and estimates.
 fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, rules: ferrolens_model::LrpRules) -> Result<()> {
     let prep = prepare(model, batch)?;
-    let (b, p) = (batch.len(), prep.clean.dim(1)?);
     let shard = a.shard.unwrap_or(Shard { index: 0, count: 1 });
-    // One timed forward of the batch calibrates the estimate (after a warm-up).
-    let span = ferrolens_model::RunSpan { last_logits_only: true, mask: prep.mask.clone(), ..Default::default() };
-    model.run_span(Some(&prep.corrupt), &span, &mut ferrolens_model::Hooks::new())?;
-    let t0 = Instant::now();
-    model.run_span(Some(&prep.corrupt), &span, &mut ferrolens_model::Hooks::new())?;
-    let t_fwd = t0.elapsed().as_secs_f64();
-    let n_layers = model.cfg.n_layers;
-    println!(
-        "patch on {} ({}): {b} pairs of {p} tokens; one forward of the batch took {t_fwd:.3} s here",
-        model.cfg.name,
-        ferrolens_model::device_name(model.device())
-    );
     if let Some(pattern) = &a.hooks {
+        timed_forward(model, &prep, "patch")?;
         let hooks = model.hooks_matching(pattern)?;
         println!(
             "generic patching of {} hook points over axes {:?}: the units are its patches (known once the axes are resolved on the activations)",
@@ -309,7 +297,37 @@ fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, rules: ferrol
         return Ok(());
     }
     let opts = RunOptions { by_pos: a.by_pos, rules, batching: a.batching, ..Default::default() };
-    let plan = planned_grids(model, &prep, &a.method, &a.component, &opts);
+    print_estimates(model, &prep, &a.method, &a.component, &opts, shard, "patch")
+}
+
+/// One timed forward of `prep`'s corrupt batch (after a warm-up), printed with what it is for.
+fn timed_forward(model: &HookedTransformer, prep: &ferrolens_methods::study::Prepared, command: &str) -> Result<f64> {
+    let (b, p) = (prep.clean.dim(0)?, prep.clean.dim(1)?);
+    let span = ferrolens_model::RunSpan { last_logits_only: true, mask: prep.mask.clone(), ..Default::default() };
+    model.run_span(Some(&prep.corrupt), &span, &mut ferrolens_model::Hooks::new())?;
+    let t0 = Instant::now();
+    model.run_span(Some(&prep.corrupt), &span, &mut ferrolens_model::Hooks::new())?;
+    let t_fwd = t0.elapsed().as_secs_f64();
+    let devices: Vec<String> = model.stages().iter().map(|s| s.device.clone()).collect();
+    println!("{command} on {} ({}): {b} pairs of {p} tokens; one forward of the batch took {t_fwd:.3} s here", model.cfg.name, devices.join(","));
+    Ok(t_fwd)
+}
+
+/// The dry run of a node sweep (`patch`, `discover`'s scores): rows per (method, component) and
+/// this shard's share, a time estimate from one timed forward, a memory estimate per device.
+pub(crate) fn print_estimates(
+    model: &HookedTransformer,
+    prep: &ferrolens_methods::study::Prepared,
+    methods: &[Method],
+    components: &[Component],
+    opts: &RunOptions,
+    shard: Shard,
+    command: &str,
+) -> Result<()> {
+    let t_fwd = timed_forward(model, prep, command)?;
+    let (b, p) = (prep.clean.dim(0)?, prep.clean.dim(1)?);
+    let n_layers = model.cfg.n_layers;
+    let plan = planned_grids(model, prep, methods, components, opts);
     let total: usize = plan.iter().map(|g| g.rows()).sum();
     println!("{:<14} {:<10} {:>8} {:>12}", "method", "component", "rows", format!("shard {shard}"));
     let (mut offset, mut est, mut act_patches) = (0, 0.0, 0);
@@ -324,7 +342,7 @@ fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, rules: ferrol
         offset += g.rows();
     }
     // A gradient method costs about a forward and a backward of clean and corrupt runs.
-    let grad_methods = a.method.iter().filter(|m| **m != Method::Act).count();
+    let grad_methods = methods.iter().filter(|m| **m != Method::Act).count();
     est += grad_methods as f64 * 4.0 * t_fwd;
     println!("work units: {total} rows; shard {shard} owns {} ({act_patches} activation patches of {b} prompts each)", shard.count_of(total));
     println!(
@@ -334,12 +352,17 @@ fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, rules: ferrol
     let dtype_bytes = model.dtype().size_in_bytes();
     let fwd = ferrolens_model::plan::PlanOptions { dtype_bytes, batch: 256, seq: p, ..Default::default() };
     let grad = ferrolens_model::plan::PlanOptions { dtype_bytes, batch: b, seq: p, grads: true, ..Default::default() };
-    let dev = vec![ferrolens_model::device_name(model.device())];
-    let m1 = ferrolens_model::plan::memory_plan(&model.cfg, &dev, &fwd)?[0].total();
-    let m2 = if grad_methods > 0 { ferrolens_model::plan::memory_plan(&model.cfg, &dev, &grad)?[0].total() } else { 0.0 };
+    // Per device of a split model (--devices): the largest stage.
+    let dev: Vec<String> = model.stages().iter().map(|s| s.device.clone()).collect();
+    let most = |o: &ferrolens_model::plan::PlanOptions| -> Result<f64> {
+        Ok(ferrolens_model::plan::memory_plan(&model.cfg, &dev, o)?.iter().map(|d| d.total()).fold(0.0, f64::max))
+    };
+    let m1 = most(&fwd)?;
+    let m2 = if grad_methods > 0 { most(&grad)? } else { 0.0 };
     println!(
-        "memory estimate: {:.2} GiB (weights + the larger of a 256-row patched forward and {})",
+        "memory estimate: {:.2} GiB{} (weights + the larger of a 256-row patched forward and {})",
         m1.max(m2) / (1u64 << 30) as f64,
+        if dev.len() > 1 { " on the fullest device" } else { "" },
         if grad_methods > 0 { "a gradient run" } else { "nothing" }
     );
     Ok(())

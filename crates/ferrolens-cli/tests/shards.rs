@@ -186,6 +186,24 @@ fn dry_run_and_plan() {
     assert!(s.contains("work units: 1440 rows; shard 1/4 owns 360"), "{s}");
     assert!(s.contains("time estimate") && s.contains("memory estimate"), "{s}");
     assert!(!dir.join("never").exists(), "a dry run writes nothing");
+    // discover's node-score step: act, AtP, RelP on 270 heads and 30 MLPs.
+    let o = ok(ferrolens().args(["discover", "--task", "ioi", "--n", "2", "--shard", "1/3", "--dry-run", "--out"]).arg(dir.join("never")).output().unwrap());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("work units: 900 rows; shard 1/3 owns 300"), "{s}");
+    assert!(s.contains("time estimate") && s.contains("memory estimate"), "{s}");
+    // cache: prompts are the units.
+    let prompts = dir.join("p.txt");
+    std::fs::write(&prompts, "One two three\nFour five\nSix seven eight nine\nTen\nEleven twelve\n").unwrap();
+    let o = ok(ferrolens()
+        .args(["cache", "--hooks", "blocks.*.hook_resid_post", "--shard", "0/2", "--dry-run", "--prompts"])
+        .arg(&prompts)
+        .arg("--out")
+        .arg(dir.join("never"))
+        .output()
+        .unwrap());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("work units: 5 prompts; shard 0/2 owns 3") && s.contains("file size estimate"), "{s}");
+    assert!(!dir.join("never").exists(), "a dry run writes nothing");
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/configs/meta-llama-3-70b.json");
     let o =
         ok(ferrolens().args(["--dtype", "bf16", "plan", "--model", cfg, "--devices", "cuda:0,cuda:1", "--device-memory", "h200", "--json"]).output().unwrap());
