@@ -142,6 +142,7 @@ fn every_command_rejects_bad_input_before_work() {
     let o = out.to_str().unwrap();
     let dir_s = dir.to_str().unwrap().to_string();
     let many = (0..31).map(|i| format!("cuda:{i}")).collect::<Vec<_>>().join(",");
+    let cpus = vec!["cpu"; 31].join(",");
     let rows: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--prompt", ""], "empty prompt"),
         (vec!["run", "--prompt", "Hi", "--top-k", "0"], "give --top-k 1 or more"),
@@ -188,6 +189,10 @@ fn every_command_rejects_bad_input_before_work() {
         (vec!["plan", "--device-memory", "lots"], "a size in GiB"),
         (vec!["plan", "--devices", &many], "give at most 30 devices"),
         (vec!["device-check", "--what", "nope"], "unknown check `nope`"),
+        (vec!["--devices", "cuda:1", "run", "--prompt", "Hi"], "needs a CUDA build"),
+        (vec!["--devices", &cpus, "run", "--prompt", "Hi"], "give at most 30 devices"),
+        (vec!["discover", "--task", "ioi", "--from", &dir_s, "--out", o], "has no discover.json"),
+        (vec!["cache", "--prompts", junk, "--hooks", "blocks.0.hook_resid_pre", "--shard", "0/2", "--out", "x.safetensors"], "not a .safetensors file"),
     ];
     for (args, want) in rows {
         std::fs::remove_dir_all(&out).ok();
