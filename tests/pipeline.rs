@@ -13,6 +13,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use ferrolens::methods::atp_star::{grad_drop, qk_fix};
+use ferrolens::methods::circuit::{discover, DiscoverOptions};
 use ferrolens::methods::eap_ig::{eap_ig, EapIgOptions, EapVariant};
 use ferrolens::methods::edge_circuit::{edge_patched_metric, AblatedSenders, EdgeAblation, EdgeGraph};
 use ferrolens::methods::heads::{detect_heads, Detector};
@@ -210,6 +211,14 @@ fn smollm2_patching_study_split_equals_unsplit() {
     let (d, at) = worst(&want, &run(&tagged));
     eprintln!("SmolLM2 f32/f64 split: largest relative difference {d:.2e} ({at})");
     assert!(d < 1e-4, "the f32/f64 split differs by {d} (relative) at {at}");
+    // A whole discovery (AtP ranking, mean-ablation faithfulness scan, EAP edges, head classes).
+    let o = DiscoverOptions { method: Method::Atp, top_k: Some(12), ..Default::default() };
+    let (x, y) = (discover(model, &batch, "ioi4", &o).unwrap(), discover(&tagged, &batch, "ioi4", &o).unwrap());
+    assert_eq!(x.nodes, y.nodes);
+    let d = (x.circuit.faithfulness - y.circuit.faithfulness).abs();
+    assert!(d < 1e-4 && x.circuit.faithfulness.is_finite(), "faithfulness {} vs {}", x.circuit.faithfulness, y.circuit.faithfulness);
+    let top = |e: &[ferrolens::methods::Edge]| e.iter().take(20).map(|e| (e.sender, e.receiver)).collect::<Vec<_>>();
+    assert_eq!(top(&x.edges), top(&y.edges));
     // A KV-cache decode of the split model: the same tokens.
     let prompt = model.encode_prompt("The capital of France is Paris. The capital of Italy is").unwrap();
     let a = decode_with_copy_hits(model, &prompt, 0..3, 6, &[], 8, &mut Hooks::new()).unwrap();
