@@ -301,8 +301,8 @@ fn run_shard(a: &Args, model: &HookedTransformer, batch: &PairBatch, opts: &Disc
             )
         }
         Some(r) if r.payload.scan.is_empty() => {
-            let grids = opts.resume.and_then(|x| x.grids.clone()).expect("resumed grids");
-            let (_, ranked) = rank_nodes(model, &grids, opts.method)?;
+            let grids = opts.resume.and_then(|x| x.grids.as_deref()).unwrap_or_default();
+            let (_, ranked) = rank_nodes(model, grids, opts.method)?;
             let sizes = faithfulness_sizes(ranked.len(), opts.top_k);
             let pts = faithfulness_scan(model, &prep, &ranked, &sizes, opts.max_rows, Some(shard))?;
             let scan = pts.iter().map(|p| (p.size, (!p.faithfulness.is_nan()).then_some(p.faithfulness))).collect();
@@ -447,15 +447,9 @@ fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, opts: &Discov
         Some(r) if r.payload.scan.is_empty() => {
             let n_nodes = model.cfg.n_layers * (model.cfg.n_heads + 1);
             let sizes = faithfulness_sizes(n_nodes, opts.top_k);
-            let t_fwd = {
-                let span = ferrolens_model::RunSpan { last_logits_only: true, mask: prep.mask.clone(), ..Default::default() };
-                model.run_span(Some(&prep.clean), &span, &mut ferrolens_model::Hooks::new())?;
-                let t0 = Instant::now();
-                model.run_span(Some(&prep.clean), &span, &mut ferrolens_model::Hooks::new())?;
-                t0.elapsed().as_secs_f64()
-            };
-            let mine = shard.count_of(sizes.len());
             println!("step 2 of discover: the faithfulness scan over {} circuit sizes {:?}", sizes.len(), sizes);
+            let t_fwd = crate::cmd_patch::timed_forward(model, &prep, "discover")?;
+            let mine = shard.count_of(sizes.len());
             println!("work units: {} sizes; shard {shard} owns {mine}", sizes.len());
             println!(
                 "time estimate for shard {shard}: about {:.0} s (one mean-ablated forward of {} pairs per size; {t_fwd:.3} s each here)",

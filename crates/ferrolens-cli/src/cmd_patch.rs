@@ -301,7 +301,7 @@ fn dry_run(a: &Args, model: &HookedTransformer, batch: &PairBatch, rules: ferrol
 }
 
 /// One timed forward of `prep`'s corrupt batch (after a warm-up), printed with what it is for.
-fn timed_forward(model: &HookedTransformer, prep: &ferrolens_methods::study::Prepared, command: &str) -> Result<f64> {
+pub(crate) fn timed_forward(model: &HookedTransformer, prep: &ferrolens_methods::study::Prepared, command: &str) -> Result<f64> {
     let (b, p) = (prep.clean.dim(0)?, prep.clean.dim(1)?);
     let span = ferrolens_model::RunSpan { last_logits_only: true, mask: prep.mask.clone(), ..Default::default() };
     model.run_span(Some(&prep.corrupt), &span, &mut ferrolens_model::Hooks::new())?;
