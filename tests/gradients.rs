@@ -106,3 +106,28 @@ fn gradients_respect_causality_and_lrp_off_equals_plain() {
     let z0 = a.grads[&HookPoint::Z(0)].i((0, 0)).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     assert!(z0 > 0.0);
 }
+
+/// A forward without gradients takes candle's fused RMSNorm and softmax (the no-gradient fast
+/// path); a forward with a gradient hook at `resid_pre` 0 runs the written-out ops everywhere.
+/// Their logits agree to f32 rounding on every family (RMSNorm and LayerNorm ones alike), and a
+/// hook on a norm's scale (which forces the written-out norm) changes nothing either.
+#[test]
+fn the_no_gradient_fast_path_equals_the_written_out_ops() {
+    let mut models: Vec<(String, ferrolens::model::HookedTransformer)> = Vec::new();
+    for dtype in [DType::F32, DType::F64] {
+        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
+        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
+    }
+    for (name, model) in &models {
+        let tokens = Tensor::new(&[[5u32, 17, 3, 42, 9, 28, 11], [7, 1, 33, 8, 2, 19, 4]], &Device::Cpu).unwrap(); // ids below every fixture's vocabulary (96)
+        let fast = model.forward(&tokens).unwrap();
+        let mut h = Hooks::new().grad(&[HookPoint::ResidPre(0)]);
+        let slow = model.run_with_grads(&tokens, &mut h, |l| Ok(l.i((.., .., 0))?.sum_all()?)).unwrap().logits;
+        let scale = fast.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let d = max_abs(&fast, &slow);
+        assert!(d <= 1e-5 * scale.max(1.0), "{name}: fast path vs written-out ops differ by {d} (logits up to {scale})");
+        let mut cached = Hooks::new().cache("blocks.*.ln1.hook_scale").unwrap();
+        let d2 = max_abs(&fast, &model.run(&tokens, &mut cached).unwrap());
+        assert!(d2 <= 1e-5 * scale.max(1.0), "{name}: {d2}");
+    }
+}

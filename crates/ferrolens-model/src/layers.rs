@@ -84,7 +84,14 @@ impl HookedTransformer {
 
     /// RMSNorm of `x` (already widened) over `axes` (the last one or two), gain `w` broadcast
     /// over them; `hook_scale` keeps those axes as 1s, `hook_normalized` is `x / scale`.
+    ///
+    /// No-gradient fast path: when no gradient flows through `x` and neither hook is wanted,
+    /// one-axis f32/bf16/f16 norms (candle's kernel has no f64) run candle's fused `rms_norm` (same formula; the mean of squares is a sum
+    /// divided once rather than multiplied by `1/n`, so values can differ in the last bit).
     pub(crate) fn rms(&self, x: &Tensor, w: &Tensor, axes: &[D], scale_hook: HookPoint, norm_hook: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
+        if axes == [D::Minus1] && x.dtype() != DType::F64 && !x.track_op() && !hooks.wants(scale_hook) && !hooks.wants(norm_hook) && w.rank() == 1 {
+            return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?.contiguous()?, self.cfg.eps as f32)?);
+        }
         let mut ms = x.sqr()?;
         for ax in axes {
             ms = ms.mean_keepdim(*ax)?;
@@ -366,8 +373,11 @@ impl HookedTransformer {
                 cache.set_argmax(l, last.argmax(D::Minus1)?);
             }
         }
-        // Softmax in f32 for bf16/f16 models.
-        let pattern = candle_nn::ops::softmax(&widen(&scores)?, D::Minus1)?.to_dtype(scores.dtype())?;
+        // Softmax in f32 for bf16/f16 models; candle's fused kernel when no gradient flows
+        // (same max-subtracted exponentials and sum).
+        let wide = widen(&scores)?;
+        let pattern = if wide.track_op() { candle_nn::ops::softmax(&wide, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&wide.contiguous()?)? };
+        let pattern = pattern.to_dtype(scores.dtype())?;
         // AH-rule: the weights are constants for the backward pass (detached before the hook, so
         // the gradient at hook_pattern itself is still available).
         let pattern = if hooks.lrp.attn { pattern.detach() } else { pattern };

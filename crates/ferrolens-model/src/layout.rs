@@ -93,10 +93,105 @@ fn fix(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// `a @ b` (`[.., m, k] @ [.., k, n]`) with layouts every backend accepts.
+///
+/// When only one operand takes part in a gradient (e.g. an activation times a weight that is
+/// not a [`candle_core::Var`]), the product is recorded as [`OneSidedMatmul`], whose backward
+/// computes that operand's gradient alone: candle's own matmul backward also computes the other
+/// side's (`aᵀ·g` for a weight), a GEMM as large as the useful one, plus a zero tensor of the
+/// weight's shape to add it to, all discarded. Same forward numbers either way.
 #[allow(clippy::disallowed_methods)]
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a, b) = fix(a, b)?;
+    if a.track_op() != b.track_op() {
+        if let Some(op) = OneSidedMatmul::new(&a, &b) {
+            return Ok(a.apply_op2_arc(&b, std::sync::Arc::new(Box::new(op)))?);
+        }
+    }
     Ok(a.matmul(&b)?)
+}
+
+/// A matrix product `[.., m, k] @ [.., k, n]` whose backward returns the gradient of one operand
+/// only (the one that tracks gradients; see [`matmul`]). The forward is the backend's own
+/// matmul on the same layouts as [`Tensor::matmul`], so the values are bit-identical; the
+/// backward's product goes through [`matmul`] (same layout rule).
+#[derive(Debug, Clone)]
+pub struct OneSidedMatmul {
+    /// `(batch, m, n, k)` as the backends take it.
+    bmnk: (usize, usize, usize, usize),
+    /// The output shape `[.., m, n]`.
+    shape: candle_core::Shape,
+    /// The left operand is the one that gets a gradient (else the right one).
+    lhs: bool,
+}
+
+impl OneSidedMatmul {
+    /// The op for `a @ b`, or `None` where candle's own matmul should run (a shape it would
+    /// refuse, so that its error is the one reported, or an empty product).
+    fn new(a: &Tensor, b: &Tensor) -> Option<Self> {
+        let (da, db) = (a.dims(), b.dims());
+        let r = da.len();
+        if r < 2 || db.len() != r || a.dtype() != b.dtype() || !a.device().same_device(b.device()) {
+            return None;
+        }
+        let (m, k, k2, n) = (da[r - 2], da[r - 1], db[r - 2], db[r - 1]);
+        let batch: usize = da[..r - 2].iter().product();
+        if k != k2 || batch != db[..r - 2].iter().product::<usize>() || k == 0 || batch * m * n == 0 {
+            return None;
+        }
+        let shape = candle_core::Shape::from([&da[..r - 2], &[m, n]].concat());
+        Some(Self { bmnk: (batch, m, n, k), shape, lhs: a.track_op() })
+    }
+}
+
+impl candle_core::CustomOp2 for OneSidedMatmul {
+    fn name(&self) -> &'static str {
+        "one-sided-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let r = a.rank();
+        let wrap = |e: Error| candle_core::Error::Msg(e.to_string());
+        if self.lhs {
+            // dL/da = g · bᵀ
+            Ok((Some(matmul(g, &b.transpose(r - 2, r - 1)?).map_err(wrap)?), None))
+        } else {
+            // dL/db = aᵀ · g
+            Ok((None, Some(matmul(&a.transpose(r - 2, r - 1)?, g).map_err(wrap)?)))
+        }
+    }
 }
 
 /// [`Tensor::broadcast_matmul`] with layouts every backend accepts (candle copies broadcast
@@ -172,5 +267,50 @@ mod tests {
         let z = Tensor::zeros((3, 4, 6, 2), DType::F32, &d).unwrap();
         assert!(cuda_refuses(&y, &z).unwrap().contains("batch"));
         assert_eq!(broadcast_matmul(&y, &z).unwrap().dims(), &[3, 4, 5, 2]);
+    }
+
+    /// The one-sided product: same forward bits as candle's, the tracked operand's gradient equal
+    /// to candle's, and no gradient at all for the other operand (candle's backward makes one).
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn one_sided_products_take_one_gradient() {
+        let d = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 1.0, (3, 5, 7), &d).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (7, 4), &d).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (4, 7), &d).unwrap().t().unwrap(); // a transposed view
+        for (w, batched) in [(&w, false), (&wt, false), (&w, true)] {
+            let v = candle_core::Var::from_tensor(&x0).unwrap();
+            let x = (v.as_tensor() * 2.0).unwrap(); // tracks, through an op
+            let (lhs, rhs) = if batched {
+                (x.clone(), w.unsqueeze(0).unwrap().broadcast_as((3, 7, 4)).unwrap().contiguous().unwrap())
+            } else {
+                (x.reshape((15, 7)).unwrap(), w.clone())
+            };
+            let ours = matmul(&lhs, &rhs).unwrap();
+            let theirs = lhs.matmul(&rhs).unwrap();
+            assert_eq!((&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            let weights = Tensor::randn(0f32, 1.0, ours.shape(), &d).unwrap();
+            let g_ours = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (&theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (g_ours.get(v.as_tensor()).unwrap(), g_theirs.get(v.as_tensor()).unwrap());
+            assert!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(g_theirs.get(&rhs).is_some(), "candle's matmul backward makes the weight's gradient");
+            assert!(g_ours.get(&rhs).is_none(), "the one-sided product must not");
+        }
+        // The right operand tracked: its gradient alone, equal to candle's.
+        let v = candle_core::Var::from_tensor(&w).unwrap();
+        let x = x0.reshape((15, 7)).unwrap();
+        let ours = matmul(&x, v.as_tensor()).unwrap();
+        let theirs = x.matmul(v.as_tensor()).unwrap();
+        let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g_ours.get(v.as_tensor()).unwrap(), g_theirs.get(v.as_tensor()).unwrap());
+        assert!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(g_ours.get(&x).is_none());
+        // Neither tracked: no graph. Both tracked: both gradients (candle's own product).
+        assert!(!matmul(&x, &w).unwrap().track_op());
+        let u = candle_core::Var::from_tensor(&x0.i(0).unwrap()).unwrap(); // [5, 7]
+        let g = matmul(u.as_tensor(), v.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(u.as_tensor()).is_some() && g.get(v.as_tensor()).is_some());
     }
 }
