@@ -143,6 +143,19 @@ impl OneSidedMatmul {
     }
 }
 
+impl OneSidedMatmul {
+    /// The forward on any backend: its own matmul, on the layouts [`Tensor::matmul`] passes.
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        &self,
+        s1: &S,
+        l1: &candle_core::Layout,
+        s2: &S,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
+    }
+}
+
 impl candle_core::CustomOp2 for OneSidedMatmul {
     fn name(&self) -> &'static str {
         "one-sided-matmul"
@@ -155,8 +168,7 @@ impl candle_core::CustomOp2 for OneSidedMatmul {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
+        self.fwd(s1, l1, s2, l2)
     }
 
     fn cuda_fwd(
@@ -166,8 +178,7 @@ impl candle_core::CustomOp2 for OneSidedMatmul {
         s2: &candle_core::CudaStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
+        self.fwd(s1, l1, s2, l2)
     }
 
     fn metal_fwd(
@@ -177,8 +188,7 @@ impl candle_core::CustomOp2 for OneSidedMatmul {
         s2: &candle_core::MetalStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
+        self.fwd(s1, l1, s2, l2)
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
