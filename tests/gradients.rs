@@ -3,7 +3,7 @@
 mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
-use ferrolens::model::{HookPoint, Hooks, Intervention, LrpRules, Patch, Result};
+use ferrolens::model::{HookPoint, Hooks, Intervention, LrpRules, PadSide, Patch, Result, RunSpan};
 
 fn metric(logits: &Tensor) -> Result<Tensor> {
     let p = logits.dim(1)?;
@@ -129,5 +129,56 @@ fn the_no_gradient_fast_path_equals_the_written_out_ops() {
         let mut cached = Hooks::new().cache("blocks.*.ln1.hook_scale").unwrap();
         let d2 = max_abs(&fast, &model.run(&tokens, &mut cached).unwrap());
         assert!(d2 <= 1e-5 * scale.max(1.0), "{name}: {d2}");
+    }
+}
+
+/// A run that reads the last position's logits only computes the last layer's queries, output
+/// projection and MLP at the last position alone (when no hook looks at that layer). Its logits
+/// equal those of the full forward's last position, in plain and left-padded batches, and the
+/// gradient it sends back to `resid_pre` 0 equals the gradient of the same run with a hook on the
+/// last layer (which keeps that layer whole), on every family, f32 and f64.
+#[test]
+fn the_last_layer_runs_at_the_last_position_only_when_nothing_else_is_read() {
+    let mut models: Vec<(String, ferrolens::model::HookedTransformer)> = Vec::new();
+    for dtype in [DType::F32, DType::F64] {
+        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
+        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
+    }
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 3, 42, 9, 28, 11, 6, 30], vec![7, 1, 33, 8, 2]];
+    for (name, model) in &models {
+        assert!(model.cfg.n_layers >= 2, "{name}: a layer before the last one");
+        let last = model.cfg.n_layers - 1;
+        let whole = |pat: &str| Hooks::new().cache(pat).unwrap();
+        let keep_last = format!("blocks.{last}.hook_resid_post");
+        for side in [None, Some(PadSide::Left)] {
+            let (tokens, mask) = match side {
+                Some(s) => {
+                    let (t, m) = model.tokens_padded(&prompts, s).unwrap();
+                    (t, Some(m))
+                }
+                None => (model.tokens_padded(&prompts[..1], PadSide::Left).unwrap().0, None),
+            };
+            let p = tokens.dim(1).unwrap();
+            let span = RunSpan { last_logits_only: true, mask: mask.clone(), ..Default::default() };
+            let full =
+                model.run_span(Some(&tokens), &RunSpan { mask: mask.clone(), ..Default::default() }, &mut Hooks::new()).unwrap().narrow(1, p - 1, 1).unwrap();
+            let pruned = model.run_span(Some(&tokens), &span, &mut Hooks::new()).unwrap();
+            let kept = model.run_span(Some(&tokens), &span, &mut whole(&keep_last)).unwrap();
+            assert_eq!(pruned.dims(), full.dims(), "{name} {side:?}");
+            let scale = full.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+            let d = max_abs(&pruned, &full);
+            assert!(d <= 1e-5 * scale, "{name} {side:?}: last-position-only logits differ from the full forward's by {d}");
+            assert!(max_abs(&kept, &full) <= 1e-5 * scale, "{name} {side:?}");
+            // Gradients through the shortened last layer.
+            let m = |l: &Tensor| -> Result<Tensor> { Ok(l.i((.., 0, 3))?.sum_all()?) };
+            let g_pruned = model.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&[HookPoint::ResidPre(0)]), m).unwrap();
+            let mut hk = whole(&keep_last).grad(&[HookPoint::ResidPre(0)]);
+            let g_kept = model.run_span_with_grads(Some(&tokens), &span, &mut hk, m).unwrap();
+            let (a, b) = (&g_pruned.grads[&HookPoint::ResidPre(0)], &g_kept.grads[&HookPoint::ResidPre(0)]);
+            let gs = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!(gs > 0.0, "{name}: the gradient reaches resid_pre 0");
+            let dg = max_abs(a, b);
+            assert!(dg <= 1e-5 * gs.max(1e-3), "{name} {side:?}: gradients differ by {dg} (up to {gs})");
+        }
     }
 }

@@ -313,6 +313,12 @@ impl Hooks {
         !self.active.is_empty() && self.active.contains(&hook)
     }
 
+    /// Whether anything (a cache, patch, gradient probe or function) happens at a hook point of
+    /// layer `l`.
+    pub fn touches_layer(&self, l: usize) -> bool {
+        self.active.iter().any(|h| h.layer() == Some(l))
+    }
+
     /// Record which positions of the current forward are real tokens (`[b,p]`, padded batches)
     /// in the cache.
     pub(crate) fn record_mask(&mut self, mask: Option<Tensor>) {

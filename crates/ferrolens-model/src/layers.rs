@@ -163,6 +163,11 @@ impl HookedTransformer {
         }
     }
 
+    /// Block `l` on the residual `[b,p,D]`. With `last_only` (the last layer of a run that reads
+    /// the last position's logits only, no hook at this layer) the keys and values cover every
+    /// position but the query, output projection and MLP run on the last position only, and the
+    /// block returns `[b,1,D]`: what the unembedding reads, with none of the other positions' work.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn block(
         &self,
         l: usize,
@@ -170,6 +175,7 @@ impl HookedTransformer {
         rope: &[(RopeFreqs, Tensor, Tensor)],
         pad: Option<&Padding>,
         kv: Option<&mut KvCache>,
+        last_only: bool,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
         use HookPoint::*;
@@ -180,7 +186,13 @@ impl HookedTransformer {
             Some(n) => self.norm(&attn_in, n, Ln1Scale(l), Ln1Normalized(l), hooks)?,
             None => attn_in,
         };
-        let mut attn_out = self.attention(l, &x, rope, pad, kv, hooks)?;
+        let mut attn_out = self.attention(l, &x, rope, pad, kv, last_only, hooks)?;
+        let resid_pre = if last_only {
+            let p = resid_pre.dim(1)?;
+            resid_pre.narrow(1, p - 1, 1)?
+        } else {
+            resid_pre
+        };
         if let Some(n) = &bw.ln1_post {
             attn_out = self.norm(&attn_out, n, Ln1PostScale(l), Ln1PostNormalized(l), hooks)?;
         }
@@ -269,6 +281,9 @@ impl HookedTransformer {
         Ok(Tensor::from_vec(m, (b, 1, q, k), self.layer_device(l))?)
     }
 
+    /// Attention of layer `l` on `x` `[b,p,D]` (normalized); `[b,p,D]` out, or `[b,1,D]` (the
+    /// last query only, keys and values of every position) with `last_only`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
         l: usize,
@@ -276,6 +291,7 @@ impl HookedTransformer {
         rope: &[(RopeFreqs, Tensor, Tensor)],
         pad: Option<&Padding>,
         mut kv: Option<&mut KvCache>,
+        last_only: bool,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
         use HookPoint::*;
@@ -283,7 +299,9 @@ impl HookedTransformer {
         let aw = &self.w.blocks[l].attn;
         let (b, p, _) = x.dims3()?;
         let (h, kvh, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
-        let q = hooks.at(Q(l), linear(x, &aw.w_q, aw.b_q.as_ref())?.reshape((b, p, h, d))?)?;
+        // Queries: every position, or the last one only.
+        let (xq, pq) = if last_only { (x.narrow(1, p - 1, 1)?, 1) } else { (x.clone(), p) };
+        let q = hooks.at(Q(l), linear(&xq, &aw.w_q, aw.b_q.as_ref())?.reshape((b, pq, h, d))?)?;
         let k = hooks.at(K(l), linear(x, &aw.w_k, aw.b_k.as_ref())?.reshape((b, p, kvh, d))?)?;
         let v = hooks.at(V(l), linear(x, &aw.w_v, aw.b_v.as_ref())?.reshape((b, p, kvh, d))?)?;
         let q = match &aw.q_norm {
@@ -297,7 +315,13 @@ impl HookedTransformer {
         let (q, k) = match cfg.rope_freqs(l) {
             Some(f) => {
                 let (_, cos, sin) = rope.iter().find(|(g, _, _)| *g == f).expect("tables for every layer's frequencies");
-                let q = hooks.at(RotQ(l), self.rotate(&q, cos, sin)?)?;
+                let q = if last_only {
+                    let axis = cos.rank() - 2; // the position axis of [p,half] or [b,p,half]
+                    self.rotate(&q, &cos.narrow(axis, p - 1, 1)?, &sin.narrow(axis, p - 1, 1)?)?
+                } else {
+                    self.rotate(&q, cos, sin)?
+                };
+                let q = hooks.at(RotQ(l), q)?;
                 let k = hooks.at(RotK(l), self.rotate(&k, cos, sin)?)?;
                 (q, k)
             }
@@ -355,8 +379,8 @@ impl HookedTransformer {
         };
         let t = kt.dim(2)?;
         let mask = match pad {
-            Some(pd) => Some(self.mask_rows(l, p, &pd.keys)?),
-            None => self.attn_mask(l, p, t)?,
+            Some(pd) => Some(self.mask_rows(l, pq, &pd.keys)?),
+            None => self.attn_mask(l, pq, t)?,
         };
         let scores = match mask {
             Some(mask) => {
@@ -370,7 +394,7 @@ impl HookedTransformer {
         if let Some(cache) = kv {
             if cache.tracks_argmax() {
                 // Argmax of the last query over keys: the pattern's argmax (softmax is monotone).
-                let last = scores.narrow(2, p - 1, 1)?.squeeze(2)?; // [b,h,T]
+                let last = scores.narrow(2, pq - 1, 1)?.squeeze(2)?; // [b,h,T]
                 cache.set_argmax(l, last.argmax(D::Minus1)?);
             }
         }

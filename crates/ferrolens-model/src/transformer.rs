@@ -465,6 +465,9 @@ impl HookedTransformer {
             return Err(Error::Input("the input has no positions: give at least one token".into()));
         }
         let stop = span.stop_at_layer.unwrap_or(cfg.n_layers).min(cfg.n_layers);
+        // Only the last position's logits are read: the last layer needs its other positions'
+        // keys and values but not their queries, outputs or MLP (when no hook looks at that layer).
+        let pruned = span.last_logits_only && span.stop_at_layer.is_none() && kv.is_none() && stop > start_layer && !hooks.touches_layer(stop - 1);
         // Rotary tables on the home place, moved along with the residual when a stage starts.
         let mut rope = self.rope_tables(span.pos_offset, p, pad.as_ref())?;
         let mut rope_place = self.home_place();
@@ -474,7 +477,7 @@ impl HookedTransformer {
                 rope = rope.into_iter().map(|(f, c, s)| Ok((f, place.take(c)?, place.take(s)?))).collect::<Result<_>>()?;
                 rope_place = place.clone();
             }
-            resid = self.block(l, place.take(resid)?, &rope, pad.as_ref(), kv.as_deref_mut(), hooks)?;
+            resid = self.block(l, place.take(resid)?, &rope, pad.as_ref(), kv.as_deref_mut(), pruned && l + 1 == stop, hooks)?;
         }
         if let Some(kv) = kv {
             kv.advance(p);
@@ -482,7 +485,7 @@ impl HookedTransformer {
         if span.stop_at_layer.is_some() {
             return self.to_home(resid);
         }
-        if span.last_logits_only {
+        if span.last_logits_only && !pruned {
             resid = resid.narrow(1, p - 1, 1)?;
         }
         let logits = self.unembed(resid, hooks)?;
