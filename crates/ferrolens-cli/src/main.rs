@@ -80,6 +80,8 @@ enum Cmd {
 }
 
 fn main() {
+    // Freed tensors' memory back to the heap for the next op, not to the kernel (src/alloc.rs).
+    ferrolens_model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     // `plan` reads configurations only: its --devices need not exist on this machine.
     let opts = match cli.cmd {
