@@ -7,11 +7,17 @@
 //! uses it for single-token steps when [`KvCache::fused`] is on and nothing needs the scores or
 //! the pattern (no hook, no gradient, f32 weights, at most 64 heads).
 //!
+//! [`prefill_attention`] is the CPU counterpart for many queries at once (a forward without
+//! gradients): scores, mask, softmax and the weighted sum of values per query row, with no
+//! transposed copies of q/k/v, no repeated KV heads and no `[b,h,q,k]` tensors.
+//!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
 
 use crate::error::{Error, Result};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
 
 /// The op: `(q [b,h,d], k [b,T,kvh,d], v [b,T,kvh,d]) -> [b,h,d+1]` (z, then the argmax key as f32).
 struct DecodeAttention {
@@ -158,4 +164,144 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, uniform:
     let z = out.narrow(2, 0, d)?;
     let arg = out.narrow(2, d, 1)?.squeeze(2)?.to_dtype(candle_core::DType::U32)?;
     Ok((z, arg))
+}
+
+/// The op: `(q [b,p,h,d], k [b,T,kvh,d], v [b,T,kvh,d]) -> z [b,p,h,d]`, CPU only, f32 or f64.
+struct PrefillAttention {
+    scale: f64,
+    softcap: Option<f64>,
+    /// Allowed keys, `[mb, p, T]` (1 = allowed; `mb` is 1 or `b`), or every key allowed.
+    mask: Option<(Vec<u8>, usize)>,
+}
+
+/// `a . b` with eight independent partial sums (so that the compiler can vectorise it).
+#[inline]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |s, &x| s + x);
+    for (x, y) in ra.iter().zip(rb) {
+        s = s + *x * *y;
+    }
+    s
+}
+
+impl PrefillAttention {
+    fn run<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], (b, p, h, d): (usize, usize, usize, usize), (t, kvh): (usize, usize)) -> Vec<T> {
+        let group = h / kvh;
+        let scale = T::from(self.scale).expect("a finite scale");
+        let cap = self.softcap.map(|c| T::from(c).expect("a finite cap"));
+        let mut out = vec![T::zero(); b * p * h * d];
+        out.par_chunks_mut(h * d).enumerate().with_min_len(4).for_each(|(row, o)| {
+            let (bi, i) = (row / p, row % p);
+            let allowed = self.mask.as_ref().map(|(m, mb)| {
+                let r = if *mb == 1 { i } else { bi * p + i };
+                &m[r * t..(r + 1) * t]
+            });
+            let mut s = vec![T::zero(); t];
+            for head in 0..h {
+                let kv = head / group;
+                let qv = &q[(row * h + head) * d..][..d];
+                let mut mx = T::neg_infinity();
+                for (j, sj) in s.iter_mut().enumerate() {
+                    if allowed.is_some_and(|a| a[j] == 0) {
+                        *sj = T::neg_infinity();
+                        continue;
+                    }
+                    let mut x = dot(qv, &k[((bi * t + j) * kvh + kv) * d..][..d]) * scale;
+                    if let Some(c) = cap {
+                        x = (x / c).tanh() * c;
+                    }
+                    *sj = x;
+                    if x > mx {
+                        mx = x;
+                    }
+                }
+                let mut den = T::zero();
+                for x in s.iter_mut() {
+                    *x = (*x - mx).exp();
+                    den = den + *x;
+                }
+                let z = &mut o[head * d..(head + 1) * d];
+                for (j, &w) in s.iter().enumerate() {
+                    if w == T::zero() {
+                        continue;
+                    }
+                    let w = w / den;
+                    for (zi, &vi) in z.iter_mut().zip(&v[((bi * t + j) * kvh + kv) * d..][..d]) {
+                        *zi = *zi + w * vi;
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for PrefillAttention {
+    fn name(&self) -> &'static str {
+        "ferrolens-prefill-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, p, h, d) = l1.shape().dims4()?;
+        let (_, t, kvh, _) = l2.shape().dims4()?;
+        for (l, what) in [(l1, "q"), (l2, "k"), (l3, "v")] {
+            if !l.is_contiguous() {
+                candle_core::bail!("fused prefill attention: {what} must be contiguous");
+            }
+        }
+        let span = |l: &Layout| l.start_offset()..l.start_offset() + l.shape().elem_count();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.run(&q[span(l1)], &k[span(l2)], &v[span(l3)], (b, p, h, d), (t, kvh)))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                CpuStorage::F64(self.run(&q[span(l1)], &k[span(l2)], &v[span(l3)], (b, p, h, d), (t, kvh)))
+            }
+            _ => candle_core::bail!("fused prefill attention: q, k and v must all be f32 or all f64"),
+        };
+        Ok((out, Shape::from((b, p, h, d))))
+    }
+}
+
+/// Whether [`prefill_attention`] runs these operands: CPU tensors of f32 or f64, GQA groups
+/// that divide the heads.
+pub fn prefill_attention_fits(q: &Tensor, k: &Tensor) -> bool {
+    let heads = |t: &Tensor| t.dims().get(2).copied().unwrap_or(0);
+    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) && q.dtype() == k.dtype() && heads(k) > 0 && heads(q) % heads(k) == 0
+}
+
+/// Attention of many queries without gradients, on the CPU.
+///
+/// `q` `[b,p,h,d]` (rotated), `k`/`v` `[b,T,kvh,d]` (GQA heads not repeated), `mask` `[p,T]` or
+/// `[b,1,p,T]` (u8, 1 = the query may see the key; `None`: every key), scores `q.k * scale`,
+/// soft-capped as `c * tanh(s / c)` when `softcap` is given. Returns `z` `[b,p,h,d]`: the same
+/// values as the scores -> masked softmax -> pattern @ v path to rounding, in one pass per query
+/// row (rows run in parallel). No backward: callers use it only where nothing tracks gradients.
+pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+    let (b, p, _, d) = q.dims4()?;
+    let (kb, t, _, dk) = k.dims4()?;
+    if !prefill_attention_fits(q, k) || dk != d || kb != b || v.dims() != k.dims() {
+        return Err(Error::Input(format!("fused prefill attention: q {:?}, k {:?}, v {:?} do not fit (CPU, f32/f64, GQA)", q.dims(), k.dims(), v.dims())));
+    }
+    let mask = match mask {
+        Some(m) => {
+            let mb = match m.dims() {
+                [mp, mt] if (*mp, *mt) == (p, t) => 1,
+                [mb, 1, mp, mt] if (*mp, *mt) == (p, t) && (*mb == b || *mb == 1) => *mb,
+                other => return Err(Error::Input(format!("fused prefill attention: mask {other:?} is neither [{p}, {t}] nor [{b}, 1, {p}, {t}]"))),
+            };
+            Some((m.flatten_all()?.to_dtype(DType::U8)?.to_vec1::<u8>()?, mb))
+        }
+        None => None,
+    };
+    let op = PrefillAttention { scale, softcap, mask };
+    Ok(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?)
 }
