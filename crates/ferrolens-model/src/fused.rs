@@ -11,13 +11,15 @@
 //! gradients): scores, mask, softmax and the weighted sum of values per query row, with no
 //! transposed copies of q/k/v, no repeated KV heads and no `[b,h,q,k]` tensors.
 //!
+//! [`rotate_half`] and [`silu_mul`] are the rotary embedding and SwiGLU's `silu(gate) * up` in
+//! one pass each, for the same no-gradient forwards.
+//!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
 
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use num_traits::Float;
-use rayon::prelude::*;
 
 /// The op: `(q [b,h,d], k [b,T,kvh,d], v [b,T,kvh,d]) -> [b,h,d+1]` (z, then the argmax key as f32).
 struct DecodeAttention {
@@ -166,6 +168,27 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, uniform:
     Ok((z, arg))
 }
 
+/// A pointer that may cross threads (the rows handed out below never overlap).
+struct RowsPtr<T>(*mut T);
+// SAFETY: used only by `par_rows`, which gives each thread disjoint rows of one live slice.
+unsafe impl<T: Send> Sync for RowsPtr<T> {}
+
+/// `f(i, row)` over the `width`-long rows of `out`, on candle's own CPU thread pool (the one its
+/// element-wise ops use, so no second pool spins against it on a small machine).
+fn par_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let n = out.len() / width.max(1);
+    let ptr = RowsPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        let ptr = &ptr;
+        for i in range {
+            // SAFETY: execute_chunked hands out disjoint ranges of 0..n, so row i is written by
+            // this call alone, and `out` (n * width long) outlives execute_chunked.
+            let row = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(i * width), width) };
+            f(i, row);
+        }
+    });
+}
+
 /// The op: `(q [b,p,h,d], k [b,T,kvh,d], v [b,T,kvh,d]) -> z [b,p,h,d]`, CPU only, f32 or f64.
 struct PrefillAttention {
     scale: f64,
@@ -198,7 +221,7 @@ impl PrefillAttention {
         let scale = T::from(self.scale).expect("a finite scale");
         let cap = self.softcap.map(|c| T::from(c).expect("a finite cap"));
         let mut out = vec![T::zero(); b * p * h * d];
-        out.par_chunks_mut(h * d).enumerate().with_min_len(4).for_each(|(row, o)| {
+        par_rows(&mut out, h * d, |row, o| {
             let (bi, i) = (row / p, row % p);
             let allowed = self.mask.as_ref().map(|(m, mb)| {
                 let r = if *mb == 1 { i } else { bi * p + i };
@@ -304,4 +327,161 @@ pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
     };
     let op = PrefillAttention { scale, softcap, mask };
     Ok(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?)
+}
+
+/// Rows of `n` values of an f32/f64 CPU tensor (contiguous), mapped in parallel.
+fn cpu_rows<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]>
+where
+    CpuStorage: AsSlice<T>,
+{
+    if !l.is_contiguous() {
+        candle_core::bail!("fused op: {what} must be contiguous");
+    }
+    let v = s.as_slice_of()?;
+    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+}
+
+/// Typed views of CPU storage (f32 and f64).
+trait AsSlice<T> {
+    fn as_slice_of(&self) -> candle_core::Result<&[T]>;
+}
+
+impl AsSlice<f32> for CpuStorage {
+    fn as_slice_of(&self) -> candle_core::Result<&[f32]> {
+        match self {
+            CpuStorage::F32(v) => Ok(v),
+            _ => candle_core::bail!("fused op: expected f32"),
+        }
+    }
+}
+
+impl AsSlice<f64> for CpuStorage {
+    fn as_slice_of(&self) -> candle_core::Result<&[f64]> {
+        match self {
+            CpuStorage::F64(v) => Ok(v),
+            _ => candle_core::bail!("fused op: expected f64"),
+        }
+    }
+}
+
+/// The op: `(x [b,p,n,d], cos, sin)` with tables `[p,half]` or `[b,p,half]` -> rotated `x`.
+struct RotateHalf;
+
+impl RotateHalf {
+    fn run<T: Float + Send + Sync>(x: &[T], cos: &[T], sin: &[T], (b, p, n, d): (usize, usize, usize, usize), half: usize, per_row: bool) -> Vec<T> {
+        let mut out = vec![T::zero(); b * p * n * d];
+        par_rows(&mut out, n * d, |row, o| {
+            let r = if per_row { row } else { row % p };
+            let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+            for head in 0..n {
+                let xi = &x[(row * n + head) * d..][..d];
+                let oi = &mut o[head * d..(head + 1) * d];
+                for i in 0..half {
+                    let (x1, x2) = (xi[i], xi[half + i]);
+                    oi[i] = x1 * c[i] - x2 * s[i];
+                    oi[half + i] = x2 * c[i] + x1 * s[i];
+                }
+                oi[2 * half..].copy_from_slice(&xi[2 * half..]);
+            }
+        });
+        out
+    }
+
+    fn go<T: Float + Send + Sync>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let dims = l1.shape().dims4()?;
+        let half = *l2.shape().dims().last().unwrap_or(&0);
+        let per_row = l2.shape().rank() == 3;
+        Ok(Self::run(cpu_rows(s1, l1, "x")?, cpu_rows(s2, l2, "cos")?, cpu_rows(s3, l3, "sin")?, dims, half, per_row))
+    }
+}
+
+impl CustomOp3 for RotateHalf {
+    fn name(&self) -> &'static str {
+        "ferrolens-rotate-half"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(Self::go::<f32>(s1, l1, s2, l2, s3, l3)?),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::go::<f64>(s1, l1, s2, l2, s3, l3)?),
+            _ => candle_core::bail!("fused rotary: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`]) take `x`: an f32 or
+/// f64 CPU tensor that tracks no gradient.
+pub fn fused_elementwise_fits(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !x.track_op()
+}
+
+/// Rotate-half rotary embedding of the first `2 * half` features of `x` `[b,p,n,d]` with tables
+/// `cos`/`sin` `[p,half]` (or `[b,p,half]` per row, padded batches): `x1 cos - x2 sin`,
+/// `x2 cos + x1 sin`, the other features unchanged; the same arithmetic as the written-out ops,
+/// in one pass. CPU, f32/f64, no backward (see [`fused_elementwise_fits`]).
+pub fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, p, _, d) = x.dims4()?;
+    let half = cos.dim(candle_core::D::Minus1)?;
+    let tables_fit = match cos.dims() {
+        [tp, _] => *tp == p,
+        [tb, tp, _] => *tb == b && *tp == p,
+        _ => false,
+    };
+    if !fused_elementwise_fits(x) || !tables_fit || sin.dims() != cos.dims() || 2 * half > d || cos.dtype() != x.dtype() {
+        return Err(Error::Input(format!("fused rotary: x {:?} and tables {:?} do not fit", x.dims(), cos.dims())));
+    }
+    Ok(x.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RotateHalf)?)
+}
+
+/// The op: `(gate, up) -> silu(gate) * up`, element-wise.
+struct SiluMul;
+
+impl SiluMul {
+    fn go<T: Float + Send + Sync>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let (g, u) = (cpu_rows::<T>(s1, l1, "gate")?, cpu_rows::<T>(s2, l2, "up")?);
+        let mut out = vec![T::zero(); g.len()];
+        const W: usize = 4096;
+        let full = g.len() / W * W;
+        par_rows(&mut out[..full], W, |i, o| {
+            for ((o, &g), &u) in o.iter_mut().zip(&g[i * W..]).zip(&u[i * W..]) {
+                // candle's silu, then the product: the same operations in the same order.
+                *o = g / (T::one() + (-g).exp()) * u;
+            }
+        });
+        for ((o, &g), &u) in out[full..].iter_mut().zip(&g[full..]).zip(&u[full..]) {
+            *o = g / (T::one() + (-g).exp()) * u;
+        }
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "ferrolens-silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(Self::go::<f32>(s1, l1, s2, l2)?),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::go::<f64>(s1, l1, s2, l2)?),
+            _ => candle_core::bail!("fused silu * up: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// SwiGLU's `silu(gate) * up` for `gate` and `up` of one shape, in one pass (CPU, f32/f64, no
+/// backward; see [`fused_elementwise_fits`]).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !fused_elementwise_fits(gate) || !fused_elementwise_fits(up) || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+        return Err(Error::Input(format!("fused silu * up: gate {:?} and up {:?} do not fit", gate.dims(), up.dims())));
+    }
+    Ok(gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?)
 }

@@ -145,6 +145,9 @@ impl HookedTransformer {
     /// Rotate-half rotary on the first `dim` features of `x` `[b,p,n,d]`, with tables `[p,half]`
     /// or (padded batches) `[b,p,half]`.
     pub(crate) fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if crate::fused::fused_elementwise_fits(x) {
+            return crate::fused::rotate_half(x, cos, sin);
+        }
         let (_b, _p, _n, d) = x.dims4()?;
         let half = cos.dim(D::Minus1)?;
         let dim = 2 * half;
@@ -471,7 +474,12 @@ impl HookedTransformer {
             Some(wg) => {
                 let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, mw.b_gate.as_ref())?)?;
                 let lin = hooks.at(HookPoint::MlpPreLinear(l), linear(x, &mw.w_in, mw.b_in.as_ref())?)?;
-                let prod = (self.act(&pre, hooks.lrp.identity)? * lin)?;
+                // One pass for silu(gate) * up when no gradient flows and no RelP rule applies.
+                let fused = self.cfg.act == Activation::Silu
+                    && !hooks.lrp.identity
+                    && crate::fused::fused_elementwise_fits(&pre)
+                    && crate::fused::fused_elementwise_fits(&lin);
+                let prod = if fused { crate::fused::silu_mul(&pre, &lin)? } else { (self.act(&pre, hooks.lrp.identity)? * lin)? };
                 let prod = if hooks.lrp.half {
                     let half = (prod * 0.5)?;
                     (&half + half.detach())?
