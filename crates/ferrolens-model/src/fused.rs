@@ -295,10 +295,16 @@ impl CustomOp3 for PrefillAttention {
 }
 
 /// Whether [`prefill_attention`] runs these operands: CPU tensors of f32 or f64, GQA groups
-/// that divide the heads.
+/// that divide the heads, and strict layouts off ([`crate::layout::set_strict`] makes the CPU run
+/// the device-generic path, the one CUDA runs, so that its products are checked).
 pub fn prefill_attention_fits(q: &Tensor, k: &Tensor) -> bool {
     let heads = |t: &Tensor| t.dims().get(2).copied().unwrap_or(0);
-    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) && q.dtype() == k.dtype() && heads(k) > 0 && heads(q) % heads(k) == 0
+    !crate::layout::strict()
+        && q.device().is_cpu()
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && q.dtype() == k.dtype()
+        && heads(k) > 0
+        && heads(q) % heads(k) == 0
 }
 
 /// Attention of many queries without gradients, on the CPU.
@@ -414,9 +420,9 @@ impl CustomOp3 for RotateHalf {
 }
 
 /// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`]) take `x`: an f32 or
-/// f64 CPU tensor that tracks no gradient.
+/// f64 CPU tensor that tracks no gradient, with strict layouts off (see [`prefill_attention_fits`]).
 pub fn fused_elementwise_fits(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !x.track_op()
+    !crate::layout::strict() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !x.track_op()
 }
 
 /// Rotate-half rotary embedding of the first `2 * half` features of `x` `[b,p,n,d]` with tables
