@@ -221,3 +221,44 @@ fn fused_prefill_attention_equals_the_written_out_attention() {
         assert!(d <= 1e-5 * scale, "{name}: chunked prefill with fused attention differs by {d}");
     }
 }
+
+/// The fused CPU attention's own backward: the gradients it sends to `hook_v`, `hook_q` and
+/// `resid_pre` 0 equal those of the written-out attention (forced by caching `hook_pattern`) on
+/// every family, f32 and f64, plain and left-padded, with RelP's AH rule (pattern constant) off
+/// and on.
+#[test]
+fn fused_attention_gradients_equal_the_written_out_ones() {
+    let mut models: Vec<(String, ferrolens::model::HookedTransformer)> = Vec::new();
+    for dtype in [DType::F32, DType::F64] {
+        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
+        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
+    }
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 3, 42, 9, 28, 11, 6, 30], vec![7, 1, 33, 8, 2]];
+    let points = [HookPoint::ResidPre(0), HookPoint::V(0), HookPoint::Q(0), HookPoint::V(1)];
+    for (name, model) in &models {
+        for padded in [false, true] {
+            let (tokens, mask) = if padded {
+                let (t, m) = model.tokens_padded(&prompts, PadSide::Left).unwrap();
+                (t, Some(m))
+            } else {
+                (model.tokens_padded(&prompts[..1], PadSide::Left).unwrap().0, None)
+            };
+            let span = RunSpan { last_logits_only: true, mask, ..Default::default() };
+            for rules in [LrpRules::NONE, LrpRules::ALL] {
+                let m = |l: &Tensor| -> Result<Tensor> { Ok((l.i((.., 0, 3))? - l.i((.., 0, 7))?)?.sum_all()?) };
+                let fused = model.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), m).unwrap();
+                let mut h = Hooks::new().cache("blocks.*.attn.hook_pattern").unwrap().grad(&points).lrp(rules);
+                let slow = model.run_span_with_grads(Some(&tokens), &span, &mut h, m).unwrap();
+                for pt in &points {
+                    let (a, b) = (&fused.grads[pt], &slow.grads[pt]);
+                    let scale = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                    // Under the AH rule nothing reaches q (the pattern is a constant): zero both ways.
+                    let through_pattern_only = rules.attn && matches!(pt, HookPoint::Q(_));
+                    assert!(scale > 0.0 || through_pattern_only, "{name}: a gradient reaches {pt}");
+                    let d = max_abs(a, b);
+                    assert!(d <= 1e-5 * scale.max(1e-3), "{name} padded={padded} attn rule={}: gradients at {pt} differ by {d} (up to {scale})", rules.attn);
+                }
+            }
+        }
+    }
+}

@@ -195,6 +195,8 @@ struct PrefillAttention {
     softcap: Option<f64>,
     /// Allowed keys, `[mb, p, T]` (1 = allowed; `mb` is 1 or `b`), or every key allowed.
     mask: Option<(Vec<u8>, usize)>,
+    /// RelP's AH rule: the pattern is a constant for the backward pass (gradients reach `v` only).
+    detach_pattern: bool,
 }
 
 /// `a . b` with eight independent partial sums (so that the compiler can vectorise it).
@@ -216,36 +218,137 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 }
 
 impl PrefillAttention {
-    fn run<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], (b, p, h, d): (usize, usize, usize, usize), (t, kvh): (usize, usize)) -> Vec<T> {
+    /// The allowed keys of query `i` of batch row `bi` (`None`: every key).
+    fn allowed(&self, bi: usize, i: usize, p: usize, t: usize) -> Option<&[u8]> {
+        self.mask.as_ref().map(|(m, mb)| {
+            let r = if *mb == 1 { i } else { bi * p + i };
+            &m[r * t..(r + 1) * t]
+        })
+    }
+
+    /// Scores of one query against every key (masked keys -inf), soft-capped: written into
+    /// `s`, returning the largest.
+    fn scores<T: Float>(&self, qv: &[T], key: impl Fn(usize) -> usize, k: &[T], allowed: Option<&[u8]>, s: &mut [T]) -> T {
+        let d = qv.len();
+        let scale = T::from(self.scale).expect("a finite scale");
+        let cap = self.softcap.map(|c| T::from(c).expect("a finite cap"));
+        let mut mx = T::neg_infinity();
+        for (j, sj) in s.iter_mut().enumerate() {
+            if allowed.is_some_and(|a| a[j] == 0) {
+                *sj = T::neg_infinity();
+                continue;
+            }
+            let mut x = dot(qv, &k[key(j)..][..d]) * scale;
+            if let Some(c) = cap {
+                x = (x / c).tanh() * c;
+            }
+            *sj = x;
+            if x > mx {
+                mx = x;
+            }
+        }
+        mx
+    }
+
+    /// Gradients of `sum(z * dz)` with respect to `q`, `k` and `v` (the layouts of the forward's
+    /// operands): each (batch row, KV head) recomputes its pattern and accumulates `dk`/`dv` of
+    /// its own keys, so the parallel tasks write disjoint rows.
+    #[allow(clippy::type_complexity)]
+    fn grads<T: Float + Send + Sync>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        dz: &[T],
+        (b, p, h, d): (usize, usize, usize, usize),
+        (t, kvh): (usize, usize),
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let group = h / kvh;
         let scale = T::from(self.scale).expect("a finite scale");
         let cap = self.softcap.map(|c| T::from(c).expect("a finite cap"));
+        let nq = p * group * d;
+        let width = nq + 2 * t * d;
+        let mut buf = vec![T::zero(); b * kvh * width];
+        par_rows(&mut buf, width, |task, o| {
+            let (bi, g) = (task / kvh, task % kvh);
+            let (dq, rest) = o.split_at_mut(nq);
+            let (dk, dv) = rest.split_at_mut(t * d);
+            let key = |j: usize| ((bi * t + j) * kvh + g) * d;
+            let (mut s, mut pr, mut dp) = (vec![T::zero(); t], vec![T::zero(); t], vec![T::zero(); t]);
+            for gi in 0..group {
+                let head = g * group + gi;
+                for i in 0..p {
+                    let at = ((bi * p + i) * h + head) * d;
+                    let (qv, dzv) = (&q[at..at + d], &dz[at..at + d]);
+                    let mx = self.scores(qv, key, k, self.allowed(bi, i, p, t), &mut s);
+                    let mut den = T::zero();
+                    for (pj, &sj) in pr.iter_mut().zip(&s) {
+                        *pj = (sj - mx).exp();
+                        den = den + *pj;
+                    }
+                    let mut dsum = T::zero();
+                    for j in 0..t {
+                        pr[j] = pr[j] / den;
+                        dp[j] = if pr[j] == T::zero() { T::zero() } else { dot(dzv, &v[key(j)..][..d]) };
+                        dsum = dsum + pr[j] * dp[j];
+                    }
+                    for j in 0..t {
+                        if pr[j] == T::zero() {
+                            continue;
+                        }
+                        for (x, &y) in dv[j * d..(j + 1) * d].iter_mut().zip(dzv) {
+                            *x = *x + pr[j] * y;
+                        }
+                        if self.detach_pattern {
+                            continue;
+                        }
+                        // d/d(raw score) of the softmax, through the soft-cap, times the scale.
+                        let mut ds = pr[j] * (dp[j] - dsum);
+                        if let Some(c) = cap {
+                            let u = s[j] / c;
+                            ds = ds * (T::one() - u * u);
+                        }
+                        let ds = ds * scale;
+                        let kj = &k[key(j)..][..d];
+                        for (x, &y) in dq[(i * group + gi) * d..][..d].iter_mut().zip(kj) {
+                            *x = *x + ds * y;
+                        }
+                        for (x, &y) in dk[j * d..(j + 1) * d].iter_mut().zip(qv) {
+                            *x = *x + ds * y;
+                        }
+                    }
+                }
+            }
+        });
+        let (mut dq, mut dk, mut dv) = (vec![T::zero(); b * p * h * d], vec![T::zero(); b * t * kvh * d], vec![T::zero(); b * t * kvh * d]);
+        for (task, o) in buf.chunks(width).enumerate() {
+            let (bi, g) = (task / kvh, task % kvh);
+            for gi in 0..group {
+                for i in 0..p {
+                    let at = ((bi * p + i) * h + g * group + gi) * d;
+                    dq[at..at + d].copy_from_slice(&o[(i * group + gi) * d..][..d]);
+                }
+            }
+            for j in 0..t {
+                let at = ((bi * t + j) * kvh + g) * d;
+                dk[at..at + d].copy_from_slice(&o[nq + j * d..][..d]);
+                dv[at..at + d].copy_from_slice(&o[nq + t * d + j * d..][..d]);
+            }
+        }
+        (dq, dk, dv)
+    }
+
+    fn run<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], (b, p, h, d): (usize, usize, usize, usize), (t, kvh): (usize, usize)) -> Vec<T> {
+        let group = h / kvh;
         let mut out = vec![T::zero(); b * p * h * d];
         par_rows(&mut out, h * d, |row, o| {
             let (bi, i) = (row / p, row % p);
-            let allowed = self.mask.as_ref().map(|(m, mb)| {
-                let r = if *mb == 1 { i } else { bi * p + i };
-                &m[r * t..(r + 1) * t]
-            });
+            let allowed = self.allowed(bi, i, p, t);
             let mut s = vec![T::zero(); t];
             for head in 0..h {
                 let kv = head / group;
                 let qv = &q[(row * h + head) * d..][..d];
-                let mut mx = T::neg_infinity();
-                for (j, sj) in s.iter_mut().enumerate() {
-                    if allowed.is_some_and(|a| a[j] == 0) {
-                        *sj = T::neg_infinity();
-                        continue;
-                    }
-                    let mut x = dot(qv, &k[((bi * t + j) * kvh + kv) * d..][..d]) * scale;
-                    if let Some(c) = cap {
-                        x = (x / c).tanh() * c;
-                    }
-                    *sj = x;
-                    if x > mx {
-                        mx = x;
-                    }
-                }
+                let mx = self.scores(qv, |j| ((bi * t + j) * kvh + kv) * d, k, allowed, &mut s);
                 let mut den = T::zero();
                 for x in s.iter_mut() {
                     *x = (*x - mx).exp();
@@ -292,6 +395,30 @@ impl CustomOp3 for PrefillAttention {
         };
         Ok((out, Shape::from((b, p, h, d))))
     }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _z: &Tensor, dz: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, p, h, d) = q.dims4()?;
+        let (_, t, kvh, _) = k.dims4()?;
+        let host = |x: &Tensor| x.flatten_all();
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => {
+                let (dq, dk, dv) =
+                    self.grads(&host(q)?.to_vec1::<f32>()?, &host(k)?.to_vec1()?, &host(v)?.to_vec1()?, &host(dz)?.to_vec1()?, (b, p, h, d), (t, kvh));
+                (Tensor::from_vec(dq, q.shape(), q.device())?, Tensor::from_vec(dk, k.shape(), k.device())?, Tensor::from_vec(dv, v.shape(), v.device())?)
+            }
+            DType::F64 => {
+                let (dq, dk, dv) =
+                    self.grads(&host(q)?.to_vec1::<f64>()?, &host(k)?.to_vec1()?, &host(v)?.to_vec1()?, &host(dz)?.to_vec1()?, (b, p, h, d), (t, kvh));
+                (Tensor::from_vec(dq, q.shape(), q.device())?, Tensor::from_vec(dk, k.shape(), k.device())?, Tensor::from_vec(dv, v.shape(), v.device())?)
+            }
+            other => candle_core::bail!("fused prefill attention: no backward for {other:?}"),
+        };
+        if self.detach_pattern {
+            Ok((None, None, Some(dv)))
+        } else {
+            Ok((Some(dq), Some(dk), Some(dv)))
+        }
+    }
 }
 
 /// Whether [`prefill_attention`] runs these operands: CPU tensors of f32 or f64, GQA groups
@@ -313,8 +440,10 @@ pub fn prefill_attention_fits(q: &Tensor, k: &Tensor) -> bool {
 /// `[b,1,p,T]` (u8, 1 = the query may see the key; `None`: every key), scores `q.k * scale`,
 /// soft-capped as `c * tanh(s / c)` when `softcap` is given. Returns `z` `[b,p,h,d]`: the same
 /// values as the scores -> masked softmax -> pattern @ v path to rounding, in one pass per query
-/// row (rows run in parallel). No backward: callers use it only where nothing tracks gradients.
-pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+/// row (rows run in parallel). When an operand tracks gradients, the backward recomputes each
+/// pattern and returns the gradients of `q`, `k` and `v` (with `detach_pattern`, RelP's AH rule:
+/// of `v` only, the pattern being a constant).
+pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>, detach_pattern: bool) -> Result<Tensor> {
     let (b, p, _, d) = q.dims4()?;
     let (kb, t, _, dk) = k.dims4()?;
     if !prefill_attention_fits(q, k) || dk != d || kb != b || v.dims() != k.dims() {
@@ -331,8 +460,10 @@ pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
         }
         None => None,
     };
-    let op = PrefillAttention { scale, softcap, mask };
-    Ok(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?)
+    let op = PrefillAttention { scale, softcap, mask, detach_pattern };
+    // The AH rule: no gradient reaches q or k through the (constant) pattern.
+    let (q, k) = if detach_pattern { (q.detach(), k.detach()) } else { (q.clone(), k.clone()) };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
 /// Rows of `n` values of an f32/f64 CPU tensor (contiguous), mapped in parallel.

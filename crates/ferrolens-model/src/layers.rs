@@ -366,19 +366,18 @@ impl HookedTransformer {
             let z = z.unsqueeze(1)?; // [b,1,h,d]
             return self.attn_output(l, z, hooks);
         }
-        // No gradient and no hook on the scores or pattern: the CPU's fused attention (no
-        // transposed copies, no repeated KV heads, no [b,h,q,k] tensors).
-        let tracked = q.track_op() || k.track_op() || v.track_op();
+        // No hook on the scores or pattern: the CPU's fused attention (no transposed copies, no
+        // repeated KV heads, no [b,h,q,k] tensors), with its own backward when gradients flow.
         let watched = hooks.wants(AttnScores(l)) || hooks.wants(Pattern(l)) || hooks.uniform_heads(l).is_some();
         let argmax = kv.as_deref().is_some_and(|c| c.tracks_argmax());
-        let fused_prefill = crate::fused::prefill_attention_fits(&q, &k) && !tracked && !watched && !argmax;
+        let fused_prefill = crate::fused::prefill_attention_fits(&q, &k) && !watched && !argmax;
         if fused_prefill {
             let t = k.dim(1)?;
             let mask = match pad {
                 Some(pd) => Some(self.mask_rows(l, pq, &pd.keys)?),
                 None => self.attn_mask(l, pq, t)?,
             };
-            let z = crate::fused::prefill_attention(&q, &k, &v, mask.as_ref(), cfg.attn_scale, cfg.attn_softcap)?;
+            let z = crate::fused::prefill_attention(&q, &k, &v, mask.as_ref(), cfg.attn_scale, cfg.attn_softcap, hooks.lrp.attn)?;
             return self.attn_output(l, z, hooks);
         }
         let k = repeat_kv(&k, cfg.kv_repeat())?;
