@@ -35,10 +35,7 @@ fn direction(dims: &[usize], seed: u64) -> Tensor {
 
 #[test]
 fn hook_gradients_equal_finite_differences() {
-    let model = tiny_gpt2(DType::F64);
-    let r = reference("tiny-gpt2/reference.safetensors");
-    let tokens = ids(&r, "p3.input_ids");
-    let points = [
+    check_finite_differences(&[
         HookPoint::Embed,
         HookPoint::PosEmbed,
         HookPoint::ResidPre(0),
@@ -57,8 +54,32 @@ fn hook_gradients_equal_finite_differences() {
         HookPoint::MlpOut(1),
         HookPoint::ResidPost(0),
         HookPoint::LnFinalNormalized,
-    ];
-    let mut hooks = Hooks::new().grad(&points).cache_hooks(&points);
+    ]);
+}
+
+/// The same check with no hook on any layer's scores or pattern, so both layers run the CPU's
+/// fused attention and its own backward.
+#[test]
+fn fused_attention_gradients_equal_finite_differences() {
+    check_finite_differences(&[
+        HookPoint::ResidPre(0),
+        HookPoint::Q(0),
+        HookPoint::K(0),
+        HookPoint::V(0),
+        HookPoint::Q(1),
+        HookPoint::K(1),
+        HookPoint::Z(1),
+        HookPoint::AttnOut(1),
+    ]);
+}
+
+/// At every point: the analytic directional derivative of the metric (one backward pass) equals
+/// the central finite difference (f64 tiny GPT-2, relative error < 1e-5).
+fn check_finite_differences(points: &[HookPoint]) {
+    let model = tiny_gpt2(DType::F64);
+    let r = reference("tiny-gpt2/reference.safetensors");
+    let tokens = ids(&r, "p3.input_ids");
+    let mut hooks = Hooks::new().grad(points).cache_hooks(points);
     let run = model.run_with_grads(&tokens, &mut hooks, metric).unwrap();
     let base = metric_value(&model, &tokens, None);
     assert!((run.metric - base).abs() < 1e-12);
