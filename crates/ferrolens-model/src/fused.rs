@@ -7,12 +7,12 @@
 //! uses it for single-token steps when [`KvCache::fused`] is on and nothing needs the scores or
 //! the pattern (no hook, no gradient, f32 weights, at most 64 heads).
 //!
-//! [`prefill_attention`] is the CPU counterpart for many queries at once (a forward without
-//! gradients): scores, mask, softmax and the weighted sum of values per query row, with no
-//! transposed copies of q/k/v, no repeated KV heads and no `[b,h,q,k]` tensors.
+//! [`prefill_attention`] is the CPU counterpart for many queries at once: scores, mask, softmax
+//! and the weighted sum of values per query row, with no transposed copies of q/k/v, no repeated
+//! KV heads and no `[b,h,q,k]` tensors, and a backward of its own for gradient runs.
 //!
 //! [`rotate_half`] and [`silu_mul`] are the rotary embedding and SwiGLU's `silu(gate) * up` in
-//! one pass each, for the same no-gradient forwards.
+//! one pass each, for forwards without gradients.
 //!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
@@ -466,7 +466,7 @@ pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
-/// Rows of `n` values of an f32/f64 CPU tensor (contiguous), mapped in parallel.
+/// The elements of a contiguous f32/f64 CPU tensor, as a slice.
 fn cpu_rows<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]>
 where
     CpuStorage: AsSlice<T>,
