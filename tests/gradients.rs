@@ -283,3 +283,45 @@ fn fused_attention_gradients_equal_the_written_out_ones() {
         }
     }
 }
+
+/// The fused rotary, SwiGLU product and attention backward passes against central finite
+/// differences on rotary families (f64): gradients at `hook_q`/`hook_k` (before the rotation),
+/// at the MLP's gate and up projections (before `silu(gate) * up`) and at `resid_pre` 0.
+#[test]
+fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
+    let tokens = Tensor::new(&[[5u32, 17, 3, 42, 9, 28, 11]], &Device::Cpu).unwrap();
+    let m = |l: &Tensor| -> Result<Tensor> {
+        let p = l.dim(1)?;
+        Ok((l.i((0, p - 1, 3))? - l.i((0, p - 1, 7))?)?)
+    };
+    for name in ["llama", "qwen3", "phi3", "gpt_neox", "olmo2"] {
+        let model = family(name, DType::F64);
+        let gated = model.cfg.act == ferrolens::model::Activation::Silu && name != "gpt_neox";
+        let mut points = vec![HookPoint::ResidPre(0), HookPoint::Q(0), HookPoint::K(0), HookPoint::Q(1), HookPoint::MlpPre(0)];
+        if gated {
+            points.push(HookPoint::MlpPreLinear(0));
+        }
+        let value = |patch: Option<Patch>| -> f64 {
+            let mut h = Hooks::new();
+            if let Some(p) = patch {
+                h = h.patch(p);
+            }
+            m(&model.run(&tokens, &mut h).unwrap()).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let mut hooks = Hooks::new().grad(&points).cache_hooks(&points);
+        let run = model.run_with_grads(&tokens, &mut hooks, m).unwrap();
+        for (k, h) in points.iter().enumerate() {
+            let g = &run.grads[h];
+            let act = hooks.cache_ref().get(*h).unwrap();
+            let dir = direction(act.dims(), 100 + k as u64);
+            let analytic = (g * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            let eps = 1e-5;
+            let plus = value(Some(Patch::new(*h, Intervention::Add((&dir * eps).unwrap()))));
+            let minus = value(Some(Patch::new(*h, Intervention::Add((&dir * -eps).unwrap()))));
+            let fd = (plus - minus) / (2.0 * eps);
+            let rel = (fd - analytic).abs() / fd.abs().max(1e-3);
+            assert!(rel < 1e-5, "{name} {h}: analytic {analytic} vs finite difference {fd} (rel {rel:e})");
+            assert!(analytic.abs() > 1e-6, "{name} {h}: zero gradient makes the check vacuous");
+        }
+    }
+}

@@ -12,7 +12,7 @@
 //! KV heads and no `[b,h,q,k]` tensors, and a backward of its own for gradient runs.
 //!
 //! [`rotate_half`] and [`silu_mul`] are the rotary embedding and SwiGLU's `silu(gate) * up` in
-//! one pass each, for forwards without gradients.
+//! one pass each, with their own backward.
 //!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
@@ -548,18 +548,33 @@ impl CustomOp3 for RotateHalf {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    /// The rotation's transpose is the rotation by minus the angle: the same op with `-sin`.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(&cos.detach().contiguous()?, &sin.detach().neg()?.contiguous()?, &RotateHalf)?;
+        Ok((Some(dx), None, None))
+    }
 }
 
 /// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`]) take `x`: an f32 or
-/// f64 CPU tensor that tracks no gradient, with strict layouts off (see [`prefill_attention_fits`]).
+/// f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]). Both have their own
+/// backward.
 pub fn fused_elementwise_fits(x: &Tensor) -> bool {
-    !crate::layout::strict() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !x.track_op()
+    !crate::layout::strict() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// Rotate-half rotary embedding of the first `2 * half` features of `x` `[b,p,n,d]` with tables
 /// `cos`/`sin` `[p,half]` (or `[b,p,half]` per row, padded batches): `x1 cos - x2 sin`,
 /// `x2 cos + x1 sin`, the other features unchanged; the same arithmetic as the written-out ops,
-/// in one pass. CPU, f32/f64, no backward (see [`fused_elementwise_fits`]).
+/// in one pass. CPU, f32/f64 (see [`fused_elementwise_fits`]); the backward rotates the gradient
+/// back (the same op with `-sin`).
 pub fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, p, _, d) = x.dims4()?;
     let half = cos.dim(candle_core::D::Minus1)?;
@@ -571,7 +586,7 @@ pub fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fused_elementwise_fits(x) || !tables_fit || sin.dims() != cos.dims() || 2 * half > d || cos.dtype() != x.dtype() {
         return Err(Error::Input(format!("fused rotary: x {:?} and tables {:?} do not fit", x.dims(), cos.dims())));
     }
-    Ok(x.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RotateHalf)?)
+    Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RotateHalf)?)
 }
 
 /// The op: `(gate, up) -> silu(gate) * up`, element-wise.
@@ -612,13 +627,23 @@ impl candle_core::CustomOp2 for SiluMul {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    /// `d up = g silu(gate)`, `d gate = g up sigmoid(gate) (1 + gate (1 - sigmoid(gate)))`.
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gate, up) = (gate.detach(), up.detach());
+        let sig = (gate.neg()?.exp()? + 1.0)?.recip()?;
+        let d_up = (grad * (&gate * &sig)?)?;
+        let slope = (&sig * ((&gate * (1.0 - &sig)?)? + 1.0)?)?;
+        let d_gate = ((grad * &up)? * slope)?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
 }
 
-/// SwiGLU's `silu(gate) * up` for `gate` and `up` of one shape, in one pass (CPU, f32/f64, no
-/// backward; see [`fused_elementwise_fits`]).
+/// SwiGLU's `silu(gate) * up` for `gate` and `up` of one shape, in one pass (CPU, f32/f64; see
+/// [`fused_elementwise_fits`]), with the gradients of both operands.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !fused_elementwise_fits(gate) || !fused_elementwise_fits(up) || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
         return Err(Error::Input(format!("fused silu * up: gate {:?} and up {:?} do not fit", gate.dims(), up.dims())));
     }
-    Ok(gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?)
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
 }

@@ -473,7 +473,8 @@ impl HookedTransformer {
             Some(wg) => {
                 let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, mw.b_gate.as_ref())?)?;
                 let lin = hooks.at(HookPoint::MlpPreLinear(l), linear(x, &mw.w_in, mw.b_in.as_ref())?)?;
-                // One pass for silu(gate) * up when no gradient flows and no RelP rule applies.
+                // One pass for silu(gate) * up (and its own backward) unless RelP's identity rule
+                // rewrites the activation.
                 let fused = self.cfg.act == Activation::Silu
                     && !hooks.lrp.identity
                     && crate::fused::fused_elementwise_fits(&pre)
