@@ -33,6 +33,27 @@ fn direction(dims: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
+/// Every family's tiny checkpoint and the tiny GPT-2, in f32 and f64, with names for messages.
+fn every_model() -> Vec<(String, ferrolens::model::HookedTransformer)> {
+    let mut models = Vec::new();
+    for dtype in [DType::F32, DType::F64] {
+        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
+        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
+    }
+    models
+}
+
+/// Two prompts of different lengths (9 and 5 tokens; ids below every fixture's vocabulary), so
+/// that batching them pads one and sliding windows of 4 matter.
+fn two_prompts() -> Vec<Vec<u32>> {
+    vec![vec![5, 17, 3, 42, 9, 28, 11, 6, 30], vec![7, 1, 33, 8, 2]]
+}
+
+/// The largest absolute value of `t`, as f64.
+fn peak(t: &Tensor) -> f64 {
+    t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
 #[test]
 fn hook_gradients_equal_finite_differences() {
     check_finite_differences(&[
@@ -134,17 +155,13 @@ fn gradients_respect_causality_and_lrp_off_equals_plain() {
 /// hook on a norm's scale (which forces the written-out norm) changes nothing either.
 #[test]
 fn the_no_gradient_fast_path_equals_the_written_out_ops() {
-    let mut models: Vec<(String, ferrolens::model::HookedTransformer)> = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
-        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
-        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
-    }
+    let models = every_model();
     for (name, model) in &models {
         let tokens = Tensor::new(&[[5u32, 17, 3, 42, 9, 28, 11], [7, 1, 33, 8, 2, 19, 4]], &Device::Cpu).unwrap(); // ids below every fixture's vocabulary (96)
         let fast = model.forward(&tokens).unwrap();
         let mut h = Hooks::new().grad(&[HookPoint::ResidPre(0)]);
         let slow = model.run_with_grads(&tokens, &mut h, |l| Ok(l.i((.., .., 0))?.sum_all()?)).unwrap().logits;
-        let scale = fast.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let scale = peak(&fast);
         let d = max_abs(&fast, &slow);
         assert!(d <= 1e-5 * scale.max(1.0), "{name}: fast path vs written-out ops differ by {d} (logits up to {scale})");
         let mut cached = Hooks::new().cache("blocks.*.ln1.hook_scale").unwrap();
@@ -160,12 +177,8 @@ fn the_no_gradient_fast_path_equals_the_written_out_ops() {
 /// last layer (which keeps that layer whole), on every family, f32 and f64.
 #[test]
 fn the_last_layer_runs_at_the_last_position_only_when_nothing_else_is_read() {
-    let mut models: Vec<(String, ferrolens::model::HookedTransformer)> = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
-        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
-        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
-    }
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 3, 42, 9, 28, 11, 6, 30], vec![7, 1, 33, 8, 2]];
+    let models = every_model();
+    let prompts = two_prompts();
     for (name, model) in &models {
         assert!(model.cfg.n_layers >= 2, "{name}: a layer before the last one");
         let last = model.cfg.n_layers - 1;
@@ -186,7 +199,7 @@ fn the_last_layer_runs_at_the_last_position_only_when_nothing_else_is_read() {
             let pruned = model.run_span(Some(&tokens), &span, &mut Hooks::new()).unwrap();
             let kept = model.run_span(Some(&tokens), &span, &mut whole(&keep_last)).unwrap();
             assert_eq!(pruned.dims(), full.dims(), "{name} {side:?}");
-            let scale = full.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+            let scale = peak(&full).max(1.0);
             let d = max_abs(&pruned, &full);
             assert!(d <= 1e-5 * scale, "{name} {side:?}: last-position-only logits differ from the full forward's by {d}");
             assert!(max_abs(&kept, &full) <= 1e-5 * scale, "{name} {side:?}");
@@ -196,7 +209,7 @@ fn the_last_layer_runs_at_the_last_position_only_when_nothing_else_is_read() {
             let mut hk = whole(&keep_last).grad(&[HookPoint::ResidPre(0)]);
             let g_kept = model.run_span_with_grads(Some(&tokens), &span, &mut hk, m).unwrap();
             let (a, b) = (&g_pruned.grads[&HookPoint::ResidPre(0)], &g_kept.grads[&HookPoint::ResidPre(0)]);
-            let gs = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let gs = peak(b);
             assert!(gs > 0.0, "{name}: the gradient reaches resid_pre 0");
             let dg = max_abs(a, b);
             assert!(dg <= 1e-5 * gs.max(1e-3), "{name} {side:?}: gradients differ by {dg} (up to {gs})");
@@ -211,12 +224,8 @@ fn the_last_layer_runs_at_the_last_position_only_when_nothing_else_is_read() {
 /// tokens), and through a KV cache filled in chunks of 4.
 #[test]
 fn fused_prefill_attention_equals_the_written_out_attention() {
-    let mut models: Vec<(String, ferrolens::model::HookedTransformer)> = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
-        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
-        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
-    }
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 3, 42, 9, 28, 11, 6, 30], vec![7, 1, 33, 8, 2]];
+    let models = every_model();
+    let prompts = two_prompts();
     for (name, model) in &models {
         let written = || Hooks::new().cache("blocks.*.attn.hook_pattern").unwrap();
         let mut cases = vec![(model.tokens_padded(&prompts[..1], PadSide::Left).unwrap().0, None, "plain")];
@@ -228,7 +237,7 @@ fn fused_prefill_attention_equals_the_written_out_attention() {
             let span = RunSpan { mask: mask.clone(), ..Default::default() };
             let fused = model.run_span(Some(tokens), &span, &mut Hooks::new()).unwrap();
             let slow = model.run_span(Some(tokens), &span, &mut written()).unwrap();
-            let scale = slow.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+            let scale = peak(&slow).max(1.0);
             let d = max_abs(&fused, &slow);
             assert!(d <= 1e-5 * scale, "{name} {what}: fused attention differs from the written-out one by {d}");
         }
@@ -237,7 +246,7 @@ fn fused_prefill_attention_equals_the_written_out_attention() {
         let full = model.forward(tokens).unwrap().narrow(1, p - 1, 1).unwrap();
         let mut kv = ferrolens::model::KvCache::new(model.cfg.n_layers);
         let chunked = model.prefill(tokens, &mut kv, 4, &mut Hooks::new()).unwrap();
-        let scale = full.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+        let scale = peak(&full).max(1.0);
         let d = max_abs(&chunked, &full);
         assert!(d <= 1e-5 * scale, "{name}: chunked prefill with fused attention differs by {d}");
     }
@@ -249,12 +258,8 @@ fn fused_prefill_attention_equals_the_written_out_attention() {
 /// and on.
 #[test]
 fn fused_attention_gradients_equal_the_written_out_ones() {
-    let mut models: Vec<(String, ferrolens::model::HookedTransformer)> = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
-        models.extend(FAMILIES.iter().map(|f| (format!("{f} {dtype:?}"), family(f, dtype))));
-        models.push((format!("gpt2 {dtype:?}"), tiny_gpt2(dtype)));
-    }
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 3, 42, 9, 28, 11, 6, 30], vec![7, 1, 33, 8, 2]];
+    let models = every_model();
+    let prompts = two_prompts();
     let points = [HookPoint::ResidPre(0), HookPoint::V(0), HookPoint::Q(0), HookPoint::V(1)];
     for (name, model) in &models {
         for padded in [false, true] {
@@ -272,7 +277,7 @@ fn fused_attention_gradients_equal_the_written_out_ones() {
                 let slow = model.run_span_with_grads(Some(&tokens), &span, &mut h, m).unwrap();
                 for pt in &points {
                     let (a, b) = (&fused.grads[pt], &slow.grads[pt]);
-                    let scale = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                    let scale = peak(b);
                     // Under the AH rule nothing reaches q (the pattern is a constant): zero both ways.
                     let through_pattern_only = rules.attn && matches!(pt, HookPoint::Q(_));
                     assert!(scale > 0.0 || through_pattern_only, "{name}: a gradient reaches {pt}");

@@ -27,16 +27,6 @@ struct DecodeAttention {
     uniform_mask: u64,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    if !l.is_contiguous() {
-        candle_core::bail!("fused decode attention: {what} must be contiguous");
-    }
-    match s {
-        CpuStorage::F32(v) => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
-        _ => candle_core::bail!("fused decode attention: {what} must be f32"),
-    }
-}
-
 impl CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "ferrolens-decode-attention"
@@ -45,7 +35,8 @@ impl CustomOp3 for DecodeAttention {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, d) = l1.shape().dims3()?;
         let (_, t, kvh, _) = l2.shape().dims4()?;
-        let (q, k, v) = (f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?);
+        let (q, k, v) =
+            (cpu_slice::<f32>(s1, l1, "decode attention q")?, cpu_slice::<f32>(s2, l2, "decode attention k")?, cpu_slice::<f32>(s3, l3, "decode attention v")?);
         let group = h / kvh;
         let mut out = vec![0f32; b * h * (d + 1)];
         let one = |bh: usize, o: &mut [f32]| {
@@ -338,6 +329,41 @@ impl PrefillAttention {
         (dq, dk, dv)
     }
 
+    /// [`PrefillAttention::run`] on the op's CPU operands.
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: Float + Send + Sync>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let dims = l1.shape().dims4()?;
+        let (_, t, kvh, _) = l2.shape().dims4()?;
+        let (q, k, v) = (cpu_slice(s1, l1, "prefill attention q")?, cpu_slice(s2, l2, "prefill attention k")?, cpu_slice(s3, l3, "prefill attention v")?);
+        Ok(self.run(q, k, v, dims, (t, kvh)))
+    }
+
+    /// [`PrefillAttention::grads`] of the backward's tensors (copied to the host), as tensors of
+    /// the operands' shapes.
+    fn grad_tensors<T: Float + Send + Sync + candle_core::WithDType>(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dz: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let host = |x: &Tensor| x.flatten_all()?.to_vec1::<T>();
+        let (_, t, kvh, _) = k.dims4()?;
+        let (dq, dk, dv) = self.grads(&host(q)?, &host(k)?, &host(v)?, &host(dz)?, q.dims4()?, (t, kvh));
+        Ok((Tensor::from_vec(dq, q.shape(), q.device())?, Tensor::from_vec(dk, k.shape(), k.device())?, Tensor::from_vec(dv, v.shape(), v.device())?))
+    }
+
     fn run<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], (b, p, h, d): (usize, usize, usize, usize), (t, kvh): (usize, usize)) -> Vec<T> {
         let group = h / kvh;
         let mut out = vec![T::zero(); b * p * h * d];
@@ -376,41 +402,19 @@ impl CustomOp3 for PrefillAttention {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, p, h, d) = l1.shape().dims4()?;
-        let (_, t, kvh, _) = l2.shape().dims4()?;
-        for (l, what) in [(l1, "q"), (l2, "k"), (l3, "v")] {
-            if !l.is_contiguous() {
-                candle_core::bail!("fused prefill attention: {what} must be contiguous");
-            }
-        }
-        let span = |l: &Layout| l.start_offset()..l.start_offset() + l.shape().elem_count();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.run(&q[span(l1)], &k[span(l2)], &v[span(l3)], (b, p, h, d), (t, kvh)))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(self.run(&q[span(l1)], &k[span(l2)], &v[span(l3)], (b, p, h, d), (t, kvh)))
-            }
+        let shape = l1.shape().clone();
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.go::<f32>(s1, l1, s2, l2, s3, l3)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.go::<f64>(s1, l1, s2, l2, s3, l3)?),
             _ => candle_core::bail!("fused prefill attention: q, k and v must all be f32 or all f64"),
         };
-        Ok((out, Shape::from((b, p, h, d))))
+        Ok((out, shape))
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _z: &Tensor, dz: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, p, h, d) = q.dims4()?;
-        let (_, t, kvh, _) = k.dims4()?;
-        let host = |x: &Tensor| x.flatten_all();
         let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => {
-                let (dq, dk, dv) =
-                    self.grads(&host(q)?.to_vec1::<f32>()?, &host(k)?.to_vec1()?, &host(v)?.to_vec1()?, &host(dz)?.to_vec1()?, (b, p, h, d), (t, kvh));
-                (Tensor::from_vec(dq, q.shape(), q.device())?, Tensor::from_vec(dk, k.shape(), k.device())?, Tensor::from_vec(dv, v.shape(), v.device())?)
-            }
-            DType::F64 => {
-                let (dq, dk, dv) =
-                    self.grads(&host(q)?.to_vec1::<f64>()?, &host(k)?.to_vec1()?, &host(v)?.to_vec1()?, &host(dz)?.to_vec1()?, (b, p, h, d), (t, kvh));
-                (Tensor::from_vec(dq, q.shape(), q.device())?, Tensor::from_vec(dk, k.shape(), k.device())?, Tensor::from_vec(dv, v.shape(), v.device())?)
-            }
+            DType::F32 => self.grad_tensors::<f32>(q, k, v, dz)?,
+            DType::F64 => self.grad_tensors::<f64>(q, k, v, dz)?,
             other => candle_core::bail!("fused prefill attention: no backward for {other:?}"),
         };
         if self.detach_pattern {
@@ -434,7 +438,7 @@ pub fn prefill_attention_fits(q: &Tensor, k: &Tensor) -> bool {
         && heads(q) % heads(k) == 0
 }
 
-/// Attention of many queries without gradients, on the CPU.
+/// Attention of many queries on the CPU, with its own backward.
 ///
 /// `q` `[b,p,h,d]` (rotated), `k`/`v` `[b,T,kvh,d]` (GQA heads not repeated), `mask` `[p,T]` or
 /// `[b,1,p,T]` (u8, 1 = the query may see the key; `None`: every key), scores `q.k * scale`,
@@ -467,12 +471,12 @@ pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
 }
 
 /// The elements of a contiguous f32/f64 CPU tensor, as a slice.
-fn cpu_rows<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]>
+fn cpu_slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]>
 where
     CpuStorage: AsSlice<T>,
 {
     if !l.is_contiguous() {
-        candle_core::bail!("fused op: {what} must be contiguous");
+        candle_core::bail!("fused {what} must be contiguous");
     }
     let v = s.as_slice_of()?;
     Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
@@ -531,7 +535,7 @@ impl RotateHalf {
         let dims = l1.shape().dims4()?;
         let half = *l2.shape().dims().last().unwrap_or(&0);
         let per_row = l2.shape().rank() == 3;
-        Ok(Self::run(cpu_rows(s1, l1, "x")?, cpu_rows(s2, l2, "cos")?, cpu_rows(s3, l3, "sin")?, dims, half, per_row))
+        Ok(Self::run(cpu_slice(s1, l1, "rotary x")?, cpu_slice(s2, l2, "rotary cos")?, cpu_slice(s3, l3, "rotary sin")?, dims, half, per_row))
     }
 }
 
@@ -597,7 +601,7 @@ impl SiluMul {
     where
         CpuStorage: AsSlice<T>,
     {
-        let (g, u) = (cpu_rows::<T>(s1, l1, "gate")?, cpu_rows::<T>(s2, l2, "up")?);
+        let (g, u) = (cpu_slice::<T>(s1, l1, "silu * up: gate")?, cpu_slice::<T>(s2, l2, "silu * up: up")?);
         let mut out = vec![T::zero(); g.len()];
         const W: usize = 4096;
         let full = g.len() / W * W;
