@@ -94,37 +94,38 @@ fn fix(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// `a @ b` (`[.., m, k] @ [.., k, n]`) with layouts every backend accepts.
 ///
-/// When only one operand takes part in a gradient (e.g. an activation times a weight that is
-/// not a [`candle_core::Var`]), the product is recorded as [`OneSidedMatmul`], whose backward
-/// computes that operand's gradient alone: candle's own matmul backward also computes the other
-/// side's (`aᵀ·g` for a weight), a GEMM as large as the useful one, plus a zero tensor of the
-/// weight's shape to add it to, all discarded. Same forward numbers either way.
+/// The product is recorded as [`Matmul`]: when only one operand takes part in a gradient (e.g.
+/// an activation times a weight that is not a [`candle_core::Var`]), its backward computes that
+/// operand's gradient alone (candle's own matmul backward also computes the other side's, `aᵀ·g`
+/// for a weight, a GEMM as large as the useful one, plus a zero tensor of the weight's shape to
+/// add it to, all discarded); on the CPU it skips candle's zero-fill of the output. Same forward
+/// numbers as [`Tensor::matmul`] either way.
 #[allow(clippy::disallowed_methods)]
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a, b) = fix(a, b)?;
-    if a.track_op() != b.track_op() {
-        if let Some(op) = OneSidedMatmul::new(&a, &b) {
-            return Ok(a.apply_op2_arc(&b, std::sync::Arc::new(Box::new(op)))?);
-        }
+    if let Some(op) = Matmul::new(&a, &b) {
+        return Ok(a.apply_op2_arc(&b, std::sync::Arc::new(Box::new(op)))?);
     }
     Ok(a.matmul(&b)?)
 }
 
-/// A matrix product `[.., m, k] @ [.., k, n]` whose backward returns the gradient of one operand
-/// only (the one that tracks gradients; see [`matmul`]). The forward is the backend's own
-/// matmul on the same layouts as [`Tensor::matmul`], so the values are bit-identical; the
-/// backward's product goes through [`matmul`] (same layout rule).
+/// A matrix product `[.., m, k] @ [.., k, n]` (see [`matmul`]) whose backward returns the
+/// gradients of the operands that track one, and only those. The forward is the backend's own
+/// matmul on the layouts [`Tensor::matmul`] passes; on the CPU in f32/f64 it is the very same
+/// `gemm` call candle makes (same kernels, same threads, so bit-identical values) into an output
+/// that is not zero-filled first (candle's fill is a wasted pass: the call overwrites every
+/// element). The backward's products go through [`matmul`] (same layout rule).
 #[derive(Debug, Clone)]
-pub struct OneSidedMatmul {
+pub struct Matmul {
     /// `(batch, m, n, k)` as the backends take it.
     bmnk: (usize, usize, usize, usize),
     /// The output shape `[.., m, n]`.
     shape: candle_core::Shape,
-    /// The left operand is the one that gets a gradient (else the right one).
-    lhs: bool,
+    /// Which operands get a gradient: `(left, right)`.
+    grads: (bool, bool),
 }
 
-impl OneSidedMatmul {
+impl Matmul {
     /// The op for `a @ b`, or `None` where candle's own matmul should run (a shape it would
     /// refuse, so that its error is the one reported, or an empty product).
     fn new(a: &Tensor, b: &Tensor) -> Option<Self> {
@@ -135,15 +136,13 @@ impl OneSidedMatmul {
         }
         let (m, k, k2, n) = (da[r - 2], da[r - 1], db[r - 2], db[r - 1]);
         let batch: usize = da[..r - 2].iter().product();
-        if k != k2 || batch != db[..r - 2].iter().product::<usize>() || k == 0 || batch * m * n == 0 {
+        if k != k2 || da[..r - 2] != db[..r - 2] || k == 0 || batch * m * n == 0 {
             return None;
         }
         let shape = candle_core::Shape::from([&da[..r - 2], &[m, n]].concat());
-        Some(Self { bmnk: (batch, m, n, k), shape, lhs: a.track_op() })
+        Some(Self { bmnk: (batch, m, n, k), shape, grads: (a.track_op(), b.track_op()) })
     }
-}
 
-impl OneSidedMatmul {
     /// The forward on any backend: its own matmul, on the layouts [`Tensor::matmul`] passes.
     fn fwd<S: candle_core::backend::BackendStorage>(
         &self,
@@ -154,11 +153,77 @@ impl OneSidedMatmul {
     ) -> candle_core::Result<(S, candle_core::Shape)> {
         Ok((s1.matmul(s2, self.bmnk, l1, l2)?, self.shape.clone()))
     }
+
+    /// candle-core 0.11's CPU matmul (`MatMul::f` with the gemm crate: the same batch skips, the
+    /// same fold of a batch-invariant right operand into one product, the same call and
+    /// parallelism) writing into an uninitialized output. `None` where candle would report a
+    /// striding error (the caller then runs candle's matmul, which reports it).
+    fn cpu_gemm<T: Copy + 'static + num_traits::Zero + num_traits::One>(
+        &self,
+        lhs: &[T],
+        l1: &candle_core::Layout,
+        rhs: &[T],
+        l2: &candle_core::Layout,
+    ) -> Option<Vec<T>> {
+        let (b, m, n, k) = self.bmnk;
+        let skip = |l: &candle_core::Layout, whole: usize| -> Option<usize> {
+            let (s, d) = (l.stride(), l.dims());
+            match s[..s.len() - 2] {
+                [s1, stride] if s1 == stride * d[1] => Some(stride),
+                [_, stride] if d[0] == 1 => Some(stride),
+                [stride, _] if d[1] == 1 => Some(stride),
+                [stride] => Some(stride),
+                [] => Some(whole),
+                _ => None,
+            }
+        };
+        let (a_skip, b_skip) = (skip(l1, m * k)?, skip(l2, n * k)?);
+        let (sa, sb) = (l1.stride(), l2.stride());
+        let r = sa.len();
+        let (lhs_cs, lhs_rs, rhs_cs, rhs_rs) = (sa[r - 1], sa[r - 2], sb[r - 1], sb[r - 2]);
+        let (lhs, rhs) = (&lhs[l1.start_offset()..], &rhs[l2.start_offset()..]);
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let len = b * m * n;
+        let mut dst: Vec<T> = Vec::with_capacity(len);
+        let (steps, rows) = if b_skip == 0 && a_skip == m * k { (1, b * m) } else { (b, m) };
+        for step in 0..steps {
+            // SAFETY: as in candle's own call: the operands' layouts were checked by the tensor
+            // API (shapes) and the skips above (strides); each step writes its own
+            // `rows * n` block of `dst`'s capacity, with `read_dst = false`.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    dst.as_mut_ptr().add(step * m * n),
+                    1,
+                    n as isize,
+                    false,
+                    lhs[step * a_skip..].as_ptr(),
+                    lhs_cs as isize,
+                    lhs_rs as isize,
+                    rhs[step * b_skip..].as_ptr(),
+                    rhs_cs as isize,
+                    rhs_rs as isize,
+                    num_traits::Zero::zero(),
+                    num_traits::One::one(),
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            }
+        }
+        // SAFETY: the gemm calls above wrote all `b * m * n` elements (`k > 0`, read_dst false).
+        unsafe { dst.set_len(len) };
+        Some(dst)
+    }
 }
 
-impl candle_core::CustomOp2 for OneSidedMatmul {
+impl candle_core::CustomOp2 for Matmul {
     fn name(&self) -> &'static str {
-        "one-sided-matmul"
+        "matmul"
     }
 
     fn cpu_fwd(
@@ -168,7 +233,16 @@ impl candle_core::CustomOp2 for OneSidedMatmul {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.fwd(s1, l1, s2, l2)
+        use candle_core::CpuStorage as C;
+        let out = match (s1, s2) {
+            (C::F32(a), C::F32(b)) => self.cpu_gemm(a, l1, b, l2).map(C::F32),
+            (C::F64(a), C::F64(b)) => self.cpu_gemm(a, l1, b, l2).map(C::F64),
+            _ => None,
+        };
+        match out {
+            Some(out) => Ok((out, self.shape.clone())),
+            None => self.fwd(s1, l1, s2, l2),
+        }
     }
 
     fn cuda_fwd(
@@ -194,13 +268,10 @@ impl candle_core::CustomOp2 for OneSidedMatmul {
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let r = a.rank();
         let wrap = |e: Error| candle_core::Error::Msg(e.to_string());
-        if self.lhs {
-            // dL/da = g · bᵀ
-            Ok((Some(matmul(g, &b.transpose(r - 2, r - 1)?).map_err(wrap)?), None))
-        } else {
-            // dL/db = aᵀ · g
-            Ok((None, Some(matmul(&a.transpose(r - 2, r - 1)?, g).map_err(wrap)?)))
-        }
+        // dL/da = g · bᵀ, dL/db = aᵀ · g
+        let da = if self.grads.0 { Some(matmul(g, &b.transpose(r - 2, r - 1)?).map_err(wrap)?) } else { None };
+        let db = if self.grads.1 { Some(matmul(&a.transpose(r - 2, r - 1)?, g).map_err(wrap)?) } else { None };
+        Ok((da, db))
     }
 }
 
@@ -279,6 +350,45 @@ mod tests {
         assert_eq!(broadcast_matmul(&y, &z).unwrap().dims(), &[3, 4, 5, 2]);
     }
 
+    /// The CPU forward is candle's own gemm call without the zero-fill: bit-identical to
+    /// `Tensor::matmul` on plain, transposed, batched, rank-4, sliced (offset), broadcast
+    /// (batch stride 0, the fold into one product) and strided-batch layouts, in f32 and f64.
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn cpu_products_equal_candles_bit_for_bit() {
+        let d = Device::Cpu;
+        for dt in [DType::F32, DType::F64] {
+            let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, &d).unwrap().to_dtype(dt).unwrap();
+            let x = r(&[4, 3, 37, 29]);
+            let w = r(&[29, 41]);
+            let cases: Vec<(Tensor, Tensor)> = vec![
+                (x.i((0, 0)).unwrap(), w.clone()),
+                (x.i((0, 0)).unwrap(), r(&[41, 29]).t().unwrap()),
+                (x.i((0, 0)).unwrap().t().unwrap().contiguous().unwrap().t().unwrap(), w.clone()),
+                (x.i(1).unwrap(), r(&[3, 29, 41])),
+                (x.clone(), r(&[4, 3, 29, 41])),
+                (x.i(2).unwrap().narrow(1, 5, 20).unwrap(), r(&[3, 29, 8])),
+                (x.i(1).unwrap(), w.unsqueeze(0).unwrap().broadcast_as((3, 29, 41)).unwrap()),
+                (x.transpose(0, 1).unwrap().i(1).unwrap(), r(&[4, 29, 6])),
+                (r(&[1, 1, 29]), r(&[1, 29, 1])),
+            ];
+            for (i, (a, b)) in cases.iter().enumerate() {
+                let ours = matmul(a, b).unwrap();
+                let theirs = a.matmul(&b.contiguous().unwrap()).unwrap();
+                let alt = a.matmul(b);
+                assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+                let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                assert!(diff < 1e-5, "case {i} ({dt:?}): {diff}");
+                if let Ok(alt) = alt {
+                    let same = (&ours - &alt).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                    assert_eq!(same, 0.0, "case {i} ({dt:?}): not bit-identical to candle's product on the same layouts");
+                }
+            }
+        }
+        // Shapes candle refuses are refused the same way.
+        assert!(matmul(&Tensor::zeros((2, 3), DType::F32, &d).unwrap(), &Tensor::zeros((4, 5), DType::F32, &d).unwrap()).is_err());
+    }
+
     /// The one-sided product: same forward bits as candle's, the tracked operand's gradient equal
     /// to candle's, and no gradient at all for the other operand (candle's backward makes one).
     #[test]
@@ -317,7 +427,7 @@ mod tests {
         let (a, b) = (g_ours.get(v.as_tensor()).unwrap(), g_theirs.get(v.as_tensor()).unwrap());
         assert!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4);
         assert!(g_ours.get(&x).is_none());
-        // Neither tracked: no graph. Both tracked: both gradients (candle's own product).
+        // Neither tracked: no graph. Both tracked: both gradients.
         assert!(!matmul(&x, &w).unwrap().track_op());
         let u = candle_core::Var::from_tensor(&x0.i(0).unwrap()).unwrap(); // [5, 7]
         let g = matmul(u.as_tensor(), v.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
