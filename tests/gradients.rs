@@ -289,9 +289,49 @@ fn fused_attention_gradients_equal_the_written_out_ones() {
     }
 }
 
-/// The fused rotary, SwiGLU product and attention backward passes against central finite
-/// differences on rotary families (f64): gradients at `hook_q`/`hook_k` (before the rotation),
-/// at the MLP's gate and up projections (before `silu(gate) * up`) and at `resid_pre` 0.
+/// The fused CPU RMSNorm (forward and its own backward): logits and the gradients at
+/// `resid_pre` 0, `hook_v` 0 and `mlp_out` 0 equal those of the written-out norms (forced by
+/// caching every `hook_scale`, which the fused norm does not produce) on every family, f32 and
+/// f64, plain and left-padded, with RelP's rules (the LN rule holds the scale constant) off and
+/// on. LayerNorm families (GPT-2, GPT-NeoX) take the written-out norm both ways.
+#[test]
+fn fused_rms_norm_equals_the_written_out_norm() {
+    let models = every_model();
+    let prompts = two_prompts();
+    let points = [HookPoint::ResidPre(0), HookPoint::V(0), HookPoint::MlpOut(0)];
+    for (name, model) in &models {
+        for padded in [false, true] {
+            let (tokens, mask) = if padded {
+                let (t, m) = model.tokens_padded(&prompts, PadSide::Left).unwrap();
+                (t, Some(m))
+            } else {
+                (model.tokens_padded(&prompts[..1], PadSide::Left).unwrap().0, None)
+            };
+            let span = RunSpan { last_logits_only: true, mask, ..Default::default() };
+            for rules in [LrpRules::NONE, LrpRules::ALL] {
+                let m = |l: &Tensor| -> Result<Tensor> { Ok((l.i((.., 0, 3))? - l.i((.., 0, 7))?)?.sum_all()?) };
+                let fused = model.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), m).unwrap();
+                let mut h = Hooks::new().cache("*hook_scale").unwrap().grad(&points).lrp(rules);
+                let slow = model.run_span_with_grads(Some(&tokens), &span, &mut h, m).unwrap();
+                assert!(!h.cache_ref().is_empty(), "{name}: the norms' scales were cached");
+                let d = max_abs(&fused.logits, &slow.logits);
+                assert!(d <= 1e-5 * peak(&slow.logits).max(1.0), "{name} padded={padded}: logits differ by {d}");
+                for pt in &points {
+                    let (a, b) = (&fused.grads[pt], &slow.grads[pt]);
+                    let scale = peak(b);
+                    assert!(scale > 0.0, "{name}: a gradient reaches {pt}");
+                    let d = max_abs(a, b);
+                    assert!(d <= 1e-5 * scale.max(1e-3), "{name} padded={padded} ln rule={}: gradients at {pt} differ by {d} (up to {scale})", rules.ln);
+                }
+            }
+        }
+    }
+}
+
+/// The fused rotary, SwiGLU product, RMSNorm and attention backward passes against central
+/// finite differences on rotary families (f64; GPT-NeoX has LayerNorm): gradients at
+/// `hook_q`/`hook_k` (before the rotation), at the MLP's gate and up projections (before
+/// `silu(gate) * up`) and at `resid_pre` 0.
 #[test]
 fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
     let tokens = Tensor::new(&[[5u32, 17, 3, 42, 9, 28, 11]], &Device::Cpu).unwrap();

@@ -11,8 +11,8 @@
 //! and the weighted sum of values per query row, with no transposed copies of q/k/v, no repeated
 //! KV heads and no `[b,h,q,k]` tensors, and a backward of its own for gradient runs.
 //!
-//! [`rotate_half`] and [`silu_mul`] are the rotary embedding and SwiGLU's `silu(gate) * up` in
-//! one pass each, with their own backward.
+//! [`rotate_half`], [`silu_mul`] and [`rms_norm`] are the rotary embedding, SwiGLU's
+//! `silu(gate) * up` and RMSNorm in one pass each, with their own backward.
 //!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
@@ -567,7 +567,7 @@ impl CustomOp3 for RotateHalf {
     }
 }
 
-/// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`]) take `x`: an f32 or
+/// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`], [`rms_norm`]) take `x`: an f32 or
 /// f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]). Both have their own
 /// backward.
 pub fn fused_elementwise_fits(x: &Tensor) -> bool {
@@ -650,4 +650,124 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return Err(Error::Input(format!("fused silu * up: gate {:?} and up {:?} do not fit", gate.dims(), up.dims())));
     }
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
+}
+
+/// The op: `(x [.., d], w [d]) -> x / sqrt(mean(x²) + eps) * w` per row of `d`.
+struct RmsNorm {
+    eps: f64,
+    /// RelP's LN rule: the scale is a constant for the backward pass.
+    detach_scale: bool,
+}
+
+/// `x . x` over a row, with eight partial sums (see [`dot`]).
+#[inline]
+fn sum_sq<T: Float>(x: &[T]) -> T {
+    dot(x, x)
+}
+
+impl RmsNorm {
+    /// The row's scale `sqrt(mean(x²) + eps)`, as the written-out norm computes it.
+    #[inline]
+    fn scale<T: Float>(&self, x: &[T]) -> T {
+        let n = T::from(x.len()).expect("a row length");
+        (sum_sq(x) / n + T::from(self.eps).expect("a finite eps")).sqrt()
+    }
+
+    fn fwd<T: Float + Send + Sync>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut out = vec![T::zero(); x.len()];
+        par_rows(&mut out, d, |r, o| {
+            let xr = &x[r * d..(r + 1) * d];
+            let s = self.scale(xr);
+            for ((o, &x), &w) in o.iter_mut().zip(xr).zip(w) {
+                *o = x / s * w;
+            }
+        });
+        out
+    }
+
+    /// `dx` of the loss with `dy = g`: `(g w - n mean(g w n)) / s` with `n = x / s`, or
+    /// `g w / s` with the scale held constant.
+    fn bwd_rows<T: Float + Send + Sync>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut out = vec![T::zero(); x.len()];
+        par_rows(&mut out, d, |r, o| {
+            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            let s = self.scale(xr);
+            let c = if self.detach_scale {
+                T::zero()
+            } else {
+                let mut acc = T::zero();
+                for ((&x, &g), &w) in xr.iter().zip(gr).zip(w) {
+                    acc = acc + g * w * (x / s);
+                }
+                acc / T::from(d).expect("a row length")
+            };
+            for (((o, &x), &g), &w) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                *o = (g * w - x / s * c) / s;
+            }
+        });
+        out
+    }
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ferrolens-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.fwd::<f32>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fwd::<f64>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?)),
+            _ => candle_core::bail!("fused rms norm: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.detach().contiguous()?.apply_op3_no_bwd(&w.detach().contiguous()?, &grad.contiguous()?, &RmsNormBackward(self.clone()))?;
+        Ok((Some(dx), None))
+    }
+}
+
+impl Clone for RmsNorm {
+    fn clone(&self) -> Self {
+        RmsNorm { eps: self.eps, detach_scale: self.detach_scale }
+    }
+}
+
+/// The backward of [`RmsNorm`]: `(x, w, dy) -> dx`, one pass per row.
+struct RmsNormBackward(RmsNorm);
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "ferrolens-rms-norm-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.0.bwd_rows::<f32>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?, cpu_slice(s3, l3, "rms norm dy")?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.0.bwd_rows::<f64>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?, cpu_slice(s3, l3, "rms norm dy")?))
+            }
+            _ => candle_core::bail!("fused rms norm backward: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// RMSNorm over the last axis, `x [.., d]` with gain `w [d]`: `x / sqrt(mean(x²) + eps) * w`
+/// per row, in one pass (CPU, f32/f64; see [`fused_elementwise_fits`]), with a backward of its
+/// own for `x` (`w` must not need a gradient). `detach_scale`: RelP's LN rule, the scale is a
+/// constant for the backward pass. The same formula as the written-out norm; the sum of squares
+/// is accumulated in another order, so values can differ in the last bits.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, detach_scale: bool) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if !fused_elementwise_fits(x) || w.dims() != [d] || w.dtype() != x.dtype() || w.track_op() || d == 0 {
+        return Err(Error::Input(format!("fused rms norm: x {:?} and gain {:?} do not fit", x.dims(), w.dims())));
+    }
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps, detach_scale })?)
 }

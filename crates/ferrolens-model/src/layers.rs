@@ -88,10 +88,20 @@ impl HookedTransformer {
     /// No-gradient fast path: when no gradient flows through `x` and neither hook is wanted,
     /// one-axis f32/bf16/f16 norms (candle's kernel has no f64) run candle's fused `rms_norm`
     /// (same formula; the mean of squares is a sum divided once rather than multiplied by `1/n`,
-    /// so values can differ in the last bit).
+    /// so values can differ in the last bit). Otherwise, on the CPU in f32/f64 without those
+    /// hooks, [`crate::fused::rms_norm`] (one pass, with its own backward; the LN rule holds its scale).
     pub(crate) fn rms(&self, x: &Tensor, w: &Tensor, axes: &[D], scale_hook: HookPoint, norm_hook: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
         if axes == [D::Minus1] && x.dtype() != DType::F64 && !x.track_op() && !hooks.wants(scale_hook) && !hooks.wants(norm_hook) && w.rank() == 1 {
             return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?.contiguous()?, self.cfg.eps as f32)?);
+        }
+        if axes == [D::Minus1]
+            && crate::fused::fused_elementwise_fits(x)
+            && !hooks.wants(scale_hook)
+            && !hooks.wants(norm_hook)
+            && w.rank() == 1
+            && !w.track_op()
+        {
+            return crate::fused::rms_norm(x, &w.to_dtype(x.dtype())?, self.cfg.eps, hooks.lrp.ln);
         }
         let mut ms = x.sqr()?;
         for ax in axes {
