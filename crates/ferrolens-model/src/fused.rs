@@ -159,9 +159,9 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, uniform:
     Ok((z, arg))
 }
 
-/// A pointer that may cross threads (the rows handed out below never overlap).
+/// A pointer that may cross threads (the rows handed out through it never overlap).
 struct RowsPtr<T>(*mut T);
-// SAFETY: used only by `par_rows`, which gives each thread disjoint rows of one live slice.
+// SAFETY: used only with `par_rows`, which gives each thread disjoint rows of one live slice.
 unsafe impl<T: Send> Sync for RowsPtr<T> {}
 
 /// `f(i, row)` over the `width`-long rows of `out`, on candle's own CPU thread pool (the one its
@@ -632,14 +632,62 @@ impl candle_core::CustomOp2 for SiluMul {
         Ok((out, l1.shape().clone()))
     }
 
-    /// `d up = g silu(gate)`, `d gate = g up sigmoid(gate) (1 + gate (1 - sigmoid(gate)))`.
+    /// `d up = g silu(gate)`, `d gate = g up sigmoid(gate) (1 + gate (1 - sigmoid(gate)))`, in
+    /// one pass ([`SiluMulBackward`]).
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gate, up) = (gate.detach(), up.detach());
-        let sig = (gate.neg()?.exp()? + 1.0)?.recip()?;
-        let d_up = (grad * (&gate * &sig)?)?;
-        let slope = (&sig * ((&gate * (1.0 - &sig)?)? + 1.0)?)?;
-        let d_gate = ((grad * &up)? * slope)?;
-        Ok((Some(d_gate), Some(d_up)))
+        let both = gate.detach().contiguous()?.apply_op3_no_bwd(&up.detach().contiguous()?, &grad.contiguous()?, &SiluMulBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// The backward of [`SiluMul`]: `(gate, up, g) -> [2, ..]`, `d gate` then `d up`.
+struct SiluMulBackward;
+
+impl SiluMulBackward {
+    fn go<T: Float + Send + Sync>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let (gate, up, g) = (cpu_slice::<T>(s1, l1, "silu * up: gate")?, cpu_slice::<T>(s2, l2, "silu * up: up")?, cpu_slice::<T>(s3, l3, "silu * up: grad")?);
+        let n = gate.len();
+        let mut out = vec![T::zero(); 2 * n];
+        const W: usize = 4096;
+        let one = |i: usize| -> (T, T) {
+            let (x, u, g) = (gate[i], up[i], g[i]);
+            let sig = T::one() / (T::one() + (-x).exp());
+            (g * u * (sig * (x * (T::one() - sig) + T::one())), g * (x * sig))
+        };
+        let (d_gate, d_up) = out.split_at_mut(n);
+        let full = n / W * W;
+        let up_rows = RowsPtr(d_up.as_mut_ptr());
+        par_rows(&mut d_gate[..full], W, |r, o| {
+            let up_rows = &up_rows;
+            // SAFETY: row r of d_up (as of d_gate) is written by this call alone, and d_up
+            // (n >= full long) outlives par_rows.
+            let du = unsafe { std::slice::from_raw_parts_mut(up_rows.0.add(r * W), W) };
+            for (k, (o, du)) in o.iter_mut().zip(du).enumerate() {
+                (*o, *du) = one(r * W + k);
+            }
+        });
+        for i in full..n {
+            (d_gate[i], d_up[i]) = one(i);
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for SiluMulBackward {
+    fn name(&self) -> &'static str {
+        "ferrolens-silu-mul-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(Self::go::<f32>(s1, l1, s2, l2, s3, l3)?),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::go::<f64>(s1, l1, s2, l2, s3, l3)?),
+            _ => candle_core::bail!("fused silu * up backward: f32 or f64 only"),
+        };
+        Ok((out, Shape::from([&[2], l1.dims()].concat())))
     }
 }
 
