@@ -370,3 +370,28 @@ fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
         }
     }
 }
+
+/// `RunSpan::columns`: the logits of the chosen tokens only, equal to those columns of the whole
+/// unembedding on every family (Gemma-2's final soft-cap included), with the last-position
+/// shortcut; a column past the vocabulary is a clear error.
+#[test]
+fn runs_unembed_the_chosen_columns_only() {
+    let prompts = two_prompts();
+    for (name, model) in &every_model() {
+        let (tokens, mask) = model.tokens_padded(&prompts, PadSide::Left).unwrap();
+        let cols = Tensor::new(&[9u32, 0, 3, 9], &Device::Cpu).unwrap();
+        for last in [false, true] {
+            let full =
+                model.run_span(Some(&tokens), &RunSpan { last_logits_only: last, mask: Some(mask.clone()), ..Default::default() }, &mut Hooks::new()).unwrap();
+            let span = RunSpan { last_logits_only: last, mask: Some(mask.clone()), columns: Some(cols.clone()), ..Default::default() };
+            let some = model.run_span(Some(&tokens), &span, &mut Hooks::new()).unwrap();
+            assert_eq!(some.dims(), &[full.dim(0).unwrap(), full.dim(1).unwrap(), 4], "{name}");
+            let want = full.index_select(&cols, 2).unwrap();
+            let d = max_abs(&some, &want);
+            assert!(d <= 1e-5 * peak(&want).max(1.0), "{name} last={last}: column logits differ by {d}");
+        }
+        let bad = RunSpan { columns: Some(Tensor::new(&[model.cfg.d_vocab as u32], &Device::Cpu).unwrap()), ..Default::default() };
+        let e = model.run_span(Some(&tokens), &bad, &mut Hooks::new()).unwrap_err().to_string();
+        assert!(e.contains("outside the vocabulary"), "{name}: {e}");
+    }
+}

@@ -164,7 +164,10 @@ pub fn run(a: Args) -> Result<()> {
                 activation_patching(&model, &prep.data(), Component::HeadZ, &Positions::All, &SweepOptions::default())?;
                 dev.synchronize()?;
                 let t = t0.elapsed().as_secs_f64();
-                // FLOPs actually done: each layer-L patch runs layers L.. for b rows.
+                // Each layer-L patch runs layers L.. of a forward of b rows: that share of the
+                // forward's FLOPs (a fixed count across binaries; the work done is less, since
+                // the last layer runs the last position alone and the unembedding reads only the
+                // metric's columns).
                 let n = model.cfg.n_layers as f64;
                 let work: f64 = (0..model.cfg.n_layers).map(|l| (n - l as f64) / n).sum::<f64>() * model.cfg.n_heads as f64 * flops;
                 out.insert("heads_all_pos_s".into(), t.into());

@@ -15,6 +15,24 @@ pub trait Metric: Send + Sync {
     fn per_row(&self, logits: &Tensor) -> Result<Tensor>;
     /// A short name for tables ("logit_diff").
     fn name(&self) -> String;
+    /// When the metric reads the logits of a few tokens only (a logit difference): those
+    /// vocabulary columns (ascending, distinct) and the same metric for logits restricted to
+    /// them (`[rows, p, k]`, column `i` the logit of token `columns[i]`; see
+    /// [`ferrolens_model::RunSpan::columns`]). Sweeps then unembed those columns alone. `None`
+    /// (the default, and for metrics that normalise over the vocabulary): every column.
+    fn on_columns(&self) -> Option<(Vec<u32>, Arc<dyn Metric>)> {
+        None
+    }
+}
+
+/// The distinct ids of `lists`, ascending, and each list with its ids replaced by their index
+/// in that set.
+fn columns_of(lists: &[&[u32]]) -> (Vec<u32>, Vec<Vec<u32>>) {
+    let mut cols: Vec<u32> = lists.iter().flat_map(|l| l.iter().copied()).collect();
+    cols.sort_unstable();
+    cols.dedup();
+    let remap = lists.iter().map(|l| l.iter().map(|id| cols.binary_search(id).expect("an id of the set") as u32).collect()).collect();
+    (cols, remap)
 }
 
 /// Any closure `logits [rows,p,V] -> [rows]` is a metric (library users' custom metrics).
@@ -77,6 +95,12 @@ impl Metric for LogitDiff {
     }
     fn name(&self) -> String {
         "logit_diff".into()
+    }
+    fn on_columns(&self) -> Option<(Vec<u32>, Arc<dyn Metric>)> {
+        let (cols, mut ids) = columns_of(&[&self.answer, &self.wrong]);
+        let wrong = ids.pop()?;
+        let answer = ids.pop()?;
+        Some((cols, Arc::new(LogitDiff { answer, wrong })))
     }
 }
 
@@ -164,9 +188,41 @@ impl Metric for Normalised {
     fn name(&self) -> String {
         format!("normalised_{}", self.inner.name())
     }
+    fn on_columns(&self) -> Option<(Vec<u32>, Arc<dyn Metric>)> {
+        let (cols, inner) = self.inner.on_columns()?;
+        Some((cols, Arc::new(Normalised { inner, clean: self.clean, corrupt: self.corrupt })))
+    }
 }
 
 /// The mean over rows as an f64.
 pub fn mean_value(per_row: &Tensor) -> Result<f64> {
     Ok(per_row.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A logit difference (plain and normalised) on logits restricted to its columns equals
+    /// the metric on the whole vocabulary; repeated and shared answer ids map to one column.
+    #[test]
+    fn metrics_on_their_columns_equal_the_whole_vocabulary() {
+        let d = Device::Cpu;
+        let logits = Tensor::randn(0f32, 3.0, (6, 4, 50), &d).unwrap();
+        let ld = LogitDiff { answer: vec![7, 31, 7], wrong: vec![31, 2, 49] };
+        let norm = Normalised::new(Arc::new(ld.clone()), 1.5, -0.25).unwrap();
+        for m in [&ld as &dyn Metric, &norm] {
+            let (cols, reduced) = m.on_columns().expect("a logit difference reads a few columns");
+            assert_eq!(cols, vec![2, 7, 31, 49]);
+            let ids = Tensor::new(cols.as_slice(), &d).unwrap();
+            let small = logits.index_select(&ids, 2).unwrap();
+            let (a, b) = (m.per_row(&logits).unwrap(), reduced.per_row(&small).unwrap());
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{}", m.name());
+        }
+        // Metrics over the whole vocabulary keep it.
+        assert!(LogProb { answer: vec![1] }.on_columns().is_none());
+        let fm = FnMetric("custom".to_string(), |l: &Tensor| Ok(l.sum((1, 2))?));
+        assert!(fm.on_columns().is_none());
+    }
 }

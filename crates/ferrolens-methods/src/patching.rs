@@ -443,6 +443,12 @@ pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &P
     let n_sites: usize = sizes.iter().product();
     let mut shape = vec![spec.hooks.len()];
     shape.extend(&sizes);
+    // A metric that reads a few tokens' logits (a logit difference) gets those columns alone.
+    let reduced = data.metric.on_columns();
+    let (metric, columns): (&dyn Metric, Option<Tensor>) = match &reduced {
+        Some((cols, m)) => (m.as_ref(), Some(Tensor::new(cols.as_slice(), &candle_core::Device::Cpu)?)),
+        None => (data.metric, None),
+    };
     let owned = |u: usize| opts.only.is_none_or(|f| f(u));
     let mut values = ArrayD::<f64>::from_elem(IxDyn(&shape), if opts.only.is_some() { f64::NAN } else { 0.0 });
     let chunk = (opts.max_rows / b).max(1);
@@ -462,13 +468,22 @@ pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &P
             let mask_rows = data.mask_rows(c)?;
             let logits = match hook.layer() {
                 Some(l) => {
-                    let span =
-                        RunSpan { start: Some((l, rep(tgt.get(HookPoint::ResidPre(l))?)?)), last_logits_only: true, mask: mask_rows, ..Default::default() };
+                    let span = RunSpan {
+                        start: Some((l, rep(tgt.get(HookPoint::ResidPre(l))?)?)),
+                        last_logits_only: true,
+                        mask: mask_rows,
+                        columns: columns.clone(),
+                        ..Default::default()
+                    };
                     model.run_span(None, &span, &mut hooks)?
                 }
-                None => model.run_span(Some(&rep(target)?), &RunSpan { last_logits_only: true, mask: mask_rows, ..Default::default() }, &mut hooks)?,
+                None => model.run_span(
+                    Some(&rep(target)?),
+                    &RunSpan { last_logits_only: true, mask: mask_rows, columns: columns.clone(), ..Default::default() },
+                    &mut hooks,
+                )?,
             };
-            let per = data.metric.per_row(&logits)?.to_dtype(DType::F64)?.reshape((c, b))?.mean(1)?.to_vec1::<f64>()?;
+            let per = metric.per_row(&logits)?.to_dtype(DType::F64)?.reshape((c, b))?.mean(1)?.to_vec1::<f64>()?;
             let flat = values.as_slice_mut().expect("a fresh array is contiguous");
             for (site, v) in sites.iter().zip(per) {
                 flat[hi * n_sites + site] = v;

@@ -506,10 +506,26 @@ impl HookedTransformer {
         linear(&post, &mw.w_out, mw.b_out.as_ref())
     }
 
-    pub(crate) fn unembed(&self, resid: Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+    /// The final norm and the unembedding (and final soft-cap): `[b,p,D]` to logits `[b,p,V]`;
+    /// with `columns` (u32 ids `[k]`), onto those vocabulary columns only, logits `[b,p,k]`
+    /// (see [`crate::RunSpan::columns`]).
+    pub(crate) fn unembed(&self, resid: Tensor, columns: Option<&Tensor>, hooks: &mut Hooks) -> Result<Tensor> {
         let resid = self.head_place.take(resid)?;
         let x = self.norm(&resid, &self.w.ln_final, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized, hooks)?;
-        let logits = linear(&x, &self.w.unembed, self.w.b_u.as_ref())?;
+        let logits = match columns {
+            None => linear(&x, &self.w.unembed, self.w.b_u.as_ref())?,
+            Some(c) => {
+                let v = self.cfg.d_vocab;
+                let host = c.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                if let Some(bad) = host.iter().find(|&&i| i as usize >= v) {
+                    return Err(Error::Input(format!("logit column {bad} is outside the vocabulary ({v} tokens)")));
+                }
+                let ids = Tensor::new(host.as_slice(), self.w.unembed.device())?;
+                let w = self.w.unembed.index_select(&ids, 1)?;
+                let b = self.w.b_u.as_ref().map(|b| b.index_select(&ids, 0)).transpose()?;
+                linear(&x, &w, b.as_ref())?
+            }
+        };
         match self.cfg.final_softcap {
             // Soft-capping is elementwise: RelP's identity rule treats it as an activation.
             Some(c) => identity_rule_apply(&logits, hooks.lrp.identity, |x| Ok(((x / c)?.tanh()? * c)?)),

@@ -78,6 +78,11 @@ pub struct RunSpan {
     /// query attends to itself only, so padding never changes a real position's activations.
     /// `None`: every position is real.
     pub mask: Option<Tensor>,
+    /// Unembed these vocabulary columns only (u32 token ids `[k]`): logits `[b, p, k]`, column
+    /// `i` the logit of token `columns[i]`. For runs whose metric reads a few tokens' logits (a
+    /// logit difference reads two a prompt): the unembedding is then a `[D, k]` product instead
+    /// of `[D, V]`. `None`: every column.
+    pub columns: Option<Tensor>,
 }
 
 /// Which side of a prompt padding goes ([`HookedTransformer::tokens_padded`]).
@@ -488,7 +493,7 @@ impl HookedTransformer {
         if span.last_logits_only && !pruned {
             resid = resid.narrow(1, p - 1, 1)?;
         }
-        let logits = self.unembed(resid, hooks)?;
+        let logits = self.unembed(resid, span.columns.as_ref(), hooks)?;
         self.to_home(logits)
     }
 
