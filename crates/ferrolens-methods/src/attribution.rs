@@ -11,7 +11,7 @@
 use crate::patching::PatchingData;
 use crate::scores::{Component, Positions, ScoreGrid};
 use candle_core::{DType, IndexOp, Tensor, D};
-use ferrolens_model::{HookPoint, HookedTransformer, Hooks, LrpRules, Patch, Result};
+use ferrolens_model::{HookPoint, HookedTransformer, Hooks, LrpRules, Patch, Result, RunSpan};
 
 /// Options of an attribution run.
 #[derive(Debug, Clone, Default)]
@@ -69,13 +69,15 @@ pub fn attribution(model: &HookedTransformer, data: &PatchingData, opts: &Attrib
     opts.positions.check(b, p)?;
     let n_layers = model.cfg.n_layers;
     let points: Vec<HookPoint> = opts.components.iter().flat_map(|c| (0..n_layers).map(move |l| c.hook(l))).collect();
-    let span = data.span(true);
+    // The gradient run unembeds the columns its metric reads; the other run's logits are not
+    // read at all, so it stops after the last block.
+    let (span, reduced) = data.metric_span()?;
     let (other_tokens, grad_tokens) = if opts.at_clean { (data.corrupt, data.clean) } else { (data.clean, data.corrupt) };
     let mut other = Hooks::new().cache_hooks(&points);
-    model.run_span(Some(other_tokens), &span, &mut other)?;
+    model.run_span(Some(other_tokens), &RunSpan { stop_at_layer: Some(n_layers), ..data.span(false) }, &mut other)?;
     let other = other.take_cache();
     let mut hooks = Hooks::new().grad(&points).cache_hooks(&points).lrp(opts.rules).patches(opts.extra.iter().cloned());
-    let metric = data.metric;
+    let metric = reduced.as_deref().unwrap_or(data.metric);
     let run = model.run_span_with_grads(Some(grad_tokens), &span, &mut hooks, |logits| {
         let per_row = metric.per_row(logits)?;
         Ok(per_row.mean_all()?)

@@ -23,6 +23,7 @@ use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, 
 use ndarray::{ArrayD, Dimension, IxDyn};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Which way activations flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -87,6 +88,21 @@ impl<'a> PatchingData<'a> {
     /// A run span over these prompts (their mask), unembedding the last position only when asked.
     pub fn span(&self, last_logits_only: bool) -> RunSpan {
         RunSpan { last_logits_only, mask: self.mask.cloned(), ..Default::default() }
+    }
+
+    /// The span of runs whose last position's logits feed the metric alone, and the metric to
+    /// apply to their logits: when the metric reads a few tokens' logits
+    /// ([`Metric::on_columns`]), the span unembeds those columns only and the returned metric
+    /// (`Some`) reads them; otherwise the whole vocabulary and `None` (use `self.metric`).
+    pub fn metric_span(&self) -> Result<(RunSpan, Option<Arc<dyn Metric>>)> {
+        let mut span = self.span(true);
+        Ok(match self.metric.on_columns() {
+            Some((cols, m)) => {
+                span.columns = Some(Tensor::new(cols.as_slice(), &candle_core::Device::Cpu)?);
+                (span, Some(m))
+            }
+            None => (span, None),
+        })
     }
 
     /// The mask repeated for `c` copies of the batch stacked as rows (`None` without a mask).
@@ -444,11 +460,8 @@ pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &P
     let mut shape = vec![spec.hooks.len()];
     shape.extend(&sizes);
     // A metric that reads a few tokens' logits (a logit difference) gets those columns alone.
-    let reduced = data.metric.on_columns();
-    let (metric, columns): (&dyn Metric, Option<Tensor>) = match &reduced {
-        Some((cols, m)) => (m.as_ref(), Some(Tensor::new(cols.as_slice(), &candle_core::Device::Cpu)?)),
-        None => (data.metric, None),
-    };
+    let (metric_span, reduced) = data.metric_span()?;
+    let (metric, columns) = (reduced.as_deref().unwrap_or(data.metric), metric_span.columns);
     let owned = |u: usize| opts.only.is_none_or(|f| f(u));
     let mut values = ArrayD::<f64>::from_elem(IxDyn(&shape), if opts.only.is_some() { f64::NAN } else { 0.0 });
     let chunk = (opts.max_rows / b).max(1);
