@@ -24,7 +24,7 @@ use crate::attribution::{attribution, gather_slots, AttributionOptions};
 use crate::patching::PatchingData;
 use crate::scores::{Component, Positions, ScoreGrid};
 use candle_core::{DType, Tensor, D};
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
 
 /// QK-fixed AtP scores for `HeadQ` or `HeadK`, over all positions, at each position, or at
 /// labelled positions.
@@ -44,15 +44,16 @@ pub fn qk_fix(model: &HookedTransformer, data: &PatchingData, component: Compone
         (HookPoint::Q as fn(usize) -> HookPoint, HookPoint::K as fn(usize) -> HookPoint)
     };
     let qk: Vec<HookPoint> = (0..n).flat_map(|l| [qh(l), kh(l)]).collect();
-    let span = data.span(true);
     let mut hc = Hooks::new().cache_hooks(&qk);
-    model.run_span(Some(data.clean), &span, &mut hc)?;
+    // The clean run's logits are not read: it stops after the last block.
+    model.run_span(Some(data.clean), &RunSpan { stop_at_layer: Some(n), ..data.span(false) }, &mut hc)?;
     let hc = hc.take_cache();
     let pats: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
     let mut cache_pts = qk.clone();
     cache_pts.extend(pats.iter().copied());
     let mut hk = Hooks::new().cache_hooks(&cache_pts).grad(&pats);
-    let metric = data.metric;
+    let (span, reduced) = data.metric_span()?;
+    let metric = reduced.as_deref().unwrap_or(data.metric);
     let run = model.run_span_with_grads(Some(data.corrupt), &span, &mut hk, |l| Ok(metric.per_row(l)?.mean_all()?))?;
     let hk = hk.take_cache();
     let nh = if component == Component::HeadQ { h } else { kvh };

@@ -124,8 +124,10 @@ pub(crate) fn position_mean(t: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
 /// each circuit mean-ablated: one value per circuit. Circuits ride in batched forwards of at most
 /// `max_rows` rows.
 pub fn ablated_metric(model: &HookedTransformer, data: &PatchingData, means: &AblationMeans, circuits: &[Vec<Node>], max_rows: usize) -> Result<Vec<f64>> {
-    let (tokens, metric) = (data.clean, data.metric);
     let (b, p) = data.check()?;
+    // The runs unembed the last position's columns the metric reads.
+    let (metric_span, reduced) = data.metric_span()?;
+    let (tokens, metric, columns) = (data.clean, reduced.as_deref().unwrap_or(data.metric), metric_span.columns);
     if means.z.first().map(|t| t.dim(0).ok() != Some(p)).unwrap_or(true) {
         return Err(Error::Input("the ablation means were taken on prompts of another length".into()));
     }
@@ -162,7 +164,7 @@ pub fn ablated_metric(model: &HookedTransformer, data: &PatchingData, means: &Ab
                 .patch(Patch::new(HookPoint::Z(l), Intervention::MeanAblate(means.z[l].clone())).mask(hmask))
                 .patch(Patch::new(HookPoint::MlpOut(l), Intervention::MeanAblate(means.mlp[l].clone())).mask(mmask));
         }
-        let span = RunSpan { last_logits_only: true, mask: data.mask_rows(c)?, ..Default::default() };
+        let span = RunSpan { last_logits_only: true, mask: data.mask_rows(c)?, columns: columns.clone(), ..Default::default() };
         let logits = model.run_span(Some(&rows), &span, &mut hooks)?;
         let v = metric.per_row(&logits)?.to_dtype(DType::F64)?.reshape((c, b))?.mean(1)?.to_vec1::<f64>()?;
         out.extend(v);

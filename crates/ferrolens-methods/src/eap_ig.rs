@@ -128,6 +128,9 @@ pub fn eap_ig(
             grad_points.push(HookPoint::AttnIn(l));
         }
     }
+    // The gradient runs unembed the last position's columns the metric reads.
+    let (metric_span, reduced) = data.metric_span()?;
+    let (metric, columns) = (reduced.as_deref().unwrap_or(data.metric), metric_span.columns);
     for (fi, (interp, alphas)) in forwards.iter().enumerate() {
         let k = alphas.len();
         let tokens = Tensor::cat(&std::iter::repeat_n(data.clean, k).collect::<Vec<_>>(), 0)?;
@@ -140,8 +143,8 @@ pub fn eap_ig(
             let x = Tensor::cat(&rows, 0)?.to_dtype(model.dtype())?;
             hooks = hooks.patch(Patch::new(*hook, Intervention::Replace(x)));
         }
-        let span = ferrolens_model::RunSpan { last_logits_only: true, mask, ..Default::default() };
-        let run = model.run_span_with_grads(Some(&tokens), &span, &mut hooks, |logits| Ok(data.metric.per_row(logits)?.sum_all()?))?;
+        let span = ferrolens_model::RunSpan { last_logits_only: true, mask, columns: columns.clone(), ..Default::default() };
+        let run = model.run_span_with_grads(Some(&tokens), &span, &mut hooks, |logits| Ok(metric.per_row(logits)?.sum_all()?))?;
         let cache = hooks.take_cache();
         // Sum a [k*b, p, D]-shaped gradient (any leading axes before it) over the k copies.
         let fold = |g: Tensor, lead: usize| -> Result<Tensor> { Ok(g.to_dtype(acc_dtype)?.reshape((lead, k, b * p * d))?.sum(1)?) };

@@ -674,8 +674,9 @@ fn circuit_hooks(model: &HookedTransformer, graph: &EdgeGraph, in_graph: &[bool]
 pub fn edge_patched_metric(model: &HookedTransformer, data: &PatchingData, graph: &EdgeGraph, in_graph: &[bool], ablated: &AblatedSenders) -> Result<Vec<f64>> {
     data.check()?;
     let mut hooks = circuit_hooks(model, graph, in_graph, ablated)?;
-    let logits = model.run_span(Some(data.clean), &data.span(true), &mut hooks)?;
-    let v = data.metric.per_row(&logits)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let (span, reduced) = data.metric_span()?;
+    let logits = model.run_span(Some(data.clean), &span, &mut hooks)?;
+    let v = reduced.as_deref().unwrap_or(data.metric).per_row(&logits)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     if let Some(x) = v.iter().find(|x| !x.is_finite()) {
         return Err(Error::Input(format!("the circuit's metric is {x} (not finite)")));
     }

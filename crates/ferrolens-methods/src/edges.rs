@@ -22,7 +22,7 @@ use crate::patching::PatchingData;
 use crate::path::HeadInput;
 use candle_core::{DType, Tensor};
 use ferrolens_model::layout::{broadcast_matmul, matmul};
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, NormSite, Result};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, NormSite, Result, RunSpan};
 use serde::{Deserialize, Serialize};
 
 /// A receiver of an edge.
@@ -90,10 +90,10 @@ pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &E
     let cfg = &model.cfg;
     let n = cfg.n_layers;
     let (nh, nkv, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
-    let span = data.span(false);
     let senders: Vec<HookPoint> = (0..n).flat_map(|l| [HookPoint::Result(l), HookPoint::MlpOut(l)]).collect();
     let mut hc = Hooks::new().cache_hooks(&senders);
-    model.run_span(Some(clean), &span, &mut hc)?;
+    // The clean run's logits are not read: it stops after the last block.
+    model.run_span(Some(clean), &RunSpan { stop_at_layer: Some(n), ..data.span(false) }, &mut hc)?;
     let hc = hc.take_cache();
     let mut grads = vec![HookPoint::ResidPost(n - 1)];
     let mut cache = senders.clone();
@@ -105,6 +105,9 @@ pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &E
         }
     }
     let mut hk = Hooks::new().cache_hooks(&cache).grad(&grads);
+    // The gradient run unembeds the last position's columns the metric reads.
+    let (span, reduced) = data.metric_span()?;
+    let metric = reduced.as_deref().unwrap_or(metric);
     let run = model.run_span_with_grads(Some(corrupt), &span, &mut hk, |logits| Ok(metric.per_row(logits)?.mean_all()?))?;
     let hk = hk.take_cache();
     let (b, p, _, d) = hk.get(HookPoint::Result(0))?.dims4()?;

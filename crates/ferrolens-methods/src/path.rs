@@ -12,7 +12,7 @@
 
 use crate::metrics::mean_value;
 use crate::patching::PatchingData;
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
 
 /// Which input of a receiver head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -48,7 +48,9 @@ pub fn path_patch(model: &HookedTransformer, data: &PatchingData, sender: (usize
     if let Some(r) = receivers.iter().find(|r| r.0 <= ls) {
         return Err(Error::Input(format!("receiver L{}H{} is not downstream of the sender L{ls}H{hs}", r.0, r.1)));
     }
-    let span = data.span(true);
+    // Only the last run's logits are read (the metric's columns); the others stop after the
+    // last block.
+    let span = RunSpan { stop_at_layer: Some(n), ..data.span(false) };
     // 1 + clean outputs of every head.
     let zs: Vec<HookPoint> = (ls..n).map(HookPoint::Z).collect();
     let mut hk = Hooks::new().cache_hooks(&[HookPoint::Z(ls)]);
@@ -72,6 +74,7 @@ pub fn path_patch(model: &HookedTransformer, data: &PatchingData, sender: (usize
         let hp = input.hook(l);
         last = last.patch(Patch::new(hp, Intervention::Replace(recorded.get(hp)?.clone())).heads(&[h]));
     }
+    let (span, reduced) = data.metric_span()?;
     let logits = model.run_span(Some(clean), &span, &mut last)?;
-    mean_value(&metric.per_row(&logits)?)
+    mean_value(&reduced.as_deref().unwrap_or(metric).per_row(&logits)?)
 }

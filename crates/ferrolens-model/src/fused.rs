@@ -597,24 +597,17 @@ pub fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 struct SiluMul;
 
 impl SiluMul {
-    fn go<T: Float + Send + Sync + ExpSlice>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+    fn go<T: Float + Send + Sync + SiluRows>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
         let (g, u) = (cpu_slice::<T>(s1, l1, "silu * up: gate")?, cpu_slice::<T>(s2, l2, "silu * up: up")?);
         let mut out = vec![T::zero(); g.len()];
         const W: usize = 4096;
-        // candle's silu, then the product, `g / (1 + exp(-g)) * u`; the exponentials a row at a
-        // time (vectorised in f32, see [`ExpSlice`]).
+        // candle's silu, then the product, `g / (1 + exp(-g)) * u` (see [`SiluRows`]).
         let row = |start: usize, o: &mut [T]| {
-            let (g, u) = (&g[start..start + o.len()], &u[start..start + o.len()]);
-            for (o, &g) in o.iter_mut().zip(g) {
-                *o = -g;
-            }
-            T::exp_slice(o);
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (T::one() + *o) * u;
-            }
+            let at = start..start + o.len();
+            T::silu_mul_rows(&g[at.clone()], &u[at], o)
         };
         let full = g.len() / W * W;
         par_rows(&mut out[..full], W, |i, o| row(i * W, o));
@@ -649,7 +642,7 @@ impl candle_core::CustomOp2 for SiluMul {
 struct SiluMulBackward;
 
 impl SiluMulBackward {
-    fn go<T: Float + Send + Sync + ExpSlice>(
+    fn go<T: Float + Send + Sync + SiluRows>(
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
@@ -664,18 +657,10 @@ impl SiluMulBackward {
         let n = gate.len();
         let mut out = vec![T::zero(); 2 * n];
         const W: usize = 4096;
-        // One row of both gradients: exp(-gate) into `du` first, then both from it.
+        // One row of both gradients (see [`SiluRows`]).
         let row = |start: usize, dg: &mut [T], du: &mut [T]| {
             let at = start..start + dg.len();
-            let (x, u, g) = (&gate[at.clone()], &up[at.clone()], &g[at]);
-            for (e, &x) in du.iter_mut().zip(x) {
-                *e = -x;
-            }
-            T::exp_slice(du);
-            for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
-                let sig = T::one() / (T::one() + *du);
-                (*dg, *du) = (g * u * (sig * (x * (T::one() - sig) + T::one())), g * (x * sig));
-            }
+            T::silu_mul_grad_rows(&gate[at.clone()], &up[at.clone()], &g[at], dg, du)
         };
         let (d_gate, d_up) = out.split_at_mut(n);
         let full = n / W * W;
@@ -836,56 +821,116 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, detach_scale: bool) -> Result<
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps, detach_scale })?)
 }
 
-/// `x -> exp(x)` over a slice, in place: f64 through `f64::exp`; f32 through a polynomial that
-/// the compiler vectorises (AVX-512 or AVX2 when the CPU has them, chosen at run time), within 2
-/// ulp of the correctly rounded value on the normal range (unit test), `exp(x) = 0` below
-/// -87.34 (where the result would be subnormal), `inf` above 88.38, NaN kept.
-pub(crate) trait ExpSlice: Sized {
-    /// `xs[i] = exp(xs[i])`.
-    fn exp_slice(xs: &mut [Self]);
+/// `exp(x)`: f64 through `f64::exp`; f32 through [`exp_f32`], a polynomial the compiler
+/// vectorises (see [`SiluRows`]), within 2 ulp of the correctly rounded value on the normal range
+/// (unit test), 0 below -87.34 (where the result would be subnormal), `inf` above 88.38, NaN
+/// kept.
+pub(crate) trait FastExp: Sized {
+    /// `exp(self)`.
+    fn fast_exp(self) -> Self;
 }
 
-impl ExpSlice for f64 {
-    fn exp_slice(xs: &mut [f64]) {
-        for x in xs {
-            *x = x.exp();
-        }
+impl FastExp for f64 {
+    #[inline(always)]
+    fn fast_exp(self) -> f64 {
+        self.exp()
     }
 }
 
-impl ExpSlice for f32 {
-    fn exp_slice(xs: &mut [f32]) {
+impl FastExp for f32 {
+    #[inline(always)]
+    fn fast_exp(self) -> f32 {
+        exp_f32(self)
+    }
+}
+
+/// `o = silu(g) * u = g / (1 + exp(-g)) * u`, element-wise.
+#[inline(always)]
+fn silu_mul_row<T: Float + FastExp>(g: &[T], u: &[T], o: &mut [T]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g / (T::one() + (-g).fast_exp()) * u;
+    }
+}
+
+/// The gradients of `silu(x) * u` for the output gradient `g`: `dx = g u sigmoid(x) (1 + x (1 -
+/// sigmoid(x)))`, `du = g silu(x)`, element-wise.
+#[inline(always)]
+fn silu_mul_grad_row<T: Float + FastExp>(x: &[T], u: &[T], g: &[T], dx: &mut [T], du: &mut [T]) {
+    for ((((dx, du), &x), &u), &g) in dx.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+        let sig = T::one() / (T::one() + (-x).fast_exp());
+        (*dx, *du) = (g * u * (sig * (x * (T::one() - sig) + T::one())), g * (x * sig));
+    }
+}
+
+/// SwiGLU's rows: in f32 compiled for AVX-512 or AVX2 + FMA when the CPU has them (checked at
+/// run time; the baseline x86-64 target has neither), so that the exponential and the division
+/// vectorise 16 or 8 wide; the same arithmetic (bit for bit) on every path.
+pub(crate) trait SiluRows: Float + FastExp {
+    /// [`silu_mul_row`].
+    fn silu_mul_rows(g: &[Self], u: &[Self], o: &mut [Self]) {
+        silu_mul_row(g, u, o)
+    }
+    /// [`silu_mul_grad_row`].
+    fn silu_mul_grad_rows(x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
+        silu_mul_grad_row(x, u, g, dx, du)
+    }
+}
+
+impl SiluRows for f64 {}
+
+impl SiluRows for f32 {
+    fn silu_mul_rows(g: &[f32], u: &[f32], o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { exp_f32_avx512(xs) };
+                return unsafe { wide::silu_mul_row_v4(g, u, o) };
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { exp_f32_avx2(xs) };
+                return unsafe { wide::silu_mul_row_v3(g, u, o) };
             }
         }
-        exp_f32_slice(xs)
+        silu_mul_row(g, u, o)
+    }
+
+    fn silu_mul_grad_rows(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { wide::silu_mul_grad_row_v4(x, u, g, dx, du) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { wide::silu_mul_grad_row_v3(x, u, g, dx, du) };
+            }
+        }
+        silu_mul_grad_row(x, u, g, dx, du)
     }
 }
 
+/// The f32 rows compiled with wider vector instructions (callers check the CPU first).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn exp_f32_avx512(xs: &mut [f32]) {
-    exp_f32_slice(xs)
-}
+mod wide {
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn silu_mul_row_v4(g: &[f32], u: &[f32], o: &mut [f32]) {
+        super::silu_mul_row(g, u, o)
+    }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp_f32_avx2(xs: &mut [f32]) {
-    exp_f32_slice(xs)
-}
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn silu_mul_row_v3(g: &[f32], u: &[f32], o: &mut [f32]) {
+        super::silu_mul_row(g, u, o)
+    }
 
-#[inline(always)]
-fn exp_f32_slice(xs: &mut [f32]) {
-    for x in xs {
-        *x = exp_f32(*x);
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn silu_mul_grad_row_v4(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        super::silu_mul_grad_row(x, u, g, dx, du)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn silu_mul_grad_row_v3(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        super::silu_mul_grad_row(x, u, g, dx, du)
     }
 }
 
@@ -897,7 +942,11 @@ fn exp_f32(x: f32) -> f32 {
     const LO: f32 = -87.336_55; // -126 ln 2: below it the result is subnormal; flushed to 0
     let xc = x.clamp(LO, HI);
     // Round to nearest through the 1.5 * 2^23 trick (no rounding instruction needed).
-    let n = (xc * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // The integer n sits in the low mantissa bits of t (read them rather than convert: Rust's
+    // saturating float-to-int conversion does not vectorise).
+    let t = xc * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    let ni = t.to_bits() as i32 - 0x4B40_0000;
     let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -906,7 +955,7 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let y = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = e * f32::from_bits(((ni + 127) as u32) << 23);
     let y = if x < LO { 0.0 } else { y };
     let y = if x > HI { f32::INFINITY } else { y };
     if x.is_nan() {
@@ -918,29 +967,49 @@ fn exp_f32(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::ExpSlice;
+    use super::SiluRows;
 
     /// The f32 exponential against f64's over the whole range: within 2 ulp where the result is
-    /// a normal number, 0 below, inf above, NaN kept; the SIMD paths equal the plain one.
+    /// a normal number, 0 below, inf above, NaN kept.
     #[test]
     fn the_f32_exponential_is_within_two_ulp() {
         let mut xs: Vec<f32> = (0..2_000_001).map(|i| -87.3 + (88.3 + 87.3) * i as f32 / 2_000_000.0).collect();
         xs.extend([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 1.0, 10.0, -10.0]);
-        let mut ys = xs.clone();
-        f32::exp_slice(&mut ys);
-        let mut plain = xs.clone();
-        super::exp_f32_slice(&mut plain);
         let mut worst = 0f64;
-        for ((&x, &y), &p) in xs.iter().zip(&ys).zip(&plain) {
-            assert_eq!(y.to_bits(), p.to_bits(), "exp({x}): the vectorised path differs from the plain one");
+        for &x in &xs {
             let want = (x as f64).exp();
             let ulp = (want as f32).next_up() as f64 - want as f32 as f64;
-            worst = worst.max((y as f64 - want).abs() / ulp);
+            worst = worst.max((super::exp_f32(x) as f64 - want).abs() / ulp);
         }
         assert!(worst <= 2.0, "worst error {worst} ulp");
-        let mut edge = [-1000.0f32, -87.4, 88.5, 1000.0, f32::NEG_INFINITY, f32::INFINITY, f32::NAN];
-        f32::exp_slice(&mut edge);
-        assert_eq!(&edge[..6], &[0.0, 0.0, f32::INFINITY, f32::INFINITY, 0.0, f32::INFINITY]);
-        assert!(edge[6].is_nan());
+        let edge = [-1000.0f32, -87.4, 88.5, 1000.0, f32::NEG_INFINITY, f32::INFINITY].map(super::exp_f32);
+        assert_eq!(edge, [0.0, 0.0, f32::INFINITY, f32::INFINITY, 0.0, f32::INFINITY]);
+        assert!(super::exp_f32(f32::NAN).is_nan());
+    }
+
+    /// The f32 SwiGLU rows on this CPU's widest path equal the plain rows bit for bit (and
+    /// the f64 rows to f32 rounding), forward and backward, odd lengths included.
+    #[test]
+    fn wide_swiglu_rows_equal_the_plain_ones() {
+        let n = 4099;
+        let val = |i: usize, k: f32| ((i as f32 * 0.37 + k).sin() * 12.0);
+        let (x, u, g): (Vec<f32>, Vec<f32>, Vec<f32>) =
+            ((0..n).map(|i| val(i, 0.1)).collect(), (0..n).map(|i| val(i, 1.3)).collect(), (0..n).map(|i| val(i, 2.9)).collect());
+        let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
+        f32::silu_mul_rows(&x, &u, &mut o1);
+        super::silu_mul_row(&x, &u, &mut o2);
+        let (mut dx1, mut du1, mut dx2, mut du2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        f32::silu_mul_grad_rows(&x, &u, &g, &mut dx1, &mut du1);
+        super::silu_mul_grad_row(&x, &u, &g, &mut dx2, &mut du2);
+        let wide = o1.iter().chain(&dx1).chain(&du1);
+        let plain = o2.iter().chain(&dx2).chain(&du2);
+        assert!(wide.zip(plain).all(|(a, b)| a.to_bits() == b.to_bits()), "the wide rows differ from the plain ones");
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let u64: Vec<f64> = u.iter().map(|&v| v as f64).collect();
+        let mut o64 = vec![0f64; n];
+        f64::silu_mul_rows(&x64, &u64, &mut o64);
+        for (a, b) in o1.iter().zip(&o64) {
+            assert!((*a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
     }
 }
