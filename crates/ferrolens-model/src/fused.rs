@@ -992,7 +992,7 @@ mod tests {
     #[test]
     fn wide_swiglu_rows_equal_the_plain_ones() {
         let n = 4099;
-        let val = |i: usize, k: f32| ((i as f32 * 0.37 + k).sin() * 12.0);
+        let val = |i: usize, k: f32| (i as f32 * 0.37 + k).sin() * 12.0;
         let (x, u, g): (Vec<f32>, Vec<f32>, Vec<f32>) =
             ((0..n).map(|i| val(i, 0.1)).collect(), (0..n).map(|i| val(i, 1.3)).collect(), (0..n).map(|i| val(i, 2.9)).collect());
         let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
