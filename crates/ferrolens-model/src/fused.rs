@@ -567,9 +567,9 @@ impl CustomOp3 for RotateHalf {
     }
 }
 
-/// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`], [`rms_norm`]) take `x`: an f32 or
-/// f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]). Both have their own
-/// backward.
+/// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`], [`rms_norm`]) take
+/// `x`: an f32 or f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]). All
+/// three have their own backward.
 pub fn fused_elementwise_fits(x: &Tensor) -> bool {
     !crate::layout::strict() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
@@ -702,6 +702,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// The op: `(x [.., d], w [d]) -> x / sqrt(mean(x²) + eps) * w` per row of `d`.
+#[derive(Clone)]
 struct RmsNorm {
     eps: f64,
     /// RelP's LN rule: the scale is a constant for the backward pass.
@@ -777,12 +778,6 @@ impl candle_core::CustomOp2 for RmsNorm {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = x.detach().contiguous()?.apply_op3_no_bwd(&w.detach().contiguous()?, &grad.contiguous()?, &RmsNormBackward(self.clone()))?;
         Ok((Some(dx), None))
-    }
-}
-
-impl Clone for RmsNorm {
-    fn clone(&self) -> Self {
-        RmsNorm { eps: self.eps, detach_scale: self.detach_scale }
     }
 }
 

@@ -521,7 +521,14 @@ impl HookedTransformer {
                     return Err(Error::Input(format!("logit column {bad} is outside the vocabulary ({v} tokens)")));
                 }
                 let ids = Tensor::new(host.as_slice(), self.w.unembed.device())?;
-                let w = self.w.unembed.index_select(&ids, 1)?;
+                // CUDA's index_select wants a contiguous source: pick rows of W_Uᵀ when W_U is a
+                // transposed view (an untied `lm_head` kept as loaded).
+                let wu = &self.w.unembed;
+                let w = if !wu.is_contiguous() && wu.t()?.is_contiguous() {
+                    wu.t()?.index_select(&ids, 0)?.t()?
+                } else {
+                    wu.contiguous()?.index_select(&ids, 1)?
+                };
                 let b = self.w.b_u.as_ref().map(|b| b.index_select(&ids, 0)).transpose()?;
                 linear(&x, &w, b.as_ref())?
             }
