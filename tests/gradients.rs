@@ -49,6 +49,23 @@ fn two_prompts() -> Vec<Vec<u32>> {
     vec![vec![5, 17, 3, 42, 9, 28, 11, 6, 30], vec![7, 1, 33, 8, 2]]
 }
 
+/// The first prompt alone and both prompts left-padded, each with a span that unembeds the last
+/// position: `(padded, tokens, span)`.
+fn last_logit_batches(model: &ferrolens::model::HookedTransformer) -> Vec<(bool, Tensor, RunSpan)> {
+    let prompts = two_prompts();
+    let plain = model.tokens_padded(&prompts[..1], PadSide::Left).unwrap().0;
+    let (padded, mask) = model.tokens_padded(&prompts, PadSide::Left).unwrap();
+    vec![
+        (false, plain, RunSpan { last_logits_only: true, ..Default::default() }),
+        (true, padded, RunSpan { last_logits_only: true, mask: Some(mask), ..Default::default() }),
+    ]
+}
+
+/// `logit[3] - logit[7]` at the (only) unembedded position, summed over rows.
+fn last_logit_diff(l: &Tensor) -> Result<Tensor> {
+    Ok((l.i((.., 0, 3))? - l.i((.., 0, 7))?)?.sum_all()?)
+}
+
 /// The largest absolute value of `t`, as f64.
 fn peak(t: &Tensor) -> f64 {
     t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
@@ -259,22 +276,13 @@ fn fused_prefill_attention_equals_the_written_out_attention() {
 #[test]
 fn fused_attention_gradients_equal_the_written_out_ones() {
     let models = every_model();
-    let prompts = two_prompts();
     let points = [HookPoint::ResidPre(0), HookPoint::V(0), HookPoint::Q(0), HookPoint::V(1)];
     for (name, model) in &models {
-        for padded in [false, true] {
-            let (tokens, mask) = if padded {
-                let (t, m) = model.tokens_padded(&prompts, PadSide::Left).unwrap();
-                (t, Some(m))
-            } else {
-                (model.tokens_padded(&prompts[..1], PadSide::Left).unwrap().0, None)
-            };
-            let span = RunSpan { last_logits_only: true, mask, ..Default::default() };
+        for (padded, tokens, span) in last_logit_batches(model) {
             for rules in [LrpRules::NONE, LrpRules::ALL] {
-                let m = |l: &Tensor| -> Result<Tensor> { Ok((l.i((.., 0, 3))? - l.i((.., 0, 7))?)?.sum_all()?) };
-                let fused = model.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), m).unwrap();
+                let fused = model.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), last_logit_diff).unwrap();
                 let mut h = Hooks::new().cache("blocks.*.attn.hook_pattern").unwrap().grad(&points).lrp(rules);
-                let slow = model.run_span_with_grads(Some(&tokens), &span, &mut h, m).unwrap();
+                let slow = model.run_span_with_grads(Some(&tokens), &span, &mut h, last_logit_diff).unwrap();
                 for pt in &points {
                     let (a, b) = (&fused.grads[pt], &slow.grads[pt]);
                     let scale = peak(b);
@@ -297,22 +305,13 @@ fn fused_attention_gradients_equal_the_written_out_ones() {
 #[test]
 fn fused_rms_norm_equals_the_written_out_norm() {
     let models = every_model();
-    let prompts = two_prompts();
     let points = [HookPoint::ResidPre(0), HookPoint::V(0), HookPoint::MlpOut(0)];
     for (name, model) in &models {
-        for padded in [false, true] {
-            let (tokens, mask) = if padded {
-                let (t, m) = model.tokens_padded(&prompts, PadSide::Left).unwrap();
-                (t, Some(m))
-            } else {
-                (model.tokens_padded(&prompts[..1], PadSide::Left).unwrap().0, None)
-            };
-            let span = RunSpan { last_logits_only: true, mask, ..Default::default() };
+        for (padded, tokens, span) in last_logit_batches(model) {
             for rules in [LrpRules::NONE, LrpRules::ALL] {
-                let m = |l: &Tensor| -> Result<Tensor> { Ok((l.i((.., 0, 3))? - l.i((.., 0, 7))?)?.sum_all()?) };
-                let fused = model.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), m).unwrap();
+                let fused = model.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), last_logit_diff).unwrap();
                 let mut h = Hooks::new().cache("*hook_scale").unwrap().grad(&points).lrp(rules);
-                let slow = model.run_span_with_grads(Some(&tokens), &span, &mut h, m).unwrap();
+                let slow = model.run_span_with_grads(Some(&tokens), &span, &mut h, last_logit_diff).unwrap();
                 assert!(!h.cache_ref().is_empty(), "{name}: the norms' scales were cached");
                 let d = max_abs(&fused.logits, &slow.logits);
                 assert!(d <= 1e-5 * peak(&slow.logits).max(1.0), "{name} padded={padded}: logits differ by {d}");

@@ -24,7 +24,7 @@ use crate::attribution::{attribution, gather_slots, AttributionOptions};
 use crate::patching::PatchingData;
 use crate::scores::{Component, Positions, ScoreGrid};
 use candle_core::{DType, Tensor, D};
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result};
 
 /// QK-fixed AtP scores for `HeadQ` or `HeadK`, over all positions, at each position, or at
 /// labelled positions.
@@ -46,7 +46,7 @@ pub fn qk_fix(model: &HookedTransformer, data: &PatchingData, component: Compone
     let qk: Vec<HookPoint> = (0..n).flat_map(|l| [qh(l), kh(l)]).collect();
     let mut hc = Hooks::new().cache_hooks(&qk);
     // The clean run's logits are not read: it stops after the last block.
-    model.run_span(Some(data.clean), &RunSpan { stop_at_layer: Some(n), ..data.span(false) }, &mut hc)?;
+    model.run_span(Some(data.clean), &data.cache_span(n), &mut hc)?;
     let hc = hc.take_cache();
     let pats: Vec<HookPoint> = (0..n).map(HookPoint::Pattern).collect();
     let mut cache_pts = qk.clone();

@@ -11,7 +11,7 @@
 use crate::patching::PatchingData;
 use crate::scores::{Component, Positions, ScoreGrid};
 use candle_core::{DType, IndexOp, Tensor, D};
-use ferrolens_model::{HookPoint, HookedTransformer, Hooks, LrpRules, Patch, Result, RunSpan};
+use ferrolens_model::{HookPoint, HookedTransformer, Hooks, LrpRules, Patch, Result};
 
 /// Options of an attribution run.
 #[derive(Debug, Clone, Default)]
@@ -74,7 +74,7 @@ pub fn attribution(model: &HookedTransformer, data: &PatchingData, opts: &Attrib
     let (span, reduced) = data.metric_span()?;
     let (other_tokens, grad_tokens) = if opts.at_clean { (data.corrupt, data.clean) } else { (data.clean, data.corrupt) };
     let mut other = Hooks::new().cache_hooks(&points);
-    model.run_span(Some(other_tokens), &RunSpan { stop_at_layer: Some(n_layers), ..data.span(false) }, &mut other)?;
+    model.run_span(Some(other_tokens), &data.cache_span(n_layers), &mut other)?;
     let other = other.take_cache();
     let mut hooks = Hooks::new().grad(&points).cache_hooks(&points).lrp(opts.rules).patches(opts.extra.iter().cloned());
     let metric = reduced.as_deref().unwrap_or(data.metric);

@@ -22,7 +22,7 @@ use crate::patching::PatchingData;
 use crate::path::HeadInput;
 use candle_core::{DType, Tensor};
 use ferrolens_model::layout::{broadcast_matmul, matmul};
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, NormSite, Result, RunSpan};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, NormSite, Result};
 use serde::{Deserialize, Serialize};
 
 /// A receiver of an edge.
@@ -93,7 +93,7 @@ pub fn edge_attribution(model: &HookedTransformer, data: &PatchingData, opts: &E
     let senders: Vec<HookPoint> = (0..n).flat_map(|l| [HookPoint::Result(l), HookPoint::MlpOut(l)]).collect();
     let mut hc = Hooks::new().cache_hooks(&senders);
     // The clean run's logits are not read: it stops after the last block.
-    model.run_span(Some(clean), &RunSpan { stop_at_layer: Some(n), ..data.span(false) }, &mut hc)?;
+    model.run_span(Some(clean), &data.cache_span(n), &mut hc)?;
     let hc = hc.take_cache();
     let mut grads = vec![HookPoint::ResidPost(n - 1)];
     let mut cache = senders.clone();

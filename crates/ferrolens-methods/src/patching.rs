@@ -90,6 +90,12 @@ impl<'a> PatchingData<'a> {
         RunSpan { last_logits_only, mask: self.mask.cloned(), ..Default::default() }
     }
 
+    /// The span of runs that only cache activations of the blocks (their logits are not read):
+    /// they stop after the last of the model's `n_layers` blocks, skipping the unembedding.
+    pub fn cache_span(&self, n_layers: usize) -> RunSpan {
+        RunSpan { stop_at_layer: Some(n_layers), ..self.span(false) }
+    }
+
     /// The span of runs whose last position's logits feed the metric alone, and the metric to
     /// apply to their logits: when the metric reads a few tokens' logits
     /// ([`Metric::on_columns`]), the span unembeds those columns only and the returned metric

@@ -12,7 +12,7 @@
 
 use crate::metrics::mean_value;
 use crate::patching::PatchingData;
-use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result, RunSpan};
+use ferrolens_model::{Error, HookPoint, HookedTransformer, Hooks, Intervention, Patch, Result};
 
 /// Which input of a receiver head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -50,7 +50,7 @@ pub fn path_patch(model: &HookedTransformer, data: &PatchingData, sender: (usize
     }
     // Only the last run's logits are read (the metric's columns); the others stop after the
     // last block.
-    let span = RunSpan { stop_at_layer: Some(n), ..data.span(false) };
+    let span = data.cache_span(n);
     // 1 + clean outputs of every head.
     let zs: Vec<HookPoint> = (ls..n).map(HookPoint::Z).collect();
     let mut hk = Hooks::new().cache_hooks(&[HookPoint::Z(ls)]);

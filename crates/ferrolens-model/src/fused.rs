@@ -21,6 +21,24 @@ use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use num_traits::Float;
 
+/// The CPU storage of `$body` computed in the first operand's float type: `$T` is `f32` for f32
+/// storage and `f64` for f64 storage; any other dtype is the error `$err`.
+macro_rules! by_float {
+    ($s:expr, $err:expr, $T:ident => $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $T = f32;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(_) => {
+                type $T = f64;
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!($err),
+        }
+    };
+}
+
 /// The op: `(q [b,h,d], k [b,T,kvh,d], v [b,T,kvh,d]) -> [b,h,d+1]` (z, then the argmax key as f32).
 struct DecodeAttention {
     scale: f32,
@@ -403,11 +421,7 @@ impl CustomOp3 for PrefillAttention {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.go::<f32>(s1, l1, s2, l2, s3, l3)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.go::<f64>(s1, l1, s2, l2, s3, l3)?),
-            _ => candle_core::bail!("fused prefill attention: q, k and v must all be f32 or all f64"),
-        };
+        let out = by_float!(s1, "fused prefill attention: q, k and v must all be f32 or all f64", T => self.go::<T>(s1, l1, s2, l2, s3, l3)?);
         Ok((out, shape))
     }
 
@@ -545,11 +559,7 @@ impl CustomOp3 for RotateHalf {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(Self::go::<f32>(s1, l1, s2, l2, s3, l3)?),
-            CpuStorage::F64(_) => CpuStorage::F64(Self::go::<f64>(s1, l1, s2, l2, s3, l3)?),
-            _ => candle_core::bail!("fused rotary: f32 or f64 only"),
-        };
+        let out = by_float!(s1, "fused rotary: f32 or f64 only", T => Self::go::<T>(s1, l1, s2, l2, s3, l3)?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -622,11 +632,7 @@ impl candle_core::CustomOp2 for SiluMul {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(Self::go::<f32>(s1, l1, s2, l2)?),
-            CpuStorage::F64(_) => CpuStorage::F64(Self::go::<f64>(s1, l1, s2, l2)?),
-            _ => candle_core::bail!("fused silu * up: f32 or f64 only"),
-        };
+        let out = by_float!(s1, "fused silu * up: f32 or f64 only", T => Self::go::<T>(s1, l1, s2, l2)?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -683,11 +689,7 @@ impl CustomOp3 for SiluMulBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(Self::go::<f32>(s1, l1, s2, l2, s3, l3)?),
-            CpuStorage::F64(_) => CpuStorage::F64(Self::go::<f64>(s1, l1, s2, l2, s3, l3)?),
-            _ => candle_core::bail!("fused silu * up backward: f32 or f64 only"),
-        };
+        let out = by_float!(s1, "fused silu * up backward: f32 or f64 only", T => Self::go::<T>(s1, l1, s2, l2, s3, l3)?);
         Ok((out, Shape::from([&[2], l1.dims()].concat())))
     }
 }
@@ -709,18 +711,12 @@ struct RmsNorm {
     detach_scale: bool,
 }
 
-/// `x . x` over a row, with eight partial sums (see [`dot`]).
-#[inline]
-fn sum_sq<T: Float>(x: &[T]) -> T {
-    dot(x, x)
-}
-
 impl RmsNorm {
     /// The row's scale `sqrt(mean(x²) + eps)`, as the written-out norm computes it.
     #[inline]
     fn scale<T: Float>(&self, x: &[T]) -> T {
         let n = T::from(x.len()).expect("a row length");
-        (sum_sq(x) / n + T::from(self.eps).expect("a finite eps")).sqrt()
+        (dot(x, x) / n + T::from(self.eps).expect("a finite eps")).sqrt()
     }
 
     fn fwd<T: Float + Send + Sync>(&self, x: &[T], w: &[T]) -> Vec<T> {
@@ -767,11 +763,7 @@ impl candle_core::CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd::<f32>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd::<f64>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?)),
-            _ => candle_core::bail!("fused rms norm: f32 or f64 only"),
-        };
+        let out = by_float!(s1, "fused rms norm: f32 or f64 only", T => self.fwd::<T>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?));
         Ok((out, l1.shape().clone()))
     }
 
@@ -790,15 +782,9 @@ impl CustomOp3 for RmsNormBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(self.0.bwd_rows::<f32>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?, cpu_slice(s3, l3, "rms norm dy")?))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(self.0.bwd_rows::<f64>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?, cpu_slice(s3, l3, "rms norm dy")?))
-            }
-            _ => candle_core::bail!("fused rms norm backward: f32 or f64 only"),
-        };
+        let out = by_float!(s1, "fused rms norm backward: f32 or f64 only", T => {
+            self.0.bwd_rows::<T>(cpu_slice(s1, l1, "rms norm x")?, cpu_slice(s2, l2, "rms norm w")?, cpu_slice(s3, l3, "rms norm dy")?)
+        });
         Ok((out, l1.shape().clone()))
     }
 }
