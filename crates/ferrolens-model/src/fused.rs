@@ -11,8 +11,9 @@
 //! and the weighted sum of values per query row, with no transposed copies of q/k/v, no repeated
 //! KV heads and no `[b,h,q,k]` tensors, and a backward of its own for gradient runs.
 //!
-//! [`rotate_half`], [`silu_mul`] and [`rms_norm`] are the rotary embedding, SwiGLU's
-//! `silu(gate) * up` and RMSNorm in one pass each, with their own backward.
+//! [`rotate_half`], [`silu_mul`] (and [`silu_mul_packed`] on the packed gate/up product) and
+//! [`rms_norm`] are the rotary embedding, SwiGLU's `silu(gate) * up` and RMSNorm in one pass
+//! each, with their own backward.
 //!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
@@ -208,6 +209,32 @@ struct PrefillAttention {
     detach_pattern: bool,
 }
 
+/// Where the operands' vectors sit: the element offset of query row `r` (`b * p + i`), head
+/// `head` is `r * qs + qo + head * d`; of key row `r` (`b * T + j`), KV head `g`,
+/// `r * ks + ko + g * d`, and of its value `r * vs + vo + g * d`. Separate operands have
+/// `(qs, ks, vs) = (h d, kvh d, kvh d)` and no offsets; one packed q|k|v tensor `[b,p,h+2kvh,d]`
+/// has every stride `(h + 2 kvh) d` and offsets `0`, `h d`, `(h + kvh) d`.
+#[derive(Debug, Clone, Copy)]
+struct Strides {
+    qs: usize,
+    qo: usize,
+    ks: usize,
+    ko: usize,
+    vs: usize,
+    vo: usize,
+}
+
+impl Strides {
+    fn separate(h: usize, kvh: usize, d: usize) -> Self {
+        Strides { qs: h * d, qo: 0, ks: kvh * d, ko: 0, vs: kvh * d, vo: 0 }
+    }
+
+    fn packed(h: usize, kvh: usize, d: usize) -> Self {
+        let w = (h + 2 * kvh) * d;
+        Strides { qs: w, qo: 0, ks: w, ko: h * d, vs: w, vo: (h + kvh) * d }
+    }
+}
+
 /// `a . b` with eight independent partial sums (so that the compiler can vectorise it).
 #[inline]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
@@ -259,10 +286,11 @@ impl PrefillAttention {
         mx
     }
 
-    /// Gradients of `sum(z * dz)` with respect to `q`, `k` and `v` (the layouts of the forward's
-    /// operands): each (batch row, KV head) recomputes its pattern and accumulates `dk`/`dv` of
-    /// its own keys, so the parallel tasks write disjoint rows.
-    #[allow(clippy::type_complexity)]
+    /// Gradients of `sum(z * dz)` with respect to `q`, `k` and `v` (read at `st`'s offsets; `dz`
+    /// `[b,p,h,d]`): each (batch row, KV head) recomputes its pattern and accumulates `dk`/`dv`
+    /// of its own keys, so the parallel tasks write disjoint rows. Each gradient vector (`d`
+    /// long) is handed to `put(operand, offset, vector)` at its operand's offset under `st`.
+    #[allow(clippy::too_many_arguments)]
     fn grads<T: Float + Send + Sync>(
         &self,
         q: &[T],
@@ -271,7 +299,9 @@ impl PrefillAttention {
         dz: &[T],
         (b, p, h, d): (usize, usize, usize, usize),
         (t, kvh): (usize, usize),
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        st: Strides,
+        mut put: impl FnMut(Which, usize, &[T]),
+    ) {
         let group = h / kvh;
         let scale = T::from(self.scale).expect("a finite scale");
         let cap = self.softcap.map(|c| T::from(c).expect("a finite cap"));
@@ -282,13 +312,14 @@ impl PrefillAttention {
             let (bi, g) = (task / kvh, task % kvh);
             let (dq, rest) = o.split_at_mut(nq);
             let (dk, dv) = rest.split_at_mut(t * d);
-            let key = |j: usize| ((bi * t + j) * kvh + g) * d;
+            let key = |j: usize| (bi * t + j) * st.ks + st.ko + g * d;
+            let val = |j: usize| (bi * t + j) * st.vs + st.vo + g * d;
             let (mut s, mut pr, mut dp) = (vec![T::zero(); t], vec![T::zero(); t], vec![T::zero(); t]);
             for gi in 0..group {
                 let head = g * group + gi;
                 for i in 0..p {
                     let at = ((bi * p + i) * h + head) * d;
-                    let (qv, dzv) = (&q[at..at + d], &dz[at..at + d]);
+                    let (qv, dzv) = (&q[(bi * p + i) * st.qs + st.qo + head * d..][..d], &dz[at..at + d]);
                     let mx = self.scores(qv, key, k, self.allowed(bi, i, p, t), &mut s);
                     let mut den = T::zero();
                     for (pj, &sj) in pr.iter_mut().zip(&s) {
@@ -298,7 +329,7 @@ impl PrefillAttention {
                     let mut dsum = T::zero();
                     for j in 0..t {
                         pr[j] = pr[j] / den;
-                        dp[j] = if pr[j] == T::zero() { T::zero() } else { dot(dzv, &v[key(j)..][..d]) };
+                        dp[j] = if pr[j] == T::zero() { T::zero() } else { dot(dzv, &v[val(j)..][..d]) };
                         dsum = dsum + pr[j] * dp[j];
                     }
                     for j in 0..t {
@@ -329,22 +360,18 @@ impl PrefillAttention {
                 }
             }
         });
-        let (mut dq, mut dk, mut dv) = (vec![T::zero(); b * p * h * d], vec![T::zero(); b * t * kvh * d], vec![T::zero(); b * t * kvh * d]);
         for (task, o) in buf.chunks(width).enumerate() {
             let (bi, g) = (task / kvh, task % kvh);
             for gi in 0..group {
                 for i in 0..p {
-                    let at = ((bi * p + i) * h + g * group + gi) * d;
-                    dq[at..at + d].copy_from_slice(&o[(i * group + gi) * d..][..d]);
+                    put(Which::Q, (bi * p + i) * st.qs + st.qo + (g * group + gi) * d, &o[(i * group + gi) * d..][..d]);
                 }
             }
             for j in 0..t {
-                let at = ((bi * t + j) * kvh + g) * d;
-                dk[at..at + d].copy_from_slice(&o[nq + j * d..][..d]);
-                dv[at..at + d].copy_from_slice(&o[nq + t * d + j * d..][..d]);
+                put(Which::K, (bi * t + j) * st.ks + st.ko + g * d, &o[nq + j * d..][..d]);
+                put(Which::V, (bi * t + j) * st.vs + st.vo + g * d, &o[nq + t * d + j * d..][..d]);
             }
         }
-        (dq, dk, dv)
     }
 
     /// [`PrefillAttention::run`] on the op's CPU operands.
@@ -364,7 +391,7 @@ impl PrefillAttention {
         let dims = l1.shape().dims4()?;
         let (_, t, kvh, _) = l2.shape().dims4()?;
         let (q, k, v) = (cpu_slice(s1, l1, "prefill attention q")?, cpu_slice(s2, l2, "prefill attention k")?, cpu_slice(s3, l3, "prefill attention v")?);
-        Ok(self.run(q, k, v, dims, (t, kvh)))
+        Ok(self.run(q, k, v, dims, (t, kvh), Strides::separate(dims.2, kvh, dims.3)))
     }
 
     /// [`PrefillAttention::grads`] of the backward's tensors (copied to the host), as tensors of
@@ -378,11 +405,29 @@ impl PrefillAttention {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let host = |x: &Tensor| x.flatten_all()?.to_vec1::<T>();
         let (_, t, kvh, _) = k.dims4()?;
-        let (dq, dk, dv) = self.grads(&host(q)?, &host(k)?, &host(v)?, &host(dz)?, q.dims4()?, (t, kvh));
+        let (b, p, h, d) = q.dims4()?;
+        let (mut dq, mut dk, mut dv) = (vec![T::zero(); b * p * h * d], vec![T::zero(); b * t * kvh * d], vec![T::zero(); b * t * kvh * d]);
+        self.grads(&host(q)?, &host(k)?, &host(v)?, &host(dz)?, (b, p, h, d), (t, kvh), Strides::separate(h, kvh, d), |w, at, x| {
+            let out = match w {
+                Which::Q => &mut dq,
+                Which::K => &mut dk,
+                Which::V => &mut dv,
+            };
+            out[at..at + x.len()].copy_from_slice(x)
+        });
         Ok((Tensor::from_vec(dq, q.shape(), q.device())?, Tensor::from_vec(dk, k.shape(), k.device())?, Tensor::from_vec(dv, v.shape(), v.device())?))
     }
 
-    fn run<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], (b, p, h, d): (usize, usize, usize, usize), (t, kvh): (usize, usize)) -> Vec<T> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Float + Send + Sync>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        (b, p, h, d): (usize, usize, usize, usize),
+        (t, kvh): (usize, usize),
+        st: Strides,
+    ) -> Vec<T> {
         let group = h / kvh;
         let mut out = vec![T::zero(); b * p * h * d];
         par_rows(&mut out, h * d, |row, o| {
@@ -391,8 +436,8 @@ impl PrefillAttention {
             let mut s = vec![T::zero(); t];
             for head in 0..h {
                 let kv = head / group;
-                let qv = &q[(row * h + head) * d..][..d];
-                let mx = self.scores(qv, |j| ((bi * t + j) * kvh + kv) * d, k, allowed, &mut s);
+                let qv = &q[row * st.qs + st.qo + head * d..][..d];
+                let mx = self.scores(qv, |j| (bi * t + j) * st.ks + st.ko + kv * d, k, allowed, &mut s);
                 let mut den = T::zero();
                 for x in s.iter_mut() {
                     *x = (*x - mx).exp();
@@ -404,7 +449,7 @@ impl PrefillAttention {
                         continue;
                     }
                     let w = w / den;
-                    for (zi, &vi) in z.iter_mut().zip(&v[((bi * t + j) * kvh + kv) * d..][..d]) {
+                    for (zi, &vi) in z.iter_mut().zip(&v[(bi * t + j) * st.vs + st.vo + kv * d..][..d]) {
                         *zi = *zi + w * vi;
                     }
                 }
@@ -467,21 +512,103 @@ pub fn prefill_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
     if !prefill_attention_fits(q, k) || dk != d || kb != b || v.dims() != k.dims() {
         return Err(Error::Input(format!("fused prefill attention: q {:?}, k {:?}, v {:?} do not fit (CPU, f32/f64, GQA)", q.dims(), k.dims(), v.dims())));
     }
-    let mask = match mask {
-        Some(m) => {
-            let mb = match m.dims() {
-                [mp, mt] if (*mp, *mt) == (p, t) => 1,
-                [mb, 1, mp, mt] if (*mp, *mt) == (p, t) && (*mb == b || *mb == 1) => *mb,
-                other => return Err(Error::Input(format!("fused prefill attention: mask {other:?} is neither [{p}, {t}] nor [{b}, 1, {p}, {t}]"))),
-            };
-            Some((m.flatten_all()?.to_dtype(DType::U8)?.to_vec1::<u8>()?, mb))
-        }
-        None => None,
-    };
-    let op = PrefillAttention { scale, softcap, mask, detach_pattern };
+    let op = PrefillAttention { scale, softcap, mask: host_mask(mask, b, p, t)?, detach_pattern };
     // The AH rule: no gradient reaches q or k through the (constant) pattern.
     let (q, k) = if detach_pattern { (q.detach(), k.detach()) } else { (q.clone(), k.clone()) };
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// A `[p,T]` or `[b,1,p,T]` mask on the host, with its batch size (1 when shared).
+fn host_mask(mask: Option<&Tensor>, b: usize, p: usize, t: usize) -> Result<Option<(Vec<u8>, usize)>> {
+    let Some(m) = mask else { return Ok(None) };
+    let mb = match m.dims() {
+        [mp, mt] if (*mp, *mt) == (p, t) => 1,
+        [mb, 1, mp, mt] if (*mp, *mt) == (p, t) && (*mb == b || *mb == 1) => *mb,
+        other => return Err(Error::Input(format!("fused prefill attention: mask {other:?} is neither [{p}, {t}] nor [{b}, 1, {p}, {t}]"))),
+    };
+    Ok(Some((m.flatten_all()?.to_dtype(DType::U8)?.to_vec1::<u8>()?, mb)))
+}
+
+/// Which operand a gradient vector belongs to.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Q,
+    K,
+    V,
+}
+
+/// The op: [`PrefillAttention`] on one packed `qkv` `[b,p,h+2kvh,d]` (queries, keys, values of
+/// the same positions) -> `z` `[b,p,h,d]`, with the gradient of `qkv` in its packed layout.
+struct PackedPrefillAttention {
+    op: PrefillAttention,
+    heads: (usize, usize),
+}
+
+impl PackedPrefillAttention {
+    fn dims(&self, l: &Layout) -> candle_core::Result<((usize, usize, usize, usize), Strides)> {
+        let (b, p, _, d) = l.shape().dims4()?;
+        let (h, kvh) = self.heads;
+        Ok(((b, p, h, d), Strides::packed(h, kvh, d)))
+    }
+
+    fn grad<T: Float + Send + Sync + candle_core::WithDType>(&self, y: &Tensor, dz: &Tensor) -> candle_core::Result<Tensor> {
+        let ((b, p, h, d), st) = self.dims(y.layout())?;
+        let (yv, dzv) = (y.flatten_all()?.to_vec1::<T>()?, dz.flatten_all()?.to_vec1::<T>()?);
+        let mut dy = vec![T::zero(); yv.len()];
+        self.op.grads(&yv, &yv, &yv, &dzv, (b, p, h, d), (p, self.heads.1), st, |_, at, x| dy[at..at + x.len()].copy_from_slice(x));
+        Tensor::from_vec(dy, y.shape(), y.device())
+    }
+}
+
+impl candle_core::CustomOp1 for PackedPrefillAttention {
+    fn name(&self) -> &'static str {
+        "ferrolens-packed-prefill-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (dims, st) = self.dims(l)?;
+        let out = by_float!(s, "fused prefill attention: f32 or f64 only", T => {
+            let y = cpu_slice::<T>(s, l, "prefill attention qkv")?;
+            self.op.run(y, y, y, dims, (dims.1, self.heads.1), st)
+        });
+        Ok((out, Shape::from(dims)))
+    }
+
+    /// The gradients of q, k and v written into one tensor of `qkv`'s layout (zero for q and k
+    /// under RelP's AH rule), so no slice of it needs padding back to the packed width.
+    fn bwd(&self, y: &Tensor, _z: &Tensor, dz: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (y, dz) = (y.detach().contiguous()?, dz.contiguous()?);
+        Ok(Some(match y.dtype() {
+            DType::F32 => self.grad::<f32>(&y, &dz)?,
+            DType::F64 => self.grad::<f64>(&y, &dz)?,
+            other => candle_core::bail!("fused prefill attention: no backward for {other:?}"),
+        }))
+    }
+}
+
+/// [`prefill_attention`] on one packed `qkv` `[b,p,h+2kvh,d]`: heads `0..h` are the (rotated)
+/// queries, `h..h+kvh` the keys and `h+kvh..` the values of the same `p` positions (a packed
+/// q/k/v projection, see [`rotate_half_heads`]). `z` `[b,p,h,d]`; the backward hands back one
+/// gradient of `qkv`'s shape.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention_packed(
+    qkv: &Tensor,
+    (h, kvh): (usize, usize),
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    detach_pattern: bool,
+) -> Result<Tensor> {
+    let (b, p, n, _) = qkv.dims4()?;
+    let fits = !crate::layout::strict() && qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
+    if !fits || kvh == 0 || h % kvh != 0 || n != h + 2 * kvh {
+        return Err(Error::Input(format!(
+            "fused packed prefill attention: qkv {:?} with {h} query and {kvh} KV heads does not fit (CPU, f32/f64, GQA)",
+            qkv.dims()
+        )));
+    }
+    let op = PrefillAttention { scale, softcap, mask: host_mask(mask, b, p, p)?, detach_pattern };
+    Ok(qkv.contiguous()?.apply_op1(PackedPrefillAttention { op, heads: (h, kvh) })?)
 }
 
 /// The elements of a contiguous f32/f64 CPU tensor, as a slice.
@@ -519,16 +646,22 @@ impl AsSlice<f64> for CpuStorage {
     }
 }
 
-/// The op: `(x [b,p,n,d], cos, sin)` with tables `[p,half]` or `[b,p,half]` -> rotated `x`.
-struct RotateHalf;
+/// The op: `(x [b,p,n,d], cos, sin)` with tables `[p,half]` or `[b,p,half]` -> `x` with its
+/// first `heads` heads rotated (the others copied).
+struct RotateHalf {
+    heads: usize,
+}
 
 impl RotateHalf {
-    fn run<T: Float + Send + Sync>(x: &[T], cos: &[T], sin: &[T], (b, p, n, d): (usize, usize, usize, usize), half: usize, per_row: bool) -> Vec<T> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Float + Send + Sync>(&self, x: &[T], cos: &[T], sin: &[T], (b, p, n, d): (usize, usize, usize, usize), half: usize, per_row: bool) -> Vec<T> {
         let mut out = vec![T::zero(); b * p * n * d];
+        let heads = self.heads.min(n);
         par_rows(&mut out, n * d, |row, o| {
             let r = if per_row { row } else { row % p };
             let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
-            for head in 0..n {
+            o[heads * d..].copy_from_slice(&x[(row * n + heads) * d..(row + 1) * n * d]);
+            for head in 0..heads {
                 let xi = &x[(row * n + head) * d..][..d];
                 let oi = &mut o[head * d..(head + 1) * d];
                 for i in 0..half {
@@ -542,14 +675,22 @@ impl RotateHalf {
         out
     }
 
-    fn go<T: Float + Send + Sync>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<Vec<T>>
+    fn go<T: Float + Send + Sync>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
         let dims = l1.shape().dims4()?;
         let half = *l2.shape().dims().last().unwrap_or(&0);
         let per_row = l2.shape().rank() == 3;
-        Ok(Self::run(cpu_slice(s1, l1, "rotary x")?, cpu_slice(s2, l2, "rotary cos")?, cpu_slice(s3, l3, "rotary sin")?, dims, half, per_row))
+        Ok(self.run(cpu_slice(s1, l1, "rotary x")?, cpu_slice(s2, l2, "rotary cos")?, cpu_slice(s3, l3, "rotary sin")?, dims, half, per_row))
     }
 }
 
@@ -559,7 +700,7 @@ impl CustomOp3 for RotateHalf {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = by_float!(s1, "fused rotary: f32 or f64 only", T => Self::go::<T>(s1, l1, s2, l2, s3, l3)?);
+        let out = by_float!(s1, "fused rotary: f32 or f64 only", T => self.go::<T>(s1, l1, s2, l2, s3, l3)?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -572,7 +713,7 @@ impl CustomOp3 for RotateHalf {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad.contiguous()?.apply_op3_no_bwd(&cos.detach().contiguous()?, &sin.detach().neg()?.contiguous()?, &RotateHalf)?;
+        let dx = grad.contiguous()?.apply_op3_no_bwd(&cos.detach().contiguous()?, &sin.detach().neg()?.contiguous()?, &RotateHalf { heads: self.heads })?;
         Ok((Some(dx), None, None))
     }
 }
@@ -590,6 +731,12 @@ pub fn fused_elementwise_fits(x: &Tensor) -> bool {
 /// in one pass. CPU, f32/f64 (see [`fused_elementwise_fits`]); the backward rotates the gradient
 /// back (the same op with `-sin`).
 pub fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotate_half_heads(x, cos, sin, x.dims().get(2).copied().unwrap_or(0))
+}
+
+/// [`rotate_half`] of the first `heads` heads of `x` `[b,p,n,d]`; the other heads pass through
+/// unchanged (a packed q|k|v tensor: queries and keys rotate, values do not).
+pub fn rotate_half_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, p, _, d) = x.dims4()?;
     let half = cos.dim(candle_core::D::Minus1)?;
     let tables_fit = match cos.dims() {
@@ -600,7 +747,7 @@ pub fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fused_elementwise_fits(x) || !tables_fit || sin.dims() != cos.dims() || 2 * half > d || cos.dtype() != x.dtype() {
         return Err(Error::Input(format!("fused rotary: x {:?} and tables {:?} do not fit", x.dims(), cos.dims())));
     }
-    Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RotateHalf)?)
+    Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RotateHalf { heads })?)
 }
 
 /// The op: `(gate, up) -> silu(gate) * up`, element-wise.
@@ -701,6 +848,126 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return Err(Error::Input(format!("fused silu * up: gate {:?} and up {:?} do not fit", gate.dims(), up.dims())));
     }
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
+}
+
+/// The op: `y [.., 2m] -> silu(y[.., :m]) * y[.., m:]`, row by row (the packed gate/up product),
+/// with RelP's rules for the backward: `identity` (the activation as its own linear ratio,
+/// [`SiluMulPacked::ratio`]) and `half` (the product's gradient halved between its factors).
+#[derive(Debug, Clone, Copy)]
+struct SiluMulPacked {
+    identity: bool,
+    half: bool,
+}
+
+impl SiluMulPacked {
+    /// RelP's identity rule for `silu(x)`: `x * r` with the constant `r = silu(x) / (x ± 1e-6)`
+    /// (the sign of `x`, `+` at zero), computed as the written-out rule computes it.
+    #[inline]
+    fn ratio<T: Float>(x: T) -> T {
+        let nudge = T::from(1e-6f64).expect("a small constant");
+        let nudged = if x >= T::zero() { x + nudge } else { x + (-nudge) };
+        (x / (T::one() + (-x).exp())) / nudged
+    }
+
+    fn go<T: Float + Send + Sync + SiluRows>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let y = cpu_slice::<T>(s, l, "packed silu * up")?;
+        let m = l.dims()[l.dims().len() - 1] / 2;
+        let mut out = vec![T::zero(); y.len() / 2];
+        par_rows(&mut out, m, |r, o| {
+            let (g, u) = y[2 * m * r..2 * m * (r + 1)].split_at(m);
+            if self.identity {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * Self::ratio(g) * u;
+                }
+            } else {
+                T::silu_mul_rows(g, u, o)
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp1 for SiluMulPacked {
+    fn name(&self) -> &'static str {
+        "ferrolens-silu-mul-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = by_float!(s, "fused silu * up: f32 or f64 only", T => self.go::<T>(s, l)?);
+        let mut dims = l.dims().to_vec();
+        let last = dims.len() - 1;
+        dims[last] /= 2;
+        Ok((out, Shape::from(dims)))
+    }
+
+    /// `[d gate | d up]` in one pass, straight into the packed layout ([`SiluMulPackedBackward`]).
+    fn bwd(&self, y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(y.detach().contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &SiluMulPackedBackward(*self))?))
+    }
+}
+
+/// The backward of [`SiluMulPacked`]: `(y [.., 2m], g [.., m]) -> [.., 2m]`, each row `d gate`
+/// then `d up`.
+struct SiluMulPackedBackward(SiluMulPacked);
+
+impl SiluMulPackedBackward {
+    fn go<T: Float + Send + Sync + SiluRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let (y, g) = (cpu_slice::<T>(s1, l1, "packed silu * up: y")?, cpu_slice::<T>(s2, l2, "packed silu * up: grad")?);
+        let m = l1.dims()[l1.dims().len() - 1] / 2;
+        let rules = self.0;
+        let scale = if rules.half { T::from(0.5f64).expect("one half") } else { T::one() };
+        let mut out = vec![T::zero(); y.len()];
+        par_rows(&mut out, 2 * m, |r, o| {
+            let (gate, up) = y[2 * m * r..2 * m * (r + 1)].split_at(m);
+            let (dg, du) = o.split_at_mut(m);
+            let g = &g[m * r..m * (r + 1)];
+            if rules.identity {
+                // prod = (x r) u with r constant: d x = g u r, d u = g x r.
+                for i in 0..m {
+                    let (x, gi) = (gate[i], g[i] * scale);
+                    let a = x * SiluMulPacked::ratio(x);
+                    dg[i] = gi * up[i] * SiluMulPacked::ratio(x);
+                    du[i] = gi * a;
+                }
+            } else {
+                T::silu_mul_grad_rows(gate, up, g, dg, du);
+                if rules.half {
+                    o.iter_mut().for_each(|x| *x = *x * scale);
+                }
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp2 for SiluMulPackedBackward {
+    fn name(&self) -> &'static str {
+        "ferrolens-silu-mul-packed-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = by_float!(s1, "fused silu * up backward: f32 or f64 only", T => self.go::<T>(s1, l1, s2, l2)?);
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// [`silu_mul`] on the packed gate/up product `y` `[.., 2m]` (gate columns first): `[.., m]`,
+/// with the gradient of `y` written straight into its packed layout (CPU, f32/f64; see
+/// [`fused_elementwise_fits`]). `rules` are RelP's identity rule (the activation as a constant
+/// ratio times its input, value `x silu(x) / (x ± 1e-6)`) and half rule (the product's gradient
+/// halved), as [`crate::lrp::LrpRules`] sets them; both off: plain gradients.
+pub fn silu_mul_packed(y: &Tensor, (identity, half): (bool, bool)) -> Result<Tensor> {
+    let two_m = y.dims().last().copied().unwrap_or(0);
+    if !fused_elementwise_fits(y) || two_m == 0 || two_m % 2 != 0 {
+        return Err(Error::Input(format!("fused packed silu * up: y {:?} does not fit (CPU, f32/f64, an even last dimension)", y.dims())));
+    }
+    Ok(y.contiguous()?.apply_op1(SiluMulPacked { identity, half })?)
 }
 
 /// The op: `(x [.., d], w [d]) -> x / sqrt(mean(x²) + eps) * w` per row of `d`.

@@ -314,9 +314,59 @@ impl HookedTransformer {
         let (h, kvh, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         // Queries: every position, or the last one only.
         let (xq, pq) = if last_only { (x.narrow(1, p - 1, 1)?, 1) } else { (x.clone(), p) };
-        let q = hooks.at(Q(l), linear(&xq, &aw.w_q, aw.b_q.as_ref())?.reshape((b, pq, h, d))?)?;
-        let k = hooks.at(K(l), linear(x, &aw.w_k, aw.b_k.as_ref())?.reshape((b, p, kvh, d))?)?;
-        let v = hooks.at(V(l), linear(x, &aw.w_v, aw.b_v.as_ref())?.reshape((b, p, kvh, d))?)?;
+        let packed = self.packed[l].qkv(&self.w.blocks[l]);
+        // The packed path (CPU): one product for q, k and v, the rotary embedding of the query and
+        // key heads inside the packed tensor, and the fused attention reading all three from it,
+        // whose backward writes the packed gradient (no slices, no copies). Where nothing looks at
+        // q, k, v or the pattern apart, without q/k norms or a KV cache.
+        if let Some((w, bias)) = packed {
+            let quiet =
+                ![Q(l), K(l), V(l), RotQ(l), RotK(l), AttnScores(l), Pattern(l)].into_iter().any(|hp| hooks.wants(hp)) && hooks.uniform_heads(l).is_none();
+            let plain = kv.is_none() && !last_only && aw.q_norm.is_none() && aw.k_norm.is_none();
+            if quiet && plain && crate::fused::fused_elementwise_fits(x) && kvh > 0 && h % kvh == 0 {
+                let y = linear(x, w, bias)?.reshape((b, p, h + 2 * kvh, d))?;
+                let y = match cfg.rope_freqs(l) {
+                    Some(f) => {
+                        let (_, cos, sin) = rope.iter().find(|(g, _, _)| *g == f).expect("tables for every layer's frequencies");
+                        crate::fused::rotate_half_heads(&y, cos, sin, h + kvh)?
+                    }
+                    None => y,
+                };
+                let mask = match pad {
+                    Some(pd) => Some(self.mask_rows(l, p, &pd.keys)?),
+                    None => self.attn_mask(l, p, p)?,
+                };
+                let z = crate::fused::prefill_attention_packed(&y, (h, kvh), mask.as_ref(), cfg.attn_scale, cfg.attn_softcap, hooks.lrp.attn)?;
+                return self.attn_output(l, z, hooks);
+            }
+        }
+        // Else one product for q, k and v when packed (the last query alone: q on its own, k and
+        // v together), or one each. Not when gradients flow back through the projections:
+        // candle's backward of each slice of the packed product pads its gradient to the packed
+        // width and adds the three up, which costs more than the one product saves.
+        let packed = if x.track_op() { None } else { packed };
+        let (q, k, v) = match packed {
+            Some((w, bias)) => {
+                let (qn, kn) = (h * d, kvh * d);
+                let (y, q) = if last_only {
+                    let kv_bias = bias.map(|bi| bi.narrow(0, qn, 2 * kn)).transpose()?;
+                    (linear(x, &w.narrow(1, qn, 2 * kn)?, kv_bias.as_ref())?, linear(&xq, &aw.w_q, aw.b_q.as_ref())?)
+                } else {
+                    let y = linear(x, w, bias)?;
+                    let q = y.narrow(2, 0, qn)?;
+                    (y.narrow(2, qn, 2 * kn)?, q)
+                };
+                (q.reshape((b, pq, h, d))?, y.narrow(2, 0, kn)?.reshape((b, p, kvh, d))?, y.narrow(2, kn, kn)?.reshape((b, p, kvh, d))?)
+            }
+            None => (
+                linear(&xq, &aw.w_q, aw.b_q.as_ref())?.reshape((b, pq, h, d))?,
+                linear(x, &aw.w_k, aw.b_k.as_ref())?.reshape((b, p, kvh, d))?,
+                linear(x, &aw.w_v, aw.b_v.as_ref())?.reshape((b, p, kvh, d))?,
+            ),
+        };
+        let q = hooks.at(Q(l), q)?;
+        let k = hooks.at(K(l), k)?;
+        let v = hooks.at(V(l), v)?;
         let q = match &aw.q_norm {
             Some(n) => self.qk_norm(q, n, QNormScale(l), QNormNormalized(l), hooks)?,
             None => q,
@@ -481,20 +531,41 @@ impl HookedTransformer {
         let mw = &self.w.blocks[l].mlp;
         let post = match &mw.w_gate {
             Some(wg) => {
-                let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, mw.b_gate.as_ref())?)?;
-                let lin = hooks.at(HookPoint::MlpPreLinear(l), linear(x, &mw.w_in, mw.b_in.as_ref())?)?;
-                // One pass for silu(gate) * up (and its own backward) unless RelP's identity rule
-                // rewrites the activation.
-                let fused = self.cfg.act == Activation::Silu
-                    && !hooks.lrp.identity
-                    && crate::fused::fused_elementwise_fits(&pre)
-                    && crate::fused::fused_elementwise_fits(&lin);
-                let prod = if fused { crate::fused::silu_mul(&pre, &lin)? } else { (self.act(&pre, hooks.lrp.identity)? * lin)? };
-                let prod = if hooks.lrp.half {
-                    let half = (prod * 0.5)?;
-                    (&half + half.detach())?
-                } else {
-                    prod
+                let silu = self.cfg.act == Activation::Silu;
+                let watched = hooks.wants(HookPoint::MlpPre(l)) || hooks.wants(HookPoint::MlpPreLinear(l));
+                let rules = (hooks.lrp.identity, hooks.lrp.half);
+                // Gate and up in one product, straight into the packed fused op (RelP's identity
+                // and half rules included; its backward writes the packed gradient), when the
+                // block's projections are packed and no hook looks at the two apart. Else the
+                // packed product's halves when no gradient flows back through them, or one
+                // product each.
+                let packed = self.packed[l].gate_up(&self.w.blocks[l]);
+                let prod = match packed {
+                    Some((w, bias)) if silu && !watched && crate::fused::fused_elementwise_fits(x) => {
+                        crate::fused::silu_mul_packed(&linear(x, w, bias)?, rules)?
+                    }
+                    _ => {
+                        let (pre, lin) = match packed {
+                            Some((w, bias)) if !x.track_op() => {
+                                let y = linear(x, w, bias)?;
+                                let (last, m) = (y.rank() - 1, mw.w_in.dim(1)?);
+                                (y.narrow(last, 0, m)?.contiguous()?, y.narrow(last, m, m)?.contiguous()?)
+                            }
+                            _ => (linear(x, wg, mw.b_gate.as_ref())?, linear(x, &mw.w_in, mw.b_in.as_ref())?),
+                        };
+                        let pre = hooks.at(HookPoint::MlpPre(l), pre)?;
+                        let lin = hooks.at(HookPoint::MlpPreLinear(l), lin)?;
+                        // One pass for silu(gate) * up (and its own backward) unless RelP's
+                        // identity rule rewrites the activation.
+                        let fused = silu && !hooks.lrp.identity && crate::fused::fused_elementwise_fits(&pre) && crate::fused::fused_elementwise_fits(&lin);
+                        let prod = if fused { crate::fused::silu_mul(&pre, &lin)? } else { (self.act(&pre, hooks.lrp.identity)? * lin)? };
+                        if hooks.lrp.half {
+                            let half = (prod * 0.5)?;
+                            (&half + half.detach())?
+                        } else {
+                            prod
+                        }
+                    }
                 };
                 hooks.at(HookPoint::MlpPost(l), prod)?
             }

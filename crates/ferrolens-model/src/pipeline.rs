@@ -60,11 +60,14 @@ impl Place {
         t.device().same_device(&self.device) && t.dtype() == self.dtype
     }
 
-    /// Move (and cast) `t` here; a no-op when it is already here. Differentiable.
+    /// Move (and cast) `t` here; a no-op when it is already here. Differentiable. A view (such
+    /// as a packed projection's `W_Q`) moves its own elements only.
     pub fn take(&self, t: Tensor) -> Result<Tensor> {
         if self.holds(&t) {
             return Ok(t);
         }
+        // candle's to_device copies the whole storage under a view.
+        let t = if t.device().same_device(&self.device) || t.is_contiguous() { t } else { t.contiguous()? };
         Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
@@ -242,7 +245,7 @@ impl HookedTransformer {
         w.ln_final = NormWeights { w: last.take(w.ln_final.w.clone())?, b: move_opt(&w.ln_final.b, last)? };
         w.unembed = last.take(w.unembed.clone())?;
         w.b_u = move_opt(&w.b_u, last)?;
-        Ok(HookedTransformer::new(self.cfg.clone(), w)?.with_tokenizer(self.tokenizer.clone()))
+        Ok(HookedTransformer::packing(self.cfg.clone(), w, &self.packed)?.with_tokenizer(self.tokenizer.clone()))
     }
 
     /// The stages of the model: contiguous layers that share a device and dtype, in order. An

@@ -58,6 +58,8 @@ pub struct HookedTransformer {
     pub(crate) layer_places: Vec<crate::pipeline::Place>,
     /// The final norm's and unembedding's.
     pub(crate) head_place: crate::pipeline::Place,
+    /// Each block's packed projections (q/k/v, gate/up; see [`crate::weights::PackedBlock`]).
+    pub(crate) packed: Vec<crate::weights::PackedBlock>,
 }
 
 /// Where a forward pass starts and stops.
@@ -120,11 +122,51 @@ pub struct GradRun {
 
 impl HookedTransformer {
     /// Build from a config and weights, checking every shape against the config.
+    ///
+    /// Each block's `W_Q`, `W_K`, `W_V` (and a gated MLP's `W_gate`, `W_in`) are packed into one
+    /// matrix that the forward multiplies by once; the fields become views of it, with the same
+    /// values (see [`crate::weights::PackedBlock`]). Replacing such a field later is fine: that
+    /// block's group then runs as separate products again.
     pub fn new(cfg: Config, w: Weights) -> Result<Self> {
+        Self::packing(cfg, w, &[])
+    }
+
+    /// The same model with every block's projections as separate contiguous matrices, none
+    /// packed: each group then runs as one product a matrix, as a model whose fields were
+    /// replaced after loading does. A reference for the packed forward (same values up to the
+    /// order of floating-point sums); it holds its own copy of those weights (the views of a
+    /// packed model's fields are copied out).
+    pub fn unpacked(&self) -> Result<HookedTransformer> {
+        let mut m = self.without_tokenizer();
+        m.tokenizer = self.tokenizer.clone();
+        for b in &mut m.w.blocks {
+            let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?) };
+            b.attn.w_q = copy(&b.attn.w_q)?;
+            b.attn.w_k = copy(&b.attn.w_k)?;
+            b.attn.w_v = copy(&b.attn.w_v)?;
+            b.mlp.w_in = copy(&b.mlp.w_in)?;
+            b.mlp.w_gate = b.mlp.w_gate.as_ref().map(copy).transpose()?;
+        }
+        m.packed = vec![crate::weights::PackedBlock::default(); m.w.blocks.len()];
+        Ok(m)
+    }
+
+    /// [`HookedTransformer::new`], keeping `prior[l]` for every block whose fields are still
+    /// that packing's views (a split that leaves a block where it was).
+    pub(crate) fn packing(cfg: Config, mut w: Weights, prior: &[crate::weights::PackedBlock]) -> Result<Self> {
         cfg.validate()?;
         crate::weights::check_shapes(&cfg, &w)?;
         let (home, layer_places, head_place) = crate::pipeline::places_of(&w)?;
-        Ok(HookedTransformer { cfg, w, tokenizer: None, device: home.device, dtype: home.dtype, layer_places, head_place })
+        let packed = w
+            .blocks
+            .iter_mut()
+            .enumerate()
+            .map(|(l, b)| match prior.get(l) {
+                Some(p) if p.holds(b) => Ok(p.clone()),
+                _ => crate::weights::PackedBlock::pack(b),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HookedTransformer { cfg, w, tokenizer: None, device: home.device, dtype: home.dtype, layer_places, head_place, packed })
     }
 
     /// Attach a tokenizer; its prompts get the BOS token first as the config says
@@ -174,6 +216,7 @@ impl HookedTransformer {
             dtype: self.dtype,
             layer_places: self.layer_places.clone(),
             head_place: self.head_place.clone(),
+            packed: self.packed.clone(),
         }
     }
 

@@ -188,3 +188,126 @@ pub fn check_shapes(cfg: &Config, w: &Weights) -> Result<()> {
         )))
     }
 }
+
+/// Projections that read the same input, packed into one matrix: a block's `W_Q | W_K | W_V`
+/// (`[D, (h + 2 kv) d]`) and `W_gate | W_in` (`[D, 2 M]`), so that the forward computes each
+/// group with one product (one pass over the input, one GEMM launch on a GPU; the backward's
+/// input gradient is one product too). The block's own fields become views of the packed
+/// storage (no second copy of the weights), and [`Packed::get`] hands the packed matrix out only
+/// while those fields still hold exactly these views: a field a user replaced after loading makes
+/// the forward fall back to separate products for that group.
+///
+/// Storage: on the CPU the packed matrix is row-major `[D, n]` (the gemm crate packs a row-major
+/// right operand fastest) and the fields are column views of it; on other devices, and in strict
+/// layout mode ([`crate::layout::strict`]), it is stored as Hugging Face's `[n, D]` and both the
+/// packed matrix and the fields are transposed views (column-major, which cuBLAS accepts).
+#[derive(Debug, Clone)]
+pub(crate) struct Packed {
+    /// The packed `[D, n]` matrix (a view when stored `[n, D]`).
+    pub(crate) w: Tensor,
+    /// The packed bias `[n]` (every part has one) or `None` (none has).
+    pub(crate) b: Option<Tensor>,
+    /// The ids of the field views, then of the biases, that this packing made.
+    ids: Vec<Option<candle_core::TensorId>>,
+}
+
+impl Packed {
+    /// Pack `parts` (`[D, n_i]` each, one device and dtype) with their biases `[n_i]`; `None`
+    /// when only some parts have a bias (the group then stays unpacked). Returns the packing and
+    /// the views to put back in the fields, in order.
+    fn new(parts: &[&Tensor], biases: &[Option<&Tensor>]) -> Result<Option<(Packed, Vec<Tensor>)>> {
+        let with_bias = biases.iter().filter(|b| b.is_some()).count();
+        if with_bias != 0 && with_bias != biases.len() {
+            return Ok(None);
+        }
+        let row_major = parts[0].device().is_cpu() && !crate::layout::strict();
+        let widths: Vec<usize> = parts.iter().map(|p| p.dim(1)).collect::<candle_core::Result<_>>()?;
+        let (w, views) = if row_major {
+            let w = Tensor::cat(parts, 1)?;
+            let mut views = Vec::with_capacity(parts.len());
+            let mut at = 0;
+            for &n in &widths {
+                views.push(w.narrow(1, at, n)?);
+                at += n;
+            }
+            (w, views)
+        } else {
+            let ts: Vec<Tensor> = parts.iter().map(|p| p.t()).collect::<candle_core::Result<_>>()?;
+            let wt = Tensor::cat(&ts, 0)?; // [n, D], contiguous
+            let mut views = Vec::with_capacity(parts.len());
+            let mut at = 0;
+            for &n in &widths {
+                views.push(wt.narrow(0, at, n)?.t()?);
+                at += n;
+            }
+            (wt.t()?, views)
+        };
+        let b = if with_bias == 0 { None } else { Some(Tensor::cat(&biases.iter().map(|b| b.expect("every part has a bias")).collect::<Vec<_>>(), 0)?) };
+        let mut ids: Vec<Option<candle_core::TensorId>> = views.iter().map(|v| Some(v.id())).collect();
+        ids.extend(biases.iter().map(|b| b.map(|b| b.id())));
+        Ok(Some((Packed { w, b, ids }, views)))
+    }
+
+    /// The packed matrix and bias while `fields` (the parts' current tensors, then their
+    /// biases) are still the ones this packing made.
+    pub(crate) fn get(&self, fields: &[Option<&Tensor>]) -> Option<(&Tensor, Option<&Tensor>)> {
+        let same = fields.len() == self.ids.len() && fields.iter().zip(&self.ids).all(|(f, id)| f.map(|t| t.id()) == *id);
+        same.then_some((&self.w, self.b.as_ref()))
+    }
+}
+
+/// A block's packed projection groups (see [`Packed`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PackedBlock {
+    /// `W_Q | W_K | W_V` `[D, (h + 2 kv) d]`.
+    pub(crate) qkv: Option<Packed>,
+    /// `W_gate | W_in` `[D, 2 M]` (gated MLPs).
+    pub(crate) gate_up: Option<Packed>,
+}
+
+impl PackedBlock {
+    /// Pack block `b`'s groups, turning its fields into views of the packed storage.
+    pub(crate) fn pack(b: &mut BlockWeights) -> Result<PackedBlock> {
+        let a = &mut b.attn;
+        let qkv = match Packed::new(&[&a.w_q, &a.w_k, &a.w_v], &[a.b_q.as_ref(), a.b_k.as_ref(), a.b_v.as_ref()])? {
+            Some((p, v)) => {
+                let [q, k, v]: [Tensor; 3] = v.try_into().expect("three views");
+                (a.w_q, a.w_k, a.w_v) = (q, k, v);
+                Some(p)
+            }
+            None => None,
+        };
+        let m = &mut b.mlp;
+        let gate_up = match &m.w_gate {
+            Some(g) => match Packed::new(&[g, &m.w_in], &[m.b_gate.as_ref(), m.b_in.as_ref()])? {
+                Some((p, v)) => {
+                    let [g, u]: [Tensor; 2] = v.try_into().expect("two views");
+                    (m.w_gate, m.w_in) = (Some(g), u);
+                    Some(p)
+                }
+                None => None,
+            },
+            None => None,
+        };
+        Ok(PackedBlock { qkv, gate_up })
+    }
+
+    /// The packed `W_Q | W_K | W_V` and its bias, while block `b`'s fields are its views.
+    pub(crate) fn qkv<'a>(&'a self, b: &BlockWeights) -> Option<(&'a Tensor, Option<&'a Tensor>)> {
+        let a = &b.attn;
+        self.qkv.as_ref()?.get(&[Some(&a.w_q), Some(&a.w_k), Some(&a.w_v), a.b_q.as_ref(), a.b_k.as_ref(), a.b_v.as_ref()])
+    }
+
+    /// The packed `W_gate | W_in` and its bias, while block `b`'s fields are its views.
+    pub(crate) fn gate_up<'a>(&'a self, b: &BlockWeights) -> Option<(&'a Tensor, Option<&'a Tensor>)> {
+        let m = &b.mlp;
+        self.gate_up.as_ref()?.get(&[m.w_gate.as_ref(), Some(&m.w_in), m.b_gate.as_ref(), m.b_in.as_ref()])
+    }
+
+    /// Whether block `b` still holds this packing's views (then re-packing is not needed).
+    pub(crate) fn holds(&self, b: &BlockWeights) -> bool {
+        let q = self.qkv.is_none() || self.qkv(b).is_some();
+        let g = self.gate_up.is_none() || self.gate_up(b).is_some();
+        q && g
+    }
+}
