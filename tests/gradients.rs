@@ -3,7 +3,7 @@
 mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
-use ferrolens::model::{HookPoint, Hooks, Intervention, LrpRules, PadSide, Patch, Result, RunSpan};
+use ferrolens::model::{HookPoint, HookedTransformer, Hooks, Intervention, LrpRules, PadSide, Patch, Result, RunSpan};
 
 fn metric(logits: &Tensor) -> Result<Tensor> {
     let p = logits.dim(1)?;
@@ -392,5 +392,77 @@ fn runs_unembed_the_chosen_columns_only() {
         let bad = RunSpan { columns: Some(Tensor::new(&[model.cfg.d_vocab as u32], &Device::Cpu).unwrap()), ..Default::default() };
         let e = model.run_span(Some(&tokens), &bad, &mut Hooks::new()).unwrap_err().to_string();
         assert!(e.contains("outside the vocabulary"), "{name}: {e}");
+    }
+}
+
+/// `logit[3] - logit[7]` at the last position, summed over rows (any number of positions).
+fn final_logit_diff(l: &Tensor) -> Result<Tensor> {
+    let p = l.dim(1)?;
+    Ok((l.i((.., p - 1, 3))? - l.i((.., p - 1, 7))?)?.sum_all()?)
+}
+
+/// Packed projections (one product for `W_Q|W_K|W_V` and for `W_gate|W_in`; the rotary and the
+/// fused attention on the packed tensor with its packed backward; the packed SwiGLU op with
+/// RelP's identity and half rules) against the same model unpacked
+/// ([`HookedTransformer::unpacked`]: a product a matrix, separate q/k/v operands): logits of
+/// full and last-position runs, plain and left-padded; a cache of every hook point (which reads
+/// the packed product's slices); gradients at points the packed path keeps (`resid_pre` 0,
+/// `hook_z` 0, `mlp_out` 0, the last `attn_out`) with no rule, RelP's and all four. Every family
+/// and the tiny GPT-2 (fused c_attn split and packed again), f32 and f64.
+#[test]
+fn packed_projections_equal_separate_ones() {
+    for (name, model) in &every_model() {
+        assert!(!model.w.blocks[0].attn.w_q.is_contiguous(), "{name}: W_Q is a view of the packed q/k/v matrix");
+        let sep = model.unpacked().unwrap();
+        assert!(sep.w.blocks[0].attn.w_q.is_contiguous());
+        let tol = if name.ends_with("F64") { 1e-10 } else { 1e-5 };
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = max_abs(a, b);
+            assert!(d <= tol * peak(b).max(1.0), "{name}: {what} differ by {d} (up to {})", peak(b));
+        };
+        let last = model.cfg.n_layers - 1;
+        let points = [HookPoint::ResidPre(0), HookPoint::Z(0), HookPoint::MlpOut(0), HookPoint::AttnOut(last)];
+        for (padded, tokens, last_span) in last_logit_batches(model) {
+            for span in [last_span.clone(), RunSpan { last_logits_only: false, ..last_span }] {
+                let at = format!("padded={padded} last only={}", span.last_logits_only);
+                let run = |m: &HookedTransformer, h: &mut Hooks| m.run_span(Some(&tokens), &span, h).unwrap();
+                close(&run(model, &mut Hooks::new()), &run(&sep, &mut Hooks::new()), &format!("{at}: logits"));
+                let (mut ha, mut hb) = (Hooks::new().cache_hooks(&model.hook_points()), Hooks::new().cache_hooks(&model.hook_points()));
+                close(&run(model, &mut ha), &run(&sep, &mut hb), &format!("{at}: logits with every hook cached"));
+                assert_eq!(ha.cache_ref().len(), hb.cache_ref().len());
+                for (hp, a) in ha.cache_ref().iter() {
+                    close(a, hb.cache_ref().get(*hp).unwrap(), &format!("{at}: cached {hp}"));
+                }
+                for rules in [LrpRules::NONE, LrpRules::RELP, LrpRules::ALL] {
+                    let grads = |m: &HookedTransformer| {
+                        m.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), final_logit_diff).unwrap()
+                    };
+                    let (a, b) = (grads(model), grads(&sep));
+                    assert!((a.metric - b.metric).abs() <= tol * b.metric.abs().max(1.0), "{name} {at}: metric {} vs {}", a.metric, b.metric);
+                    for pt in &points {
+                        assert!(peak(&b.grads[pt]) > 0.0, "{name}: a gradient reaches {pt}");
+                        close(&a.grads[pt], &b.grads[pt], &format!("{at} {rules:?}: gradients at {pt}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A packed model whose `W_Q` (or `W_in`) is replaced after loading runs that block's group as
+/// separate products with the new matrix: the same logits as a model built from the edited
+/// weights, and not those of the original.
+#[test]
+fn replacing_a_packed_field_uses_the_new_matrix() {
+    for name in ["llama", "qwen2"] {
+        let model = family(name, DType::F64);
+        let tokens = model.tokens_padded(&two_prompts()[..1], PadSide::Left).unwrap().0;
+        let mut edited = model.clone();
+        edited.w.blocks[1].attn.w_q = (&edited.w.blocks[1].attn.w_q * 1.5).unwrap();
+        edited.w.blocks[0].mlp.w_in = (&edited.w.blocks[0].mlp.w_in * -0.5).unwrap();
+        let rebuilt = HookedTransformer::new(model.cfg.clone(), edited.w.clone()).unwrap();
+        let (a, b, c) = (edited.forward(&tokens).unwrap(), rebuilt.forward(&tokens).unwrap(), model.forward(&tokens).unwrap());
+        assert!(max_abs(&a, &b) < 1e-10, "{name}: the edited model runs its new W_Q and W_in");
+        assert!(max_abs(&a, &c) > 1e-3, "{name}: the edit changes the logits");
     }
 }

@@ -30,15 +30,23 @@ use std::sync::OnceLock;
 static STRICT: AtomicBool = AtomicBool::new(false);
 
 /// Turn strict mode on or off for this process: a product with a layout CUDA refuses is then an
-/// error (on every device) instead of a copy.
+/// error (on every device) instead of a copy. Turn it on before loading a model: a model loaded
+/// on the CPU outside strict mode packs its projections row-major, and the separate `W_Q`/`W_K`/
+/// `W_V`/`W_gate`/`W_in` views of that packing are layouts CUDA refuses (see
+/// [`crate::HookedTransformer::new`]); one loaded in strict mode packs them as on a GPU.
 pub fn set_strict(on: bool) {
     STRICT.store(on, Ordering::SeqCst);
+}
+
+thread_local! {
+    /// Strict mode for this thread alone (unit tests that must not flip it under other tests).
+    static LOCAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Whether strict mode is on ([`set_strict`] or `FERROLENS_STRICT_LAYOUTS=1`).
 pub fn strict() -> bool {
     static ENV: OnceLock<bool> = OnceLock::new();
-    STRICT.load(Ordering::SeqCst) || *ENV.get_or_init(|| std::env::var("FERROLENS_STRICT_LAYOUTS").is_ok_and(|v| v == "1"))
+    STRICT.load(Ordering::SeqCst) || LOCAL.with(|l| l.get()) || *ENV.get_or_init(|| std::env::var("FERROLENS_STRICT_LAYOUTS").is_ok_and(|v| v == "1"))
 }
 
 /// Why candle's CUDA matmul would refuse `a @ b` (`[.., m, k] @ [.., k, n]`, same batch dims),
@@ -338,10 +346,12 @@ mod tests {
         let got = matmul(&head, &wb).unwrap();
         let want = hc.matmul(&wb).unwrap();
         assert_eq!((got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        // Strict mode refuses instead.
-        set_strict(true);
+        // Strict mode refuses instead (on this thread only: other tests of the crate run
+        // products at the same time, and a packed model's CPU weight views are layouts CUDA
+        // would refuse).
+        LOCAL.with(|l| l.set(true));
         let e = matmul(&head, &wb).unwrap_err().to_string();
-        set_strict(false);
+        LOCAL.with(|l| l.set(false));
         assert!(e.contains("strict layouts") && e.contains("[8640, 576, 1]"), "{e}");
         // Two batch dimensions without one batch stride.
         let y = Tensor::zeros((4, 3, 5, 6), DType::F32, &d).unwrap().transpose(0, 1).unwrap(); // [3,4,5,6]

@@ -2,6 +2,10 @@
 //! them, q/k in Hugging Face's rotate-half order, fused checkpoint tensors (qkv, gate_up)
 //! already split, and norm gains with the family's offset folded in (Gemma's `1 + w`).
 //! The family files' weight tables ([`crate::arch`]) fill these; [`check_shapes`] checks them.
+//!
+//! [`crate::HookedTransformer::new`] then packs each block's `W_Q|W_K|W_V` and `W_gate|W_in`
+//! into one matrix each and makes those fields views of it (same shapes and values, not
+//! contiguous); see `Packed` below. Assigning a new tensor to such a field is supported.
 
 use crate::config::{Config, Positional, QkNorm};
 use crate::error::{Error, Result};
