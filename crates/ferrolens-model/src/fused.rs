@@ -986,42 +986,139 @@ impl RmsNorm {
         (dot(x, x) / n + T::from(self.eps).expect("a finite eps")).sqrt()
     }
 
+    /// One row: `o = x / s * w`.
+    #[inline]
+    fn fwd_row<T: Float>(&self, xr: &[T], w: &[T], o: &mut [T]) {
+        let s = self.scale(xr);
+        for ((o, &x), &w) in o.iter_mut().zip(xr).zip(w) {
+            *o = x / s * w;
+        }
+    }
+
+    /// One row of `dx` with `dy = g`: `(g w - n mean(g w n)) / s` with `n = x / s`, or `g w / s`
+    /// with the scale held constant.
+    #[inline]
+    fn bwd_row<T: Float>(&self, xr: &[T], w: &[T], gr: &[T], o: &mut [T]) {
+        let s = self.scale(xr);
+        let c = if self.detach_scale {
+            T::zero()
+        } else {
+            let mut acc = T::zero();
+            for ((&x, &g), &w) in xr.iter().zip(gr).zip(w) {
+                acc = acc + g * w * (x / s);
+            }
+            acc / T::from(xr.len()).expect("a row length")
+        };
+        for (((o, &x), &g), &w) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+            *o = (g * w - x / s * c) / s;
+        }
+    }
+
     fn fwd<T: Float + Send + Sync>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let d = w.len();
         let mut out = vec![T::zero(); x.len()];
-        par_rows(&mut out, d, |r, o| {
-            let xr = &x[r * d..(r + 1) * d];
-            let s = self.scale(xr);
-            for ((o, &x), &w) in o.iter_mut().zip(xr).zip(w) {
-                *o = x / s * w;
-            }
-        });
+        par_rows(&mut out, d, |r, o| self.fwd_row(&x[r * d..(r + 1) * d], w, o));
         out
     }
 
-    /// `dx` of the loss with `dy = g`: `(g w - n mean(g w n)) / s` with `n = x / s`, or
-    /// `g w / s` with the scale held constant.
     fn bwd_rows<T: Float + Send + Sync>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
         let d = w.len();
         let mut out = vec![T::zero(); x.len()];
-        par_rows(&mut out, d, |r, o| {
-            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-            let s = self.scale(xr);
-            let c = if self.detach_scale {
-                T::zero()
-            } else {
-                let mut acc = T::zero();
-                for ((&x, &g), &w) in xr.iter().zip(gr).zip(w) {
-                    acc = acc + g * w * (x / s);
-                }
-                acc / T::from(d).expect("a row length")
-            };
-            for (((o, &x), &g), &w) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-                *o = (g * w - x / s * c) / s;
+        par_rows(&mut out, d, |r, o| self.bwd_row(&x[r * d..(r + 1) * d], w, &g[r * d..(r + 1) * d], o));
+        out
+    }
+}
+
+/// The op: RMSNorm of the query and key parts of a packed `qkv` `[b,p,h+2kvh,d]`, values copied:
+/// within each position's row, the query features `[0, h d)` in segments of `q_seg` with gain
+/// `wq` `[q_seg]`, the key features `[h d, (h+kvh) d)` in segments of `k_seg` with gain `wk`
+/// `[k_seg]` (`d` each for per-head q/k norms, `h d` and `kvh d` for norms over all heads).
+#[derive(Clone)]
+struct PackedQkNorm {
+    norm: RmsNorm,
+    /// `(h d, kvh d)`.
+    widths: (usize, usize),
+}
+
+impl PackedQkNorm {
+    /// Each position row of `x` (`width` long) through `f(segment of x, gain, segment index, output)`.
+    fn rows<T: Float + Send + Sync>(&self, n: usize, width: usize, wq: &[T], wk: &[T], f: impl Fn(usize, usize, &[T], &mut [T]) + Sync) -> Vec<T> {
+        let (qw, kw) = self.widths;
+        let mut out = vec![T::zero(); n];
+        par_rows(&mut out, width, |r, o| {
+            let (q, rest) = o.split_at_mut(qw);
+            let (k, v) = rest.split_at_mut(kw);
+            for (i, seg) in q.chunks_mut(wq.len()).enumerate() {
+                f(r * width + i * wq.len(), 0, wq, seg);
             }
+            for (i, seg) in k.chunks_mut(wk.len()).enumerate() {
+                f(r * width + qw + i * wk.len(), 1, wk, seg);
+            }
+            f(r * width + qw + kw, 2, &[], v);
         });
         out
     }
+}
+
+impl CustomOp3 for PackedQkNorm {
+    fn name(&self) -> &'static str {
+        "ferrolens-packed-qk-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, _, n, d) = l1.shape().dims4()?;
+        let out = by_float!(s1, "fused packed q/k norm: f32 or f64 only", T => {
+            let (x, wq, wk) = (cpu_slice::<T>(s1, l1, "q/k norm x")?, cpu_slice::<T>(s2, l2, "q norm w")?, cpu_slice::<T>(s3, l3, "k norm w")?);
+            self.rows(x.len(), n * d, wq, wk, |at, part, w, o| {
+                let xr = &x[at..at + o.len()];
+                if part == 2 { o.copy_from_slice(xr) } else { self.norm.fwd_row(xr, w, o) }
+            })
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, wq: &Tensor, wk: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, wq, wk, g) = (x.detach().contiguous()?, wq.detach().contiguous()?, wk.detach().contiguous()?, grad.contiguous()?);
+        let dx = match x.dtype() {
+            DType::F32 => self.grad::<f32>(&x, &wq, &wk, &g)?,
+            DType::F64 => self.grad::<f64>(&x, &wq, &wk, &g)?,
+            other => candle_core::bail!("fused packed q/k norm: no backward for {other:?}"),
+        };
+        Ok((Some(dx), None, None))
+    }
+}
+
+impl PackedQkNorm {
+    fn grad<T: Float + Send + Sync + candle_core::WithDType>(&self, x: &Tensor, wq: &Tensor, wk: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, n, d) = x.dims4()?;
+        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+        let (xv, wqv, wkv, gv) = (host(x)?, host(wq)?, host(wk)?, host(g)?);
+        let dx = self.rows(xv.len(), n * d, &wqv, &wkv, |at, part, w, o| {
+            let (xr, gr) = (&xv[at..at + o.len()], &gv[at..at + o.len()]);
+            if part == 2 {
+                o.copy_from_slice(gr)
+            } else {
+                self.norm.bwd_row(xr, w, gr, o)
+            }
+        });
+        Tensor::from_vec(dx, x.shape(), x.device())
+    }
+}
+
+/// RMSNorm of the query and key heads of a packed `qkv` `[b,p,h+2kvh,d]` (heads `0..h` queries,
+/// `h..h+kvh` keys, the rest values, passed through): queries with gain `wq` and keys with `wk`,
+/// each either `[d]` (per head, Qwen3/Gemma-3) or `[h d]` / `[kvh d]` (over all heads of the
+/// part, OLMo-2). The same per-row arithmetic as [`rms_norm`], with its own backward;
+/// `detach_scale` is RelP's LN rule. CPU, f32/f64 (see [`fused_elementwise_fits`]).
+pub fn rms_norm_qk_packed(qkv: &Tensor, (h, kvh): (usize, usize), wq: &Tensor, wk: &Tensor, eps: f64, detach_scale: bool) -> Result<Tensor> {
+    let (_, _, n, d) = qkv.dims4()?;
+    let (qw, kw) = (h * d, kvh * d);
+    let fits = |w: &Tensor, part: usize| w.rank() == 1 && w.dim(0).is_ok_and(|s| s > 0 && part.is_multiple_of(s)) && w.dtype() == qkv.dtype() && !w.track_op();
+    if !fused_elementwise_fits(qkv) || n != h + 2 * kvh || !fits(wq, qw) || !fits(wk, kw) {
+        return Err(Error::Input(format!("fused packed q/k norm: qkv {:?} with gains {:?} and {:?} does not fit", qkv.dims(), wq.dims(), wk.dims())));
+    }
+    let op = PackedQkNorm { norm: RmsNorm { eps, detach_scale }, widths: (qw, kw) };
+    Ok(qkv.contiguous()?.apply_op3(&wq.contiguous()?, &wk.contiguous()?, op)?)
 }
 
 impl candle_core::CustomOp2 for RmsNorm {

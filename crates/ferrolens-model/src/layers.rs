@@ -315,16 +315,24 @@ impl HookedTransformer {
         // Queries: every position, or the last one only.
         let (xq, pq) = if last_only { (x.narrow(1, p - 1, 1)?, 1) } else { (x.clone(), p) };
         let packed = self.packed[l].qkv(&self.w.blocks[l]);
-        // The packed path (CPU): one product for q, k and v, the rotary embedding of the query and
-        // key heads inside the packed tensor, and the fused attention reading all three from it,
-        // whose backward writes the packed gradient (no slices, no copies). Where nothing looks at
-        // q, k, v or the pattern apart, without q/k norms or a KV cache.
+        // The packed path (CPU): one product for q, k and v, the q/k norms and the rotary
+        // embedding of the query and key heads inside the packed tensor, and the fused attention
+        // reading all three from it, whose backward writes the packed gradient (no slices, no
+        // copies). Where nothing looks at q, k, v, their norms or the pattern apart, without a KV
+        // cache.
         if let Some((w, bias)) = packed {
-            let quiet =
-                ![Q(l), K(l), V(l), RotQ(l), RotK(l), AttnScores(l), Pattern(l)].into_iter().any(|hp| hooks.wants(hp)) && hooks.uniform_heads(l).is_none();
-            let plain = kv.is_none() && !last_only && aw.q_norm.is_none() && aw.k_norm.is_none();
-            if quiet && plain && crate::fused::fused_elementwise_fits(x) && kvh > 0 && h % kvh == 0 {
+            let points = [Q(l), K(l), V(l), QNormScale(l), QNormNormalized(l), KNormScale(l), KNormNormalized(l), RotQ(l), RotK(l), AttnScores(l), Pattern(l)];
+            let quiet = !points.into_iter().any(|hp| hooks.wants(hp)) && hooks.uniform_heads(l).is_none();
+            let norms_paired = aw.q_norm.is_some() == aw.k_norm.is_some();
+            if quiet && norms_paired && kv.is_none() && !last_only && crate::fused::fused_elementwise_fits(x) && kvh > 0 && h % kvh == 0 {
                 let y = linear(x, w, bias)?.reshape((b, p, h + 2 * kvh, d))?;
+                let y = match (&aw.q_norm, &aw.k_norm) {
+                    (Some(qn), Some(kn)) => {
+                        let (wq, wk) = (qn.w.to_dtype(y.dtype())?, kn.w.to_dtype(y.dtype())?);
+                        crate::fused::rms_norm_qk_packed(&y, (h, kvh), &wq, &wk, cfg.eps, hooks.lrp.ln)?
+                    }
+                    _ => y,
+                };
                 let y = match cfg.rope_freqs(l) {
                     Some(f) => {
                         let (_, cos, sin) = rope.iter().find(|(g, _, _)| *g == f).expect("tables for every layer's frequencies");
