@@ -544,25 +544,16 @@ impl HookedTransformer {
                 let rules = (hooks.lrp.identity, hooks.lrp.half);
                 // Gate and up in one product, straight into the packed fused op (RelP's identity
                 // and half rules included; its backward writes the packed gradient), when the
-                // block's projections are packed and no hook looks at the two apart. Else the
-                // packed product's halves when no gradient flows back through them, or one
-                // product each.
-                let packed = self.packed[l].gate_up(&self.w.blocks[l]);
-                let prod = match packed {
+                // block's projections are packed and no hook looks at the two apart. Else one
+                // product each (over the packed matrix's column-major views: as fast as separate
+                // matrices, and no copies of the halves of a packed product).
+                let prod = match self.packed[l].gate_up(&self.w.blocks[l]) {
                     Some((w, bias)) if silu && !watched && crate::fused::fused_elementwise_fits(x) => {
                         crate::fused::silu_mul_packed(&linear(x, w, bias)?, rules)?
                     }
                     _ => {
-                        let (pre, lin) = match packed {
-                            Some((w, bias)) if !x.track_op() => {
-                                let y = linear(x, w, bias)?;
-                                let (last, m) = (y.rank() - 1, mw.w_in.dim(1)?);
-                                (y.narrow(last, 0, m)?.contiguous()?, y.narrow(last, m, m)?.contiguous()?)
-                            }
-                            _ => (linear(x, wg, mw.b_gate.as_ref())?, linear(x, &mw.w_in, mw.b_in.as_ref())?),
-                        };
-                        let pre = hooks.at(HookPoint::MlpPre(l), pre)?;
-                        let lin = hooks.at(HookPoint::MlpPreLinear(l), lin)?;
+                        let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, mw.b_gate.as_ref())?)?;
+                        let lin = hooks.at(HookPoint::MlpPreLinear(l), linear(x, &mw.w_in, mw.b_in.as_ref())?)?;
                         // One pass for silu(gate) * up (and its own backward) unless RelP's
                         // identity rule rewrites the activation.
                         let fused = silu && !hooks.lrp.identity && crate::fused::fused_elementwise_fits(&pre) && crate::fused::fused_elementwise_fits(&lin);
