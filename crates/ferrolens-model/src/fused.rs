@@ -931,9 +931,9 @@ impl SiluMulPackedBackward {
                 // prod = (x r) u with r constant: d x = g u r, d u = g x r.
                 for i in 0..m {
                     let (x, gi) = (gate[i], g[i] * scale);
-                    let a = x * SiluMulPacked::ratio(x);
-                    dg[i] = gi * up[i] * SiluMulPacked::ratio(x);
-                    du[i] = gi * a;
+                    let r = SiluMulPacked::ratio(x);
+                    dg[i] = gi * up[i] * r;
+                    du[i] = gi * (x * r);
                 }
             } else {
                 T::silu_mul_grad_rows(gate, up, g, dg, du);
@@ -1030,9 +1030,9 @@ impl RmsNorm {
 }
 
 /// The op: RMSNorm of the query and key parts of a packed `qkv` `[b,p,h+2kvh,d]`, values copied:
-/// within each position's row, the query features `[0, h d)` in segments of `q_seg` with gain
-/// `wq` `[q_seg]`, the key features `[h d, (h+kvh) d)` in segments of `k_seg` with gain `wk`
-/// `[k_seg]` (`d` each for per-head q/k norms, `h d` and `kvh d` for norms over all heads).
+/// within each position's row, the query features `[0, h d)` in segments as long as the query
+/// gain, the key features `[h d, (h+kvh) d)` in segments as long as the key gain (`d` each for
+/// per-head q/k norms, `h d` and `kvh d` for norms over all heads).
 #[derive(Clone)]
 struct PackedQkNorm {
     norm: RmsNorm,
@@ -1041,7 +1041,8 @@ struct PackedQkNorm {
 }
 
 impl PackedQkNorm {
-    /// Each position row of `x` (`width` long) through `f(segment of x, gain, segment index, output)`.
+    /// The output (`n` elements), each position row (`width` long) written segment by segment
+    /// by `f(offset of the segment, part (0 queries, 1 keys, 2 values), its gain, its output)`.
     fn rows<T: Float + Send + Sync>(&self, n: usize, width: usize, wq: &[T], wk: &[T], f: impl Fn(usize, usize, &[T], &mut [T]) + Sync) -> Vec<T> {
         let (qw, kw) = self.widths;
         let mut out = vec![T::zero(); n];
