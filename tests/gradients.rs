@@ -61,9 +61,11 @@ fn last_logit_batches(model: &ferrolens::model::HookedTransformer) -> Vec<(bool,
     ]
 }
 
-/// `logit[3] - logit[7]` at the (only) unembedded position, summed over rows.
+/// `logit[3] - logit[7]` at the last unembedded position (the only one in a last-logits span),
+/// summed over rows.
 fn last_logit_diff(l: &Tensor) -> Result<Tensor> {
-    Ok((l.i((.., 0, 3))? - l.i((.., 0, 7))?)?.sum_all()?)
+    let p = l.dim(1)?;
+    Ok((l.i((.., p - 1, 3))? - l.i((.., p - 1, 7))?)?.sum_all()?)
 }
 
 /// The largest absolute value of `t`, as f64.
@@ -395,12 +397,6 @@ fn runs_unembed_the_chosen_columns_only() {
     }
 }
 
-/// `logit[3] - logit[7]` at the last position, summed over rows (any number of positions).
-fn final_logit_diff(l: &Tensor) -> Result<Tensor> {
-    let p = l.dim(1)?;
-    Ok((l.i((.., p - 1, 3))? - l.i((.., p - 1, 7))?)?.sum_all()?)
-}
-
 /// Packed projections (one product for `W_Q|W_K|W_V` and for `W_gate|W_in`; the rotary and the
 /// fused attention on the packed tensor with its packed backward; the packed SwiGLU op with
 /// RelP's identity and half rules) against the same model unpacked
@@ -435,7 +431,7 @@ fn packed_projections_equal_separate_ones() {
                 }
                 for rules in [LrpRules::NONE, LrpRules::RELP, LrpRules::ALL] {
                     let grads = |m: &HookedTransformer| {
-                        m.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), final_logit_diff).unwrap()
+                        m.run_span_with_grads(Some(&tokens), &span, &mut Hooks::new().grad(&points).lrp(rules), last_logit_diff).unwrap()
                     };
                     let (a, b) = (grads(model), grads(&sep));
                     assert!((a.metric - b.metric).abs() <= tol * b.metric.abs().max(1.0), "{name} {at}: metric {} vs {}", a.metric, b.metric);

@@ -216,6 +216,7 @@ struct PrefillAttention {
 /// has every stride `(h + 2 kvh) d` and offsets `0`, `h d`, `(h + kvh) d`.
 #[derive(Debug, Clone, Copy)]
 struct Strides {
+    d: usize,
     qs: usize,
     qo: usize,
     ks: usize,
@@ -226,12 +227,30 @@ struct Strides {
 
 impl Strides {
     fn separate(h: usize, kvh: usize, d: usize) -> Self {
-        Strides { qs: h * d, qo: 0, ks: kvh * d, ko: 0, vs: kvh * d, vo: 0 }
+        Strides { d, qs: h * d, qo: 0, ks: kvh * d, ko: 0, vs: kvh * d, vo: 0 }
     }
 
     fn packed(h: usize, kvh: usize, d: usize) -> Self {
         let w = (h + 2 * kvh) * d;
-        Strides { qs: w, qo: 0, ks: w, ko: h * d, vs: w, vo: (h + kvh) * d }
+        Strides { d, qs: w, qo: 0, ks: w, ko: h * d, vs: w, vo: (h + kvh) * d }
+    }
+
+    /// The offset of query row `r`'s head `head`.
+    #[inline]
+    fn q(&self, r: usize, head: usize) -> usize {
+        r * self.qs + self.qo + head * self.d
+    }
+
+    /// The offset of key row `r`'s KV head `g`.
+    #[inline]
+    fn k(&self, r: usize, g: usize) -> usize {
+        r * self.ks + self.ko + g * self.d
+    }
+
+    /// The offset of value row `r`'s KV head `g`.
+    #[inline]
+    fn v(&self, r: usize, g: usize) -> usize {
+        r * self.vs + self.vo + g * self.d
     }
 }
 
@@ -312,14 +331,14 @@ impl PrefillAttention {
             let (bi, g) = (task / kvh, task % kvh);
             let (dq, rest) = o.split_at_mut(nq);
             let (dk, dv) = rest.split_at_mut(t * d);
-            let key = |j: usize| (bi * t + j) * st.ks + st.ko + g * d;
-            let val = |j: usize| (bi * t + j) * st.vs + st.vo + g * d;
+            let key = |j: usize| st.k(bi * t + j, g);
+            let val = |j: usize| st.v(bi * t + j, g);
             let (mut s, mut pr, mut dp) = (vec![T::zero(); t], vec![T::zero(); t], vec![T::zero(); t]);
             for gi in 0..group {
                 let head = g * group + gi;
                 for i in 0..p {
                     let at = ((bi * p + i) * h + head) * d;
-                    let (qv, dzv) = (&q[(bi * p + i) * st.qs + st.qo + head * d..][..d], &dz[at..at + d]);
+                    let (qv, dzv) = (&q[st.q(bi * p + i, head)..][..d], &dz[at..at + d]);
                     let mx = self.scores(qv, key, k, self.allowed(bi, i, p, t), &mut s);
                     let mut den = T::zero();
                     for (pj, &sj) in pr.iter_mut().zip(&s) {
@@ -364,12 +383,12 @@ impl PrefillAttention {
             let (bi, g) = (task / kvh, task % kvh);
             for gi in 0..group {
                 for i in 0..p {
-                    put(Which::Q, (bi * p + i) * st.qs + st.qo + (g * group + gi) * d, &o[(i * group + gi) * d..][..d]);
+                    put(Which::Q, st.q(bi * p + i, g * group + gi), &o[(i * group + gi) * d..][..d]);
                 }
             }
             for j in 0..t {
-                put(Which::K, (bi * t + j) * st.ks + st.ko + g * d, &o[nq + j * d..][..d]);
-                put(Which::V, (bi * t + j) * st.vs + st.vo + g * d, &o[nq + t * d + j * d..][..d]);
+                put(Which::K, st.k(bi * t + j, g), &o[nq + j * d..][..d]);
+                put(Which::V, st.v(bi * t + j, g), &o[nq + t * d + j * d..][..d]);
             }
         }
     }
@@ -436,8 +455,8 @@ impl PrefillAttention {
             let mut s = vec![T::zero(); t];
             for head in 0..h {
                 let kv = head / group;
-                let qv = &q[row * st.qs + st.qo + head * d..][..d];
-                let mx = self.scores(qv, |j| (bi * t + j) * st.ks + st.ko + kv * d, k, allowed, &mut s);
+                let qv = &q[st.q(row, head)..][..d];
+                let mx = self.scores(qv, |j| st.k(bi * t + j, kv), k, allowed, &mut s);
                 let mut den = T::zero();
                 for x in s.iter_mut() {
                     *x = (*x - mx).exp();
@@ -449,7 +468,7 @@ impl PrefillAttention {
                         continue;
                     }
                     let w = w / den;
-                    for (zi, &vi) in z.iter_mut().zip(&v[(bi * t + j) * st.vs + st.vo + kv * d..][..d]) {
+                    for (zi, &vi) in z.iter_mut().zip(&v[st.v(bi * t + j, kv)..][..d]) {
                         *zi = *zi + w * vi;
                     }
                 }
@@ -529,7 +548,7 @@ fn host_mask(mask: Option<&Tensor>, b: usize, p: usize, t: usize) -> Result<Opti
     Ok(Some((m.flatten_all()?.to_dtype(DType::U8)?.to_vec1::<u8>()?, mb)))
 }
 
-/// Which operand a gradient vector belongs to.
+/// Which of q, k and v a vector (a gradient, a segment of a packed row) belongs to.
 #[derive(Debug, Clone, Copy)]
 enum Which {
     Q,
@@ -590,7 +609,6 @@ impl candle_core::CustomOp1 for PackedPrefillAttention {
 /// queries, `h..h+kvh` the keys and `h+kvh..` the values of the same `p` positions (a packed
 /// q/k/v projection, see [`rotate_half_heads`]). `z` `[b,p,h,d]`; the backward hands back one
 /// gradient of `qkv`'s shape.
-#[allow(clippy::too_many_arguments)]
 pub fn prefill_attention_packed(
     qkv: &Tensor,
     (h, kvh): (usize, usize),
@@ -600,8 +618,7 @@ pub fn prefill_attention_packed(
     detach_pattern: bool,
 ) -> Result<Tensor> {
     let (b, p, n, _) = qkv.dims4()?;
-    let fits = !crate::layout::strict() && qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
-    if !fits || kvh == 0 || h % kvh != 0 || n != h + 2 * kvh {
+    if !fused_elementwise_fits(qkv) || kvh == 0 || h % kvh != 0 || n != h + 2 * kvh {
         return Err(Error::Input(format!(
             "fused packed prefill attention: qkv {:?} with {h} query and {kvh} KV heads does not fit (CPU, f32/f64, GQA)",
             qkv.dims()
@@ -1042,20 +1059,20 @@ struct PackedQkNorm {
 
 impl PackedQkNorm {
     /// The output (`n` elements), each position row (`width` long) written segment by segment
-    /// by `f(offset of the segment, part (0 queries, 1 keys, 2 values), its gain, its output)`.
-    fn rows<T: Float + Send + Sync>(&self, n: usize, width: usize, wq: &[T], wk: &[T], f: impl Fn(usize, usize, &[T], &mut [T]) + Sync) -> Vec<T> {
+    /// by `f(offset of the segment, its part, its gain (empty for the values), its output)`.
+    fn rows<T: Float + Send + Sync>(&self, n: usize, width: usize, wq: &[T], wk: &[T], f: impl Fn(usize, Which, &[T], &mut [T]) + Sync) -> Vec<T> {
         let (qw, kw) = self.widths;
         let mut out = vec![T::zero(); n];
         par_rows(&mut out, width, |r, o| {
             let (q, rest) = o.split_at_mut(qw);
             let (k, v) = rest.split_at_mut(kw);
             for (i, seg) in q.chunks_mut(wq.len()).enumerate() {
-                f(r * width + i * wq.len(), 0, wq, seg);
+                f(r * width + i * wq.len(), Which::Q, wq, seg);
             }
             for (i, seg) in k.chunks_mut(wk.len()).enumerate() {
-                f(r * width + qw + i * wk.len(), 1, wk, seg);
+                f(r * width + qw + i * wk.len(), Which::K, wk, seg);
             }
-            f(r * width + qw + kw, 2, &[], v);
+            f(r * width + qw + kw, Which::V, &[], v);
         });
         out
     }
@@ -1072,7 +1089,7 @@ impl CustomOp3 for PackedQkNorm {
             let (x, wq, wk) = (cpu_slice::<T>(s1, l1, "q/k norm x")?, cpu_slice::<T>(s2, l2, "q norm w")?, cpu_slice::<T>(s3, l3, "k norm w")?);
             self.rows(x.len(), n * d, wq, wk, |at, part, w, o| {
                 let xr = &x[at..at + o.len()];
-                if part == 2 { o.copy_from_slice(xr) } else { self.norm.fwd_row(xr, w, o) }
+                if matches!(part, Which::V) { o.copy_from_slice(xr) } else { self.norm.fwd_row(xr, w, o) }
             })
         });
         Ok((out, l1.shape().clone()))
@@ -1096,7 +1113,7 @@ impl PackedQkNorm {
         let (xv, wqv, wkv, gv) = (host(x)?, host(wq)?, host(wk)?, host(g)?);
         let dx = self.rows(xv.len(), n * d, &wqv, &wkv, |at, part, w, o| {
             let (xr, gr) = (&xv[at..at + o.len()], &gv[at..at + o.len()]);
-            if part == 2 {
+            if matches!(part, Which::V) {
                 o.copy_from_slice(gr)
             } else {
                 self.norm.bwd_row(xr, w, gr, o)

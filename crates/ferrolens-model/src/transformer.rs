@@ -137,15 +137,13 @@ impl HookedTransformer {
     /// order of floating-point sums); it holds its own copy of those weights (the views of a
     /// packed model's fields are copied out).
     pub fn unpacked(&self) -> Result<HookedTransformer> {
-        let mut m = self.without_tokenizer();
-        m.tokenizer = self.tokenizer.clone();
+        let mut m = self.clone();
         for b in &mut m.w.blocks {
-            let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?) };
-            b.attn.w_q = copy(&b.attn.w_q)?;
-            b.attn.w_k = copy(&b.attn.w_k)?;
-            b.attn.w_v = copy(&b.attn.w_v)?;
-            b.mlp.w_in = copy(&b.mlp.w_in)?;
-            b.mlp.w_gate = b.mlp.w_gate.as_ref().map(copy).transpose()?;
+            b.attn.w_q = b.attn.w_q.contiguous()?;
+            b.attn.w_k = b.attn.w_k.contiguous()?;
+            b.attn.w_v = b.attn.w_v.contiguous()?;
+            b.mlp.w_in = b.mlp.w_in.contiguous()?;
+            b.mlp.w_gate = b.mlp.w_gate.as_ref().map(|g| g.contiguous()).transpose()?;
         }
         m.packed = vec![crate::weights::PackedBlock::default(); m.w.blocks.len()];
         Ok(m)

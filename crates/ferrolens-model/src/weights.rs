@@ -229,27 +229,18 @@ impl Packed {
             return Ok(None);
         }
         let row_major = cpu_row_major && parts[0].device().is_cpu() && !crate::layout::strict();
-        let widths: Vec<usize> = parts.iter().map(|p| p.dim(1)).collect::<candle_core::Result<_>>()?;
-        let (w, views) = if row_major {
-            let w = Tensor::cat(parts, 1)?;
-            let mut views = Vec::with_capacity(parts.len());
-            let mut at = 0;
-            for &n in &widths {
-                views.push(w.narrow(1, at, n)?);
-                at += n;
-            }
-            (w, views)
-        } else {
-            let ts: Vec<Tensor> = parts.iter().map(|p| p.t()).collect::<candle_core::Result<_>>()?;
-            let wt = Tensor::cat(&ts, 0)?; // [n, D], contiguous
-            let mut views = Vec::with_capacity(parts.len());
-            let mut at = 0;
-            for &n in &widths {
-                views.push(wt.narrow(0, at, n)?.t()?);
-                at += n;
-            }
-            (wt.t()?, views)
-        };
+        // The storage (`[D, n]`, or `[n, D]` read through transposes) and the axis of its parts.
+        let (stored, axis) =
+            if row_major { (Tensor::cat(parts, 1)?, 1) } else { (Tensor::cat(&parts.iter().map(|p| p.t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?, 0) };
+        let as_in_out = |t: Tensor| if row_major { Ok(t) } else { t.t() };
+        let mut views = Vec::with_capacity(parts.len());
+        let mut at = 0;
+        for p in parts {
+            let n = p.dim(1)?;
+            views.push(as_in_out(stored.narrow(axis, at, n)?)?);
+            at += n;
+        }
+        let w = as_in_out(stored)?;
         let b = if with_bias == 0 { None } else { Some(Tensor::cat(&biases.iter().map(|b| b.expect("every part has a bias")).collect::<Vec<_>>(), 0)?) };
         let mut ids: Vec<Option<candle_core::TensorId>> = views.iter().map(|v| Some(v.id())).collect();
         ids.extend(biases.iter().map(|b| b.map(|b| b.id())));
