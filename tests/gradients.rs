@@ -329,10 +329,11 @@ fn fused_rms_norm_equals_the_written_out_norm() {
     }
 }
 
-/// The fused rotary, SwiGLU product, RMSNorm and attention backward passes against central
-/// finite differences on rotary families (f64; GPT-NeoX has LayerNorm): gradients at
-/// `hook_q`/`hook_k` (before the rotation), at the MLP's gate and up projections (before
-/// `silu(gate) * up`) and at `resid_pre` 0.
+/// The fused rotary, gated-MLP product (SwiGLU; GeGLU's tanh GELU on Gemma-2/3), RMSNorm and
+/// attention backward passes against central finite differences on rotary families (f64;
+/// GPT-NeoX has LayerNorm and an ungated MLP): gradients at `hook_q`/`hook_k` (before the
+/// rotation), at the MLP's gate and up projections (before `act(gate) * up`; layer 0 takes the
+/// unpacked op, as hooks look at its gate and up, layer 1 the packed one) and at `resid_pre` 0.
 #[test]
 fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
     let tokens = Tensor::new(&[[5u32, 17, 3, 42, 9, 28, 11]], &Device::Cpu).unwrap();
@@ -340,9 +341,9 @@ fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
         let p = l.dim(1)?;
         Ok((l.i((0, p - 1, 3))? - l.i((0, p - 1, 7))?)?)
     };
-    for name in ["llama", "qwen3", "phi3", "gpt_neox", "olmo2"] {
+    for name in ["llama", "qwen3", "phi3", "gpt_neox", "olmo2", "gemma2", "gemma3"] {
         let model = family(name, DType::F64);
-        let gated = model.cfg.act == ferrolens::model::Activation::Silu && name != "gpt_neox";
+        let gated = name != "gpt_neox";
         let mut points = vec![HookPoint::ResidPre(0), HookPoint::Q(0), HookPoint::K(0), HookPoint::Q(1), HookPoint::MlpPre(0)];
         if gated {
             points.push(HookPoint::MlpPreLinear(0));
@@ -368,6 +369,51 @@ fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
             let rel = (fd - analytic).abs() / fd.abs().max(1e-3);
             assert!(rel < 1e-5, "{name} {h}: analytic {analytic} vs finite difference {fd} (rel {rel:e})");
             assert!(analytic.abs() > 1e-6, "{name} {h}: zero gradient makes the check vacuous");
+        }
+    }
+}
+
+/// The fused gated-MLP products (`fused::act_mul` on separate gate and up, `fused::act_mul_packed`
+/// on the packed product) equal the written-out activations (`x sigmoid(x)`; Hugging Face's
+/// `gelu_pytorch_tanh`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`) times `up`, values and
+/// candle's gradients of both operands, f32 and f64, with values from -12 to 12.
+#[test]
+fn fused_gate_activations_equal_the_written_out_ones() {
+    use ferrolens::model::fused::{act_mul, act_mul_packed, GateAct};
+    for dtype in [DType::F32, DType::F64] {
+        let (rows, m) = (6, 37);
+        let gate = candle_core::Var::from_tensor(&(direction(&[rows, m], 1) * 12.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let up = candle_core::Var::from_tensor(&(direction(&[rows, m], 2) * 3.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let out_grad = direction(&[rows, m], 3).to_dtype(dtype).unwrap();
+        let tol = if dtype == DType::F32 { 2e-6 } else { 1e-13 };
+        for act in [GateAct::Silu, GateAct::GeluTanh] {
+            let x = gate.as_tensor();
+            let written = match act {
+                GateAct::Silu => (x * candle_nn::ops::sigmoid(x).unwrap()).unwrap(),
+                GateAct::GeluTanh => {
+                    let c = (2.0f64 / std::f64::consts::PI).sqrt();
+                    let inner = ((x + (x.powf(3.0).unwrap() * 0.044715).unwrap()).unwrap() * c).unwrap().tanh().unwrap();
+                    ((x * 0.5).unwrap() * (inner + 1.0).unwrap()).unwrap()
+                }
+            };
+            let written = (written * up.as_tensor()).unwrap();
+            let packed = Tensor::cat(&[gate.as_tensor(), up.as_tensor()], 1).unwrap();
+            for (how, fused) in
+                [("separate", act_mul(act, gate.as_tensor(), up.as_tensor()).unwrap()), ("packed", act_mul_packed(act, &packed, (false, false)).unwrap())]
+            {
+                let scale = peak(&written);
+                let d = max_abs(&fused, &written);
+                assert!(d <= tol * scale, "{act:?} {dtype:?} {how}: values differ by {d} (up to {scale})");
+                let grads = |t: &Tensor| (t * &out_grad).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gw, gf) = (grads(&written), grads(&fused));
+                for (what, v) in [("gate", &gate), ("up", &up)] {
+                    let (a, b) = (gf.get(v.as_tensor()).unwrap(), gw.get(v.as_tensor()).unwrap());
+                    let scale = peak(b);
+                    assert!(scale > 0.1, "{act:?}: a gradient reaches {what}");
+                    let d = max_abs(a, b);
+                    assert!(d <= tol * scale, "{act:?} {dtype:?} {how}: gradients of {what} differ by {d} (up to {scale})");
+                }
+            }
         }
     }
 }

@@ -11,9 +11,9 @@
 //! and the weighted sum of values per query row, with no transposed copies of q/k/v, no repeated
 //! KV heads and no `[b,h,q,k]` tensors, and a backward of its own for gradient runs.
 //!
-//! [`rotate_half`], [`silu_mul`] (and [`silu_mul_packed`] on the packed gate/up product) and
-//! [`rms_norm`] are the rotary embedding, SwiGLU's `silu(gate) * up` and RMSNorm in one pass
-//! each, with their own backward.
+//! [`rotate_half`], [`act_mul`] (and [`act_mul_packed`] on the packed gate/up product) and
+//! [`rms_norm`] are the rotary embedding, a gated MLP's `act(gate) * up` (SwiGLU's SiLU or
+//! GeGLU's tanh GELU, [`GateAct`]) and RMSNorm in one pass each, with their own backward.
 //!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
@@ -735,7 +735,7 @@ impl CustomOp3 for RotateHalf {
     }
 }
 
-/// Whether the fused CPU element-wise ops ([`rotate_half`], [`silu_mul`], [`rms_norm`]) take
+/// Whether the fused CPU element-wise ops ([`rotate_half`], [`act_mul`], [`rms_norm`]) take
 /// `x`: an f32 or f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]). All
 /// three have their own backward.
 pub fn fused_elementwise_fits(x: &Tensor) -> bool {
@@ -767,21 +767,109 @@ pub fn rotate_half_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -
     Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RotateHalf { heads })?)
 }
 
-/// The op: `(gate, up) -> silu(gate) * up`, element-wise.
-struct SiluMul;
+/// The activation of a gated MLP's gate, both written `x sigmoid(v(x))`: SiLU (`v = x`;
+/// Llama-style SwiGLU) or the tanh approximation of GELU (`v = 2 sqrt(2/pi) (x + 0.044715 x³)`,
+/// since `0.5 (1 + tanh(u)) = sigmoid(2u)`; Gemma's GeGLU, `gelu_pytorch_tanh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAct {
+    /// `x sigmoid(x)`.
+    Silu,
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`.
+    GeluTanh,
+}
 
-impl SiluMul {
-    fn go<T: Float + Send + Sync + SiluRows>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+impl GateAct {
+    /// The gate activation of a model's MLP activation, where there is a fused one.
+    pub fn of(act: crate::config::Activation) -> Option<GateAct> {
+        match act {
+            crate::config::Activation::Silu => Some(GateAct::Silu),
+            crate::config::Activation::GeluNew => Some(GateAct::GeluTanh),
+            crate::config::Activation::Gelu => None,
+        }
+    }
+
+    /// `act(x) = x / (1 + exp(-v(x)))` with the standard library's `exp`, as RelP's identity
+    /// rule reads it.
+    #[inline]
+    fn value<T: Float>(self, x: T) -> T {
+        let v = match self {
+            GateAct::Silu => SiluGate::arg(x),
+            GateAct::GeluTanh => GeluTanhGate::arg(x),
+        };
+        x / (T::one() + (-v).exp())
+    }
+
+    /// RelP's identity rule for `act(x)`: `x * r` with the constant `r = act(x) / (x ± 1e-6)`
+    /// (the sign of `x`, `+` at zero), computed as the written-out rule computes it.
+    #[inline]
+    fn ratio<T: Float>(self, x: T) -> T {
+        let nudge = T::from(1e-6f64).expect("a small constant");
+        let nudged = if x >= T::zero() { x + nudge } else { x + (-nudge) };
+        self.value(x) / nudged
+    }
+}
+
+/// `v(x)` and `v'(x)` of a gate activation `x sigmoid(v(x))` ([`GateAct`]), as types so that
+/// the row loops are compiled (and vectorised) once per activation.
+pub(crate) trait Gate {
+    /// `v(x)`.
+    fn arg<T: Float>(x: T) -> T;
+    /// `v'(x)`.
+    fn darg<T: Float>(x: T) -> T;
+}
+
+/// SiLU: `v = x`.
+pub(crate) struct SiluGate;
+
+impl Gate for SiluGate {
+    #[inline(always)]
+    fn arg<T: Float>(x: T) -> T {
+        x
+    }
+    #[inline(always)]
+    fn darg<T: Float>(_x: T) -> T {
+        T::one()
+    }
+}
+
+/// The tanh GELU: `v = 2 sqrt(2/pi) (x + 0.044715 x³)`.
+pub(crate) struct GeluTanhGate;
+
+impl GeluTanhGate {
+    /// `2 sqrt(2/pi)`.
+    const TWO_C: f64 = 1.595_769_121_605_730_7;
+    /// The cubic term's coefficient.
+    const A: f64 = 0.044715;
+}
+
+impl Gate for GeluTanhGate {
+    #[inline(always)]
+    fn arg<T: Float>(x: T) -> T {
+        let (c, a) = (T::from(Self::TWO_C).expect("a constant"), T::from(Self::A).expect("a constant"));
+        c * (x + a * x * x * x)
+    }
+    #[inline(always)]
+    fn darg<T: Float>(x: T) -> T {
+        let (c, a3) = (T::from(Self::TWO_C).expect("a constant"), T::from(3.0 * Self::A).expect("a constant"));
+        c * (T::one() + a3 * x * x)
+    }
+}
+
+/// The op: `(gate, up) -> act(gate) * up`, element-wise.
+struct ActMul(GateAct);
+
+impl ActMul {
+    fn go<T: Float + Send + Sync + GateRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
-        let (g, u) = (cpu_slice::<T>(s1, l1, "silu * up: gate")?, cpu_slice::<T>(s2, l2, "silu * up: up")?);
+        let (g, u) = (cpu_slice::<T>(s1, l1, "act * up: gate")?, cpu_slice::<T>(s2, l2, "act * up: up")?);
         let mut out = vec![T::zero(); g.len()];
         const W: usize = 4096;
-        // candle's silu, then the product, `g / (1 + exp(-g)) * u` (see [`SiluRows`]).
+        // `g / (1 + exp(-v(g))) * u` (see [`GateRows`]; candle's silu, then the product, for SiLU).
         let row = |start: usize, o: &mut [T]| {
             let at = start..start + o.len();
-            T::silu_mul_rows(&g[at.clone()], &u[at], o)
+            T::act_mul_rows(self.0, &g[at.clone()], &u[at], o)
         };
         let full = g.len() / W * W;
         par_rows(&mut out[..full], W, |i, o| row(i * W, o));
@@ -790,29 +878,29 @@ impl SiluMul {
     }
 }
 
-impl candle_core::CustomOp2 for SiluMul {
+impl candle_core::CustomOp2 for ActMul {
     fn name(&self) -> &'static str {
-        "ferrolens-silu-mul"
+        "ferrolens-act-mul"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = by_float!(s1, "fused silu * up: f32 or f64 only", T => Self::go::<T>(s1, l1, s2, l2)?);
+        let out = by_float!(s1, "fused act * up: f32 or f64 only", T => self.go::<T>(s1, l1, s2, l2)?);
         Ok((out, l1.shape().clone()))
     }
 
-    /// `d up = g silu(gate)`, `d gate = g up sigmoid(gate) (1 + gate (1 - sigmoid(gate)))`, in
-    /// one pass ([`SiluMulBackward`]).
+    /// `d up = g act(gate)`, `d gate = g up act'(gate)`, in one pass ([`ActMulBackward`]).
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.detach().contiguous()?.apply_op3_no_bwd(&up.detach().contiguous()?, &grad.contiguous()?, &SiluMulBackward)?;
+        let both = gate.detach().contiguous()?.apply_op3_no_bwd(&up.detach().contiguous()?, &grad.contiguous()?, &ActMulBackward(self.0))?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
-/// The backward of [`SiluMul`]: `(gate, up, g) -> [2, ..]`, `d gate` then `d up`.
-struct SiluMulBackward;
+/// The backward of [`ActMul`]: `(gate, up, g) -> [2, ..]`, `d gate` then `d up`.
+struct ActMulBackward(GateAct);
 
-impl SiluMulBackward {
-    fn go<T: Float + Send + Sync + SiluRows>(
+impl ActMulBackward {
+    fn go<T: Float + Send + Sync + GateRows>(
+        &self,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
@@ -823,14 +911,14 @@ impl SiluMulBackward {
     where
         CpuStorage: AsSlice<T>,
     {
-        let (gate, up, g) = (cpu_slice::<T>(s1, l1, "silu * up: gate")?, cpu_slice::<T>(s2, l2, "silu * up: up")?, cpu_slice::<T>(s3, l3, "silu * up: grad")?);
+        let (gate, up, g) = (cpu_slice::<T>(s1, l1, "act * up: gate")?, cpu_slice::<T>(s2, l2, "act * up: up")?, cpu_slice::<T>(s3, l3, "act * up: grad")?);
         let n = gate.len();
         let mut out = vec![T::zero(); 2 * n];
         const W: usize = 4096;
-        // One row of both gradients (see [`SiluRows`]).
+        // One row of both gradients (see [`GateRows`]).
         let row = |start: usize, dg: &mut [T], du: &mut [T]| {
             let at = start..start + dg.len();
-            T::silu_mul_grad_rows(&gate[at.clone()], &up[at.clone()], &g[at], dg, du)
+            T::act_mul_grad_rows(self.0, &gate[at.clone()], &up[at.clone()], &g[at], dg, du)
         };
         let (d_gate, d_up) = out.split_at_mut(n);
         let full = n / W * W;
@@ -847,95 +935,88 @@ impl SiluMulBackward {
     }
 }
 
-impl CustomOp3 for SiluMulBackward {
+impl CustomOp3 for ActMulBackward {
     fn name(&self) -> &'static str {
-        "ferrolens-silu-mul-backward"
+        "ferrolens-act-mul-backward"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = by_float!(s1, "fused silu * up backward: f32 or f64 only", T => Self::go::<T>(s1, l1, s2, l2, s3, l3)?);
+        let out = by_float!(s1, "fused act * up backward: f32 or f64 only", T => self.go::<T>(s1, l1, s2, l2, s3, l3)?);
         Ok((out, Shape::from([&[2], l1.dims()].concat())))
     }
 }
 
-/// SwiGLU's `silu(gate) * up` for `gate` and `up` of one shape, in one pass (CPU, f32/f64; see
-/// [`fused_elementwise_fits`]), with the gradients of both operands.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// A gated MLP's `act(gate) * up` ([`GateAct`]: SwiGLU's SiLU or GeGLU's tanh GELU) for `gate`
+/// and `up` of one shape, in one pass (CPU, f32/f64; see [`fused_elementwise_fits`]), with the
+/// gradients of both operands.
+pub fn act_mul(act: GateAct, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !fused_elementwise_fits(gate) || !fused_elementwise_fits(up) || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
-        return Err(Error::Input(format!("fused silu * up: gate {:?} and up {:?} do not fit", gate.dims(), up.dims())));
+        return Err(Error::Input(format!("fused act * up: gate {:?} and up {:?} do not fit", gate.dims(), up.dims())));
     }
-    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, ActMul(act))?)
 }
 
-/// The op: `y [.., 2m] -> silu(y[.., :m]) * y[.., m:]`, row by row (the packed gate/up product),
+/// The op: `y [.., 2m] -> act(y[.., :m]) * y[.., m:]`, row by row (the packed gate/up product),
 /// with RelP's rules for the backward: `identity` (the activation as its own linear ratio,
-/// [`SiluMulPacked::ratio`]) and `half` (the product's gradient halved between its factors).
+/// [`GateAct::ratio`]) and `half` (the product's gradient halved between its factors).
 #[derive(Debug, Clone, Copy)]
-struct SiluMulPacked {
+struct ActMulPacked {
+    act: GateAct,
     identity: bool,
     half: bool,
 }
 
-impl SiluMulPacked {
-    /// RelP's identity rule for `silu(x)`: `x * r` with the constant `r = silu(x) / (x ± 1e-6)`
-    /// (the sign of `x`, `+` at zero), computed as the written-out rule computes it.
-    #[inline]
-    fn ratio<T: Float>(x: T) -> T {
-        let nudge = T::from(1e-6f64).expect("a small constant");
-        let nudged = if x >= T::zero() { x + nudge } else { x + (-nudge) };
-        (x / (T::one() + (-x).exp())) / nudged
-    }
-
-    fn go<T: Float + Send + Sync + SiluRows>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<T>>
+impl ActMulPacked {
+    fn go<T: Float + Send + Sync + GateRows>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
-        let y = cpu_slice::<T>(s, l, "packed silu * up")?;
+        let y = cpu_slice::<T>(s, l, "packed act * up")?;
         let m = l.dims()[l.dims().len() - 1] / 2;
         let mut out = vec![T::zero(); y.len() / 2];
         par_rows(&mut out, m, |r, o| {
             let (g, u) = y[2 * m * r..2 * m * (r + 1)].split_at(m);
             if self.identity {
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * Self::ratio(g) * u;
+                    *o = g * self.act.ratio(g) * u;
                 }
             } else {
-                T::silu_mul_rows(g, u, o)
+                T::act_mul_rows(self.act, g, u, o)
             }
         });
         Ok(out)
     }
 }
 
-impl candle_core::CustomOp1 for SiluMulPacked {
+impl candle_core::CustomOp1 for ActMulPacked {
     fn name(&self) -> &'static str {
-        "ferrolens-silu-mul-packed"
+        "ferrolens-act-mul-packed"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = by_float!(s, "fused silu * up: f32 or f64 only", T => self.go::<T>(s, l)?);
+        let out = by_float!(s, "fused act * up: f32 or f64 only", T => self.go::<T>(s, l)?);
         let mut dims = l.dims().to_vec();
         let last = dims.len() - 1;
         dims[last] /= 2;
         Ok((out, Shape::from(dims)))
     }
 
-    /// `[d gate | d up]` in one pass, straight into the packed layout ([`SiluMulPackedBackward`]).
+    /// `[d gate | d up]` in one pass, straight into the packed layout ([`ActMulPackedBackward`]).
     fn bwd(&self, y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.detach().contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &SiluMulPackedBackward(*self))?))
+        Ok(Some(y.detach().contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActMulPackedBackward(*self))?))
     }
 }
 
-/// The backward of [`SiluMulPacked`]: `(y [.., 2m], g [.., m]) -> [.., 2m]`, each row `d gate`
+/// The backward of [`ActMulPacked`]: `(y [.., 2m], g [.., m]) -> [.., 2m]`, each row `d gate`
 /// then `d up`.
-struct SiluMulPackedBackward(SiluMulPacked);
+struct ActMulPackedBackward(ActMulPacked);
 
-impl SiluMulPackedBackward {
-    fn go<T: Float + Send + Sync + SiluRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+impl ActMulPackedBackward {
+    fn go<T: Float + Send + Sync + GateRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
-        let (y, g) = (cpu_slice::<T>(s1, l1, "packed silu * up: y")?, cpu_slice::<T>(s2, l2, "packed silu * up: grad")?);
+        let (y, g) = (cpu_slice::<T>(s1, l1, "packed act * up: y")?, cpu_slice::<T>(s2, l2, "packed act * up: grad")?);
         let m = l1.dims()[l1.dims().len() - 1] / 2;
         let rules = self.0;
         let scale = if rules.half { T::from(0.5f64).expect("one half") } else { T::one() };
@@ -948,12 +1029,12 @@ impl SiluMulPackedBackward {
                 // prod = (x r) u with r constant: d x = g u r, d u = g x r.
                 for i in 0..m {
                     let (x, gi) = (gate[i], g[i] * scale);
-                    let r = SiluMulPacked::ratio(x);
+                    let r = rules.act.ratio(x);
                     dg[i] = gi * up[i] * r;
                     du[i] = gi * (x * r);
                 }
             } else {
-                T::silu_mul_grad_rows(gate, up, g, dg, du);
+                T::act_mul_grad_rows(rules.act, gate, up, g, dg, du);
                 if rules.half {
                     o.iter_mut().for_each(|x| *x = *x * scale);
                 }
@@ -963,28 +1044,28 @@ impl SiluMulPackedBackward {
     }
 }
 
-impl candle_core::CustomOp2 for SiluMulPackedBackward {
+impl candle_core::CustomOp2 for ActMulPackedBackward {
     fn name(&self) -> &'static str {
-        "ferrolens-silu-mul-packed-backward"
+        "ferrolens-act-mul-packed-backward"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = by_float!(s1, "fused silu * up backward: f32 or f64 only", T => self.go::<T>(s1, l1, s2, l2)?);
+        let out = by_float!(s1, "fused act * up backward: f32 or f64 only", T => self.go::<T>(s1, l1, s2, l2)?);
         Ok((out, l1.shape().clone()))
     }
 }
 
-/// [`silu_mul`] on the packed gate/up product `y` `[.., 2m]` (gate columns first): `[.., m]`,
+/// [`act_mul`] on the packed gate/up product `y` `[.., 2m]` (gate columns first): `[.., m]`,
 /// with the gradient of `y` written straight into its packed layout (CPU, f32/f64; see
 /// [`fused_elementwise_fits`]). `rules` are RelP's identity rule (the activation as a constant
-/// ratio times its input, value `x silu(x) / (x ± 1e-6)`) and half rule (the product's gradient
+/// ratio times its input, value `x act(x) / (x ± 1e-6)`) and half rule (the product's gradient
 /// halved), as [`crate::lrp::LrpRules`] sets them; both off: plain gradients.
-pub fn silu_mul_packed(y: &Tensor, (identity, half): (bool, bool)) -> Result<Tensor> {
+pub fn act_mul_packed(act: GateAct, y: &Tensor, (identity, half): (bool, bool)) -> Result<Tensor> {
     let two_m = y.dims().last().copied().unwrap_or(0);
     if !fused_elementwise_fits(y) || two_m == 0 || two_m % 2 != 0 {
-        return Err(Error::Input(format!("fused packed silu * up: y {:?} does not fit (CPU, f32/f64, an even last dimension)", y.dims())));
+        return Err(Error::Input(format!("fused packed act * up: y {:?} does not fit (CPU, f32/f64, an even last dimension)", y.dims())));
     }
-    Ok(y.contiguous()?.apply_op1(SiluMulPacked { identity, half })?)
+    Ok(y.contiguous()?.apply_op1(ActMulPacked { act, identity, half })?)
 }
 
 /// The op: `(x [.., d], w [d]) -> x / sqrt(mean(x²) + eps) * w` per row of `d`.
@@ -1185,7 +1266,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, detach_scale: bool) -> Result<
 }
 
 /// `exp(x)`: f64 through `f64::exp`; f32 through [`exp_f32`], a polynomial the compiler
-/// vectorises (see [`SiluRows`]), within 2 ulp of the correctly rounded value on the normal range
+/// vectorises (see [`GateRows`]), within 2 ulp of the correctly rounded value on the normal range
 /// (unit test), 0 below -87.34 (where the result would be subnormal), `inf` above 88.38, NaN
 /// kept.
 pub(crate) trait FastExp: Sized {
@@ -1207,93 +1288,120 @@ impl FastExp for f32 {
     }
 }
 
-/// `o = silu(g) * u = g / (1 + exp(-g)) * u`, element-wise.
+/// `o = act(g) * u = g / (1 + exp(-v(g))) * u` ([`Gate`]), element-wise.
 #[inline(always)]
-fn silu_mul_row<T: Float + FastExp>(g: &[T], u: &[T], o: &mut [T]) {
+fn act_mul_row<T: Float + FastExp, A: Gate>(g: &[T], u: &[T], o: &mut [T]) {
     for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-        *o = g / (T::one() + (-g).fast_exp()) * u;
+        *o = g / (T::one() + (-A::arg(g)).fast_exp()) * u;
     }
 }
 
-/// The gradients of `silu(x) * u` for the output gradient `g`: `dx = g u sigmoid(x) (1 + x (1 -
-/// sigmoid(x)))`, `du = g silu(x)`, element-wise.
+/// The gradients of `act(x) * u` for the output gradient `g`, with `s = sigmoid(v(x))`:
+/// `dx = g u s (1 + x (1 - s) v'(x))`, `du = g x s`, element-wise.
 #[inline(always)]
-fn silu_mul_grad_row<T: Float + FastExp>(x: &[T], u: &[T], g: &[T], dx: &mut [T], du: &mut [T]) {
+fn act_mul_grad_row<T: Float + FastExp, A: Gate>(x: &[T], u: &[T], g: &[T], dx: &mut [T], du: &mut [T]) {
     for ((((dx, du), &x), &u), &g) in dx.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
-        let sig = T::one() / (T::one() + (-x).fast_exp());
-        (*dx, *du) = (g * u * (sig * (x * (T::one() - sig) + T::one())), g * (x * sig));
+        let sig = T::one() / (T::one() + (-A::arg(x)).fast_exp());
+        (*dx, *du) = (g * u * (sig * (x * (T::one() - sig) * A::darg(x) + T::one())), g * (x * sig));
     }
 }
 
-/// SwiGLU's rows: in f32 compiled for AVX-512 or AVX2 + FMA when the CPU has them (checked at
-/// run time; the baseline x86-64 target has neither), so that the exponential and the division
-/// vectorise 16 or 8 wide; the same arithmetic (bit for bit) on every path.
-pub(crate) trait SiluRows: Float + FastExp {
-    /// [`silu_mul_row`].
-    fn silu_mul_rows(g: &[Self], u: &[Self], o: &mut [Self]) {
-        silu_mul_row(g, u, o)
-    }
-    /// [`silu_mul_grad_row`].
-    fn silu_mul_grad_rows(x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
-        silu_mul_grad_row(x, u, g, dx, du)
-    }
-}
-
-impl SiluRows for f64 {}
-
-impl SiluRows for f32 {
-    fn silu_mul_rows(g: &[f32], u: &[f32], o: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { wide::silu_mul_row_v4(g, u, o) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { wide::silu_mul_row_v3(g, u, o) };
-            }
+/// A gated MLP's rows: in f32 compiled for AVX-512 or AVX2 + FMA when the CPU has them (checked
+/// at run time; the baseline x86-64 target has neither), so that the exponential and the
+/// division vectorise 16 or 8 wide; the same arithmetic (bit for bit) on every path.
+pub(crate) trait GateRows: Float + FastExp {
+    /// [`act_mul_row`] of `act`.
+    fn act_mul_rows(act: GateAct, g: &[Self], u: &[Self], o: &mut [Self]) {
+        match act {
+            GateAct::Silu => act_mul_row::<Self, SiluGate>(g, u, o),
+            GateAct::GeluTanh => act_mul_row::<Self, GeluTanhGate>(g, u, o),
         }
-        silu_mul_row(g, u, o)
     }
-
-    fn silu_mul_grad_rows(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { wide::silu_mul_grad_row_v4(x, u, g, dx, du) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { wide::silu_mul_grad_row_v3(x, u, g, dx, du) };
-            }
+    /// [`act_mul_grad_row`] of `act`.
+    fn act_mul_grad_rows(act: GateAct, x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
+        match act {
+            GateAct::Silu => act_mul_grad_row::<Self, SiluGate>(x, u, g, dx, du),
+            GateAct::GeluTanh => act_mul_grad_row::<Self, GeluTanhGate>(x, u, g, dx, du),
         }
-        silu_mul_grad_row(x, u, g, dx, du)
     }
 }
 
-/// The f32 rows compiled with wider vector instructions (callers check the CPU first).
-#[cfg(target_arch = "x86_64")]
+impl GateRows for f64 {}
+
+impl GateRows for f32 {
+    fn act_mul_rows(act: GateAct, g: &[f32], u: &[f32], o: &mut [f32]) {
+        match act {
+            GateAct::Silu => wide::act_mul_rows::<SiluGate>(g, u, o),
+            GateAct::GeluTanh => wide::act_mul_rows::<GeluTanhGate>(g, u, o),
+        }
+    }
+
+    fn act_mul_grad_rows(act: GateAct, x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        match act {
+            GateAct::Silu => wide::act_mul_grad_rows::<SiluGate>(x, u, g, dx, du),
+            GateAct::GeluTanh => wide::act_mul_grad_rows::<GeluTanhGate>(x, u, g, dx, du),
+        }
+    }
+}
+
+/// The f32 rows compiled with the widest vector instructions the CPU has.
 mod wide {
+    use super::Gate;
+
+    /// [`super::act_mul_row`] in f32 on the widest instructions available.
+    pub(super) fn act_mul_rows<A: Gate>(g: &[f32], u: &[f32], o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { act_mul_row_v4::<A>(g, u, o) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { act_mul_row_v3::<A>(g, u, o) };
+            }
+        }
+        super::act_mul_row::<f32, A>(g, u, o)
+    }
+
+    /// [`super::act_mul_grad_row`] in f32 on the widest instructions available.
+    pub(super) fn act_mul_grad_rows<A: Gate>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { act_mul_grad_row_v4::<A>(x, u, g, dx, du) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { act_mul_grad_row_v3::<A>(x, u, g, dx, du) };
+            }
+        }
+        super::act_mul_grad_row::<f32, A>(x, u, g, dx, du)
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    pub(super) fn silu_mul_row_v4(g: &[f32], u: &[f32], o: &mut [f32]) {
-        super::silu_mul_row(g, u, o)
+    fn act_mul_row_v4<A: Gate>(g: &[f32], u: &[f32], o: &mut [f32]) {
+        super::act_mul_row::<f32, A>(g, u, o)
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn silu_mul_row_v3(g: &[f32], u: &[f32], o: &mut [f32]) {
-        super::silu_mul_row(g, u, o)
+    fn act_mul_row_v3<A: Gate>(g: &[f32], u: &[f32], o: &mut [f32]) {
+        super::act_mul_row::<f32, A>(g, u, o)
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    pub(super) fn silu_mul_grad_row_v4(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
-        super::silu_mul_grad_row(x, u, g, dx, du)
+    fn act_mul_grad_row_v4<A: Gate>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        super::act_mul_grad_row::<f32, A>(x, u, g, dx, du)
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn silu_mul_grad_row_v3(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
-        super::silu_mul_grad_row(x, u, g, dx, du)
+    fn act_mul_grad_row_v3<A: Gate>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        super::act_mul_grad_row::<f32, A>(x, u, g, dx, du)
     }
 }
 
@@ -1330,7 +1438,7 @@ fn exp_f32(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::SiluRows;
+    use super::{GateAct, GateRows};
 
     /// The f32 exponential against f64's over the whole range: within 2 ulp where the result is
     /// a normal number, 0 below, inf above, NaN kept.
@@ -1350,29 +1458,59 @@ mod tests {
         assert!(super::exp_f32(f32::NAN).is_nan());
     }
 
-    /// The f32 SwiGLU rows on this CPU's widest path equal the plain rows bit for bit (and
-    /// the f64 rows to f32 rounding), forward and backward, odd lengths included.
+    /// The f32 gate rows (SiLU and tanh GELU) on this CPU's widest path equal the plain rows
+    /// bit for bit (and the f64 rows to f32 rounding), forward and backward, odd lengths included.
     #[test]
-    fn wide_swiglu_rows_equal_the_plain_ones() {
+    fn wide_gate_rows_equal_the_plain_ones() {
         let n = 4099;
         let val = |i: usize, k: f32| (i as f32 * 0.37 + k).sin() * 12.0;
         let (x, u, g): (Vec<f32>, Vec<f32>, Vec<f32>) =
             ((0..n).map(|i| val(i, 0.1)).collect(), (0..n).map(|i| val(i, 1.3)).collect(), (0..n).map(|i| val(i, 2.9)).collect());
-        let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
-        f32::silu_mul_rows(&x, &u, &mut o1);
-        super::silu_mul_row(&x, &u, &mut o2);
-        let (mut dx1, mut du1, mut dx2, mut du2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        f32::silu_mul_grad_rows(&x, &u, &g, &mut dx1, &mut du1);
-        super::silu_mul_grad_row(&x, &u, &g, &mut dx2, &mut du2);
-        let wide = o1.iter().chain(&dx1).chain(&du1);
-        let plain = o2.iter().chain(&dx2).chain(&du2);
-        assert!(wide.zip(plain).all(|(a, b)| a.to_bits() == b.to_bits()), "the wide rows differ from the plain ones");
-        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let u64: Vec<f64> = u.iter().map(|&v| v as f64).collect();
-        let mut o64 = vec![0f64; n];
-        f64::silu_mul_rows(&x64, &u64, &mut o64);
-        for (a, b) in o1.iter().zip(&o64) {
-            assert!((*a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        for act in [GateAct::Silu, GateAct::GeluTanh] {
+            let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
+            let (mut dx1, mut du1, mut dx2, mut du2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            f32::act_mul_rows(act, &x, &u, &mut o1);
+            f32::act_mul_grad_rows(act, &x, &u, &g, &mut dx1, &mut du1);
+            match act {
+                GateAct::Silu => {
+                    super::act_mul_row::<f32, super::SiluGate>(&x, &u, &mut o2);
+                    super::act_mul_grad_row::<f32, super::SiluGate>(&x, &u, &g, &mut dx2, &mut du2);
+                }
+                GateAct::GeluTanh => {
+                    super::act_mul_row::<f32, super::GeluTanhGate>(&x, &u, &mut o2);
+                    super::act_mul_grad_row::<f32, super::GeluTanhGate>(&x, &u, &g, &mut dx2, &mut du2);
+                }
+            }
+            let wide = o1.iter().chain(&dx1).chain(&du1);
+            let plain = o2.iter().chain(&dx2).chain(&du2);
+            assert!(wide.zip(plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{act:?}: the wide rows differ from the plain ones");
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let u64: Vec<f64> = u.iter().map(|&v| v as f64).collect();
+            let mut o64 = vec![0f64; n];
+            f64::act_mul_rows(act, &x64, &u64, &mut o64);
+            for (a, b) in o1.iter().zip(&o64) {
+                assert!((*a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0), "{act:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The tanh GELU as `x sigmoid(v)` equals `0.5 x (1 + tanh(u))` (Hugging Face's
+    /// `gelu_pytorch_tanh`), and its gradient equals that formula's derivative, in f64.
+    #[test]
+    fn the_sigmoid_form_of_the_tanh_gelu_is_the_tanh_form() {
+        let c = (2.0f64 / std::f64::consts::PI).sqrt();
+        let xs: Vec<f64> = (0..2001).map(|i| -8.0 + 16.0 * i as f64 / 2000.0).collect();
+        let ones = vec![1.0f64; xs.len()];
+        let (mut o, mut dx, mut du) = (vec![0f64; xs.len()], vec![0f64; xs.len()], vec![0f64; xs.len()]);
+        f64::act_mul_rows(GateAct::GeluTanh, &xs, &ones, &mut o);
+        f64::act_mul_grad_rows(GateAct::GeluTanh, &xs, &ones, &ones, &mut dx, &mut du);
+        for (i, &x) in xs.iter().enumerate() {
+            let t = (c * (x + 0.044715 * x * x * x)).tanh();
+            let want = 0.5 * x * (1.0 + t);
+            let dwant = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x);
+            assert!((o[i] - want).abs() <= 1e-14 * want.abs().max(1.0), "gelu({x}) = {} vs {want}", o[i]);
+            assert!((du[i] - want).abs() <= 1e-14 * want.abs().max(1.0), "d up at {x}");
+            assert!((dx[i] - dwant).abs() <= 1e-13 * dwant.abs().max(1.0), "gelu'({x}) = {} vs {dwant}", dx[i]);
         }
     }
 }

@@ -539,7 +539,7 @@ impl HookedTransformer {
         let mw = &self.w.blocks[l].mlp;
         let post = match &mw.w_gate {
             Some(wg) => {
-                let silu = self.cfg.act == Activation::Silu;
+                let gate = crate::fused::GateAct::of(self.cfg.act);
                 let watched = hooks.wants(HookPoint::MlpPre(l)) || hooks.wants(HookPoint::MlpPreLinear(l));
                 let rules = (hooks.lrp.identity, hooks.lrp.half);
                 // Gate and up in one product, straight into the packed fused op (RelP's identity
@@ -548,16 +548,20 @@ impl HookedTransformer {
                 // product each (over the packed matrix's column-major views: as fast as separate
                 // matrices, and no copies of the halves of a packed product).
                 let prod = match self.packed[l].gate_up(&self.w.blocks[l]) {
-                    Some((w, bias)) if silu && !watched && crate::fused::fused_elementwise_fits(x) => {
-                        crate::fused::silu_mul_packed(&linear(x, w, bias)?, rules)?
+                    Some((w, bias)) if gate.is_some() && !watched && crate::fused::fused_elementwise_fits(x) => {
+                        crate::fused::act_mul_packed(gate.expect("checked just above"), &linear(x, w, bias)?, rules)?
                     }
                     _ => {
                         let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, mw.b_gate.as_ref())?)?;
                         let lin = hooks.at(HookPoint::MlpPreLinear(l), linear(x, &mw.w_in, mw.b_in.as_ref())?)?;
-                        // One pass for silu(gate) * up (and its own backward) unless RelP's
+                        // One pass for act(gate) * up (and its own backward) unless RelP's
                         // identity rule rewrites the activation.
-                        let fused = silu && !hooks.lrp.identity && crate::fused::fused_elementwise_fits(&pre) && crate::fused::fused_elementwise_fits(&lin);
-                        let prod = if fused { crate::fused::silu_mul(&pre, &lin)? } else { (self.act(&pre, hooks.lrp.identity)? * lin)? };
+                        let fused =
+                            gate.filter(|_| !hooks.lrp.identity && crate::fused::fused_elementwise_fits(&pre) && crate::fused::fused_elementwise_fits(&lin));
+                        let prod = match fused {
+                            Some(act) => crate::fused::act_mul(act, &pre, &lin)?,
+                            None => (self.act(&pre, hooks.lrp.identity)? * lin)?,
+                        };
                         if hooks.lrp.half {
                             let half = (prod * 0.5)?;
                             (&half + half.detach())?
