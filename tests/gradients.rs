@@ -373,45 +373,63 @@ fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
     }
 }
 
-/// The fused gated-MLP products (`fused::act_mul` on separate gate and up, `fused::act_mul_packed`
-/// on the packed product) equal the written-out activations (`x sigmoid(x)`; Hugging Face's
-/// `gelu_pytorch_tanh`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`) times `up`, values and
-/// candle's gradients of both operands, f32 and f64, with values from -12 to 12.
+/// The fused MLP activations equal the written-out ones (`x sigmoid(x)`; Hugging Face's
+/// `gelu_pytorch_tanh`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`): `fused::act` alone
+/// (an ungated MLP), and times `up` as `fused::act_mul` on separate gate and up and
+/// `fused::act_mul_packed` on the packed product; values and candle's gradients of every operand,
+/// f32 and f64, inputs from -12 to 12. Under RelP's identity rule (`fused::act` alone, and the
+/// packed product with the half rule too) against the rule written out: `x r` with the constant
+/// ratio `r = act(x) / (x ± 1e-6)`, the product's gradient halved.
 #[test]
-fn fused_gate_activations_equal_the_written_out_ones() {
-    use ferrolens::model::fused::{act_mul, act_mul_packed, GateAct};
+fn fused_mlp_activations_equal_the_written_out_ones() {
+    use ferrolens::model::fused::{act, act_mul, act_mul_packed, MlpAct};
     for dtype in [DType::F32, DType::F64] {
         let (rows, m) = (6, 37);
         let gate = candle_core::Var::from_tensor(&(direction(&[rows, m], 1) * 12.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let up = candle_core::Var::from_tensor(&(direction(&[rows, m], 2) * 3.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let out_grad = direction(&[rows, m], 3).to_dtype(dtype).unwrap();
         let tol = if dtype == DType::F32 { 2e-6 } else { 1e-13 };
-        for act in [GateAct::Silu, GateAct::GeluTanh] {
+        for kind in [MlpAct::Silu, MlpAct::GeluTanh] {
             let x = gate.as_tensor();
-            let written = match act {
-                GateAct::Silu => (x * candle_nn::ops::sigmoid(x).unwrap()).unwrap(),
-                GateAct::GeluTanh => {
+            let written = match kind {
+                MlpAct::Silu => (x * candle_nn::ops::sigmoid(x).unwrap()).unwrap(),
+                MlpAct::GeluTanh => {
                     let c = (2.0f64 / std::f64::consts::PI).sqrt();
                     let inner = ((x + (x.powf(3.0).unwrap() * 0.044715).unwrap()).unwrap() * c).unwrap().tanh().unwrap();
                     ((x * 0.5).unwrap() * (inner + 1.0).unwrap()).unwrap()
                 }
             };
-            let written = (written * up.as_tensor()).unwrap();
+            let gated = (&written * up.as_tensor()).unwrap();
             let packed = Tensor::cat(&[gate.as_tensor(), up.as_tensor()], 1).unwrap();
-            for (how, fused) in
-                [("separate", act_mul(act, gate.as_tensor(), up.as_tensor()).unwrap()), ("packed", act_mul_packed(act, &packed, (false, false)).unwrap())]
-            {
-                let scale = peak(&written);
-                let d = max_abs(&fused, &written);
-                assert!(d <= tol * scale, "{act:?} {dtype:?} {how}: values differ by {d} (up to {scale})");
+            // RelP's identity rule as layers.rs writes it, and the half rule.
+            let xd = x.detach();
+            let sign = xd.ge(&xd.zeros_like().unwrap()).unwrap().to_dtype(dtype).unwrap().affine(2.0, -1.0).unwrap();
+            let ratio = (written.detach() / (&xd + (sign * 1e-6).unwrap()).unwrap()).unwrap();
+            let identity = (x * &ratio).unwrap();
+            let halved = ((&identity * up.as_tensor()).unwrap() * 0.5).unwrap();
+            let relp = (&halved + halved.detach()).unwrap();
+            let cases = [
+                ("ungated", act(kind, x, false).unwrap(), &written),
+                ("ungated, identity rule", act(kind, x, true).unwrap(), &identity),
+                ("separate", act_mul(kind, x, up.as_tensor()).unwrap(), &gated),
+                ("packed", act_mul_packed(kind, &packed, (false, false)).unwrap(), &gated),
+                ("packed, identity and half rules", act_mul_packed(kind, &packed, (true, true)).unwrap(), &relp),
+            ];
+            for (how, fused, want) in cases {
+                let scale = peak(want);
+                let d = max_abs(&fused, want);
+                assert!(d <= tol * scale, "{kind:?} {dtype:?} {how}: values differ by {d} (up to {scale})");
                 let grads = |t: &Tensor| (t * &out_grad).unwrap().sum_all().unwrap().backward().unwrap();
-                let (gw, gf) = (grads(&written), grads(&fused));
+                let (gw, gf) = (grads(want), grads(&fused));
                 for (what, v) in [("gate", &gate), ("up", &up)] {
+                    if how.starts_with("ungated") && what == "up" {
+                        continue;
+                    }
                     let (a, b) = (gf.get(v.as_tensor()).unwrap(), gw.get(v.as_tensor()).unwrap());
                     let scale = peak(b);
-                    assert!(scale > 0.1, "{act:?}: a gradient reaches {what}");
+                    assert!(scale > 0.1, "{kind:?}: a gradient reaches {what}");
                     let d = max_abs(a, b);
-                    assert!(d <= tol * scale, "{act:?} {dtype:?} {how}: gradients of {what} differ by {d} (up to {scale})");
+                    assert!(d <= tol * scale, "{kind:?} {dtype:?} {how}: gradients of {what} differ by {d} (up to {scale})");
                 }
             }
         }

@@ -11,9 +11,10 @@
 //! and the weighted sum of values per query row, with no transposed copies of q/k/v, no repeated
 //! KV heads and no `[b,h,q,k]` tensors, and a backward of its own for gradient runs.
 //!
-//! [`rotate_half`], [`act_mul`] (and [`act_mul_packed`] on the packed gate/up product) and
-//! [`rms_norm`] are the rotary embedding, a gated MLP's `act(gate) * up` (SwiGLU's SiLU or
-//! GeGLU's tanh GELU, [`GateAct`]) and RMSNorm in one pass each, with their own backward.
+//! [`rotate_half`], [`act_mul`] (and [`act_mul_packed`] on the packed gate/up product),
+//! [`act`] and [`rms_norm`] are the rotary embedding, a gated MLP's `act(gate) * up` (SwiGLU's
+//! SiLU or GeGLU's tanh GELU, [`MlpAct`]), an ungated MLP's activation and RMSNorm in one pass
+//! each, with their own backward.
 //!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
@@ -735,9 +736,9 @@ impl CustomOp3 for RotateHalf {
     }
 }
 
-/// Whether the fused CPU element-wise ops ([`rotate_half`], [`act_mul`], [`rms_norm`]) take
-/// `x`: an f32 or f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]). All
-/// three have their own backward.
+/// Whether the fused CPU element-wise ops ([`rotate_half`], [`act_mul`], [`act`], [`rms_norm`])
+/// take `x`: an f32 or f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]).
+/// All have their own backward.
 pub fn fused_elementwise_fits(x: &Tensor) -> bool {
     !crate::layout::strict() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
@@ -767,23 +768,24 @@ pub fn rotate_half_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -
     Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RotateHalf { heads })?)
 }
 
-/// The activation of a gated MLP's gate, both written `x sigmoid(v(x))`: SiLU (`v = x`;
+/// The MLP activations with a fused CPU op, both written `x sigmoid(v(x))`: SiLU (`v = x`;
 /// Llama-style SwiGLU) or the tanh approximation of GELU (`v = 2 sqrt(2/pi) (x + 0.044715 x³)`,
-/// since `0.5 (1 + tanh(u)) = sigmoid(2u)`; Gemma's GeGLU, `gelu_pytorch_tanh`).
+/// since `0.5 (1 + tanh(u)) = sigmoid(2u)`; Gemma's GeGLU and GPT-2's MLP, `gelu_pytorch_tanh` /
+/// `gelu_new`). The exact (erf) GELU of GPT-NeoX has none (written-out ops).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateAct {
+pub enum MlpAct {
     /// `x sigmoid(x)`.
     Silu,
     /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`.
     GeluTanh,
 }
 
-impl GateAct {
-    /// The gate activation of a model's MLP activation, where there is a fused one.
-    pub fn of(act: crate::config::Activation) -> Option<GateAct> {
+impl MlpAct {
+    /// The fused form of a model's MLP activation, where there is one.
+    pub fn of(act: crate::config::Activation) -> Option<MlpAct> {
         match act {
-            crate::config::Activation::Silu => Some(GateAct::Silu),
-            crate::config::Activation::GeluNew => Some(GateAct::GeluTanh),
+            crate::config::Activation::Silu => Some(MlpAct::Silu),
+            crate::config::Activation::GeluNew => Some(MlpAct::GeluTanh),
             crate::config::Activation::Gelu => None,
         }
     }
@@ -793,8 +795,8 @@ impl GateAct {
     #[inline]
     fn value<T: Float>(self, x: T) -> T {
         let v = match self {
-            GateAct::Silu => SiluGate::arg(x),
-            GateAct::GeluTanh => GeluTanhGate::arg(x),
+            MlpAct::Silu => SiluArg::arg(x),
+            MlpAct::GeluTanh => GeluTanhArg::arg(x),
         };
         x / (T::one() + (-v).exp())
     }
@@ -809,9 +811,9 @@ impl GateAct {
     }
 }
 
-/// `v(x)` and `v'(x)` of a gate activation `x sigmoid(v(x))` ([`GateAct`]), as types so that
+/// `v(x)` and `v'(x)` of an activation `x sigmoid(v(x))` ([`MlpAct`]), as types so that
 /// the row loops are compiled (and vectorised) once per activation.
-pub(crate) trait Gate {
+pub(crate) trait ActArg {
     /// `v(x)`.
     fn arg<T: Float>(x: T) -> T;
     /// `v'(x)`.
@@ -819,9 +821,9 @@ pub(crate) trait Gate {
 }
 
 /// SiLU: `v = x`.
-pub(crate) struct SiluGate;
+pub(crate) struct SiluArg;
 
-impl Gate for SiluGate {
+impl ActArg for SiluArg {
     #[inline(always)]
     fn arg<T: Float>(x: T) -> T {
         x
@@ -833,16 +835,16 @@ impl Gate for SiluGate {
 }
 
 /// The tanh GELU: `v = 2 sqrt(2/pi) (x + 0.044715 x³)`.
-pub(crate) struct GeluTanhGate;
+pub(crate) struct GeluTanhArg;
 
-impl GeluTanhGate {
+impl GeluTanhArg {
     /// `2 sqrt(2/pi)`.
     const TWO_C: f64 = 1.595_769_121_605_730_7;
     /// The cubic term's coefficient.
     const A: f64 = 0.044715;
 }
 
-impl Gate for GeluTanhGate {
+impl ActArg for GeluTanhArg {
     #[inline(always)]
     fn arg<T: Float>(x: T) -> T {
         let (c, a) = (T::from(Self::TWO_C).expect("a constant"), T::from(Self::A).expect("a constant"));
@@ -856,17 +858,17 @@ impl Gate for GeluTanhGate {
 }
 
 /// The op: `(gate, up) -> act(gate) * up`, element-wise.
-struct ActMul(GateAct);
+struct ActMul(MlpAct);
 
 impl ActMul {
-    fn go<T: Float + Send + Sync + GateRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+    fn go<T: Float + Send + Sync + ActRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
         let (g, u) = (cpu_slice::<T>(s1, l1, "act * up: gate")?, cpu_slice::<T>(s2, l2, "act * up: up")?);
         let mut out = vec![T::zero(); g.len()];
-        const W: usize = 4096;
-        // `g / (1 + exp(-v(g))) * u` (see [`GateRows`]; candle's silu, then the product, for SiLU).
+        const W: usize = CHUNK;
+        // `g / (1 + exp(-v(g))) * u` (see [`ActRows`]; candle's silu, then the product, for SiLU).
         let row = |start: usize, o: &mut [T]| {
             let at = start..start + o.len();
             T::act_mul_rows(self.0, &g[at.clone()], &u[at], o)
@@ -896,10 +898,10 @@ impl candle_core::CustomOp2 for ActMul {
 }
 
 /// The backward of [`ActMul`]: `(gate, up, g) -> [2, ..]`, `d gate` then `d up`.
-struct ActMulBackward(GateAct);
+struct ActMulBackward(MlpAct);
 
 impl ActMulBackward {
-    fn go<T: Float + Send + Sync + GateRows>(
+    fn go<T: Float + Send + Sync + ActRows>(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
@@ -914,8 +916,8 @@ impl ActMulBackward {
         let (gate, up, g) = (cpu_slice::<T>(s1, l1, "act * up: gate")?, cpu_slice::<T>(s2, l2, "act * up: up")?, cpu_slice::<T>(s3, l3, "act * up: grad")?);
         let n = gate.len();
         let mut out = vec![T::zero(); 2 * n];
-        const W: usize = 4096;
-        // One row of both gradients (see [`GateRows`]).
+        const W: usize = CHUNK;
+        // One row of both gradients (see [`ActRows`]).
         let row = |start: usize, dg: &mut [T], du: &mut [T]| {
             let at = start..start + dg.len();
             T::act_mul_grad_rows(self.0, &gate[at.clone()], &up[at.clone()], &g[at], dg, du)
@@ -946,10 +948,10 @@ impl CustomOp3 for ActMulBackward {
     }
 }
 
-/// A gated MLP's `act(gate) * up` ([`GateAct`]: SwiGLU's SiLU or GeGLU's tanh GELU) for `gate`
+/// A gated MLP's `act(gate) * up` ([`MlpAct`]: SwiGLU's SiLU or GeGLU's tanh GELU) for `gate`
 /// and `up` of one shape, in one pass (CPU, f32/f64; see [`fused_elementwise_fits`]), with the
 /// gradients of both operands.
-pub fn act_mul(act: GateAct, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+pub fn act_mul(act: MlpAct, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !fused_elementwise_fits(gate) || !fused_elementwise_fits(up) || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
         return Err(Error::Input(format!("fused act * up: gate {:?} and up {:?} do not fit", gate.dims(), up.dims())));
     }
@@ -958,16 +960,16 @@ pub fn act_mul(act: GateAct, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// The op: `y [.., 2m] -> act(y[.., :m]) * y[.., m:]`, row by row (the packed gate/up product),
 /// with RelP's rules for the backward: `identity` (the activation as its own linear ratio,
-/// [`GateAct::ratio`]) and `half` (the product's gradient halved between its factors).
+/// [`MlpAct::ratio`]) and `half` (the product's gradient halved between its factors).
 #[derive(Debug, Clone, Copy)]
 struct ActMulPacked {
-    act: GateAct,
+    act: MlpAct,
     identity: bool,
     half: bool,
 }
 
 impl ActMulPacked {
-    fn go<T: Float + Send + Sync + GateRows>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<T>>
+    fn go<T: Float + Send + Sync + ActRows>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
@@ -1012,7 +1014,7 @@ impl candle_core::CustomOp1 for ActMulPacked {
 struct ActMulPackedBackward(ActMulPacked);
 
 impl ActMulPackedBackward {
-    fn go<T: Float + Send + Sync + GateRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+    fn go<T: Float + Send + Sync + ActRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
     where
         CpuStorage: AsSlice<T>,
     {
@@ -1060,12 +1062,112 @@ impl candle_core::CustomOp2 for ActMulPackedBackward {
 /// [`fused_elementwise_fits`]). `rules` are RelP's identity rule (the activation as a constant
 /// ratio times its input, value `x act(x) / (x ± 1e-6)`) and half rule (the product's gradient
 /// halved), as [`crate::lrp::LrpRules`] sets them; both off: plain gradients.
-pub fn act_mul_packed(act: GateAct, y: &Tensor, (identity, half): (bool, bool)) -> Result<Tensor> {
+pub fn act_mul_packed(act: MlpAct, y: &Tensor, (identity, half): (bool, bool)) -> Result<Tensor> {
     let two_m = y.dims().last().copied().unwrap_or(0);
     if !fused_elementwise_fits(y) || two_m == 0 || two_m % 2 != 0 {
         return Err(Error::Input(format!("fused packed act * up: y {:?} does not fit (CPU, f32/f64, an even last dimension)", y.dims())));
     }
     Ok(y.contiguous()?.apply_op1(ActMulPacked { act, identity, half })?)
+}
+
+/// The op: `x -> act(x)`, element-wise (an ungated MLP), through the gated rows with `up = 1`
+/// (a product with exactly 1 changes no bit); under RelP's identity rule `x r(x)` with the ratio
+/// [`MlpAct::ratio`] a constant for the backward.
+#[derive(Debug, Clone, Copy)]
+struct Act {
+    act: MlpAct,
+    identity: bool,
+}
+
+/// Chunk width of the element-wise ops over flat tensors.
+const CHUNK: usize = 4096;
+
+impl Act {
+    fn go<T: Float + Send + Sync + ActRows>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let x = cpu_slice::<T>(s, l, "act: x")?;
+        let ones = [T::one(); CHUNK];
+        let mut out = vec![T::zero(); x.len()];
+        let row = |start: usize, o: &mut [T]| {
+            let x = &x[start..start + o.len()];
+            if self.identity {
+                o.iter_mut().zip(x).for_each(|(o, &x)| *o = x * self.act.ratio(x));
+            } else {
+                T::act_mul_rows(self.act, x, &ones[..o.len()], o)
+            }
+        };
+        let full = x.len() / CHUNK * CHUNK;
+        par_rows(&mut out[..full], CHUNK, |i, o| row(i * CHUNK, o));
+        row(full, &mut out[full..]);
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp1 for Act {
+    fn name(&self) -> &'static str {
+        "ferrolens-act"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = by_float!(s, "fused act: f32 or f64 only", T => self.go::<T>(s, l)?);
+        Ok((out, l.shape().clone()))
+    }
+
+    /// `dx = g act'(x)` (or `g r(x)` under the identity rule) in one pass ([`ActBackward`]).
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.detach().contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActBackward(*self))?))
+    }
+}
+
+/// The backward of [`Act`]: `(x, g) -> dx`.
+struct ActBackward(Act);
+
+impl ActBackward {
+    fn go<T: Float + Send + Sync + ActRows>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<Vec<T>>
+    where
+        CpuStorage: AsSlice<T>,
+    {
+        let (x, g) = (cpu_slice::<T>(s1, l1, "act: x")?, cpu_slice::<T>(s2, l2, "act: grad")?);
+        let ones = [T::one(); CHUNK];
+        let mut out = vec![T::zero(); x.len()];
+        // The gated rows' `d gate` with `up = 1`; their `d up` (the activation) goes to scratch.
+        let row = |start: usize, dx: &mut [T]| {
+            let at = start..start + dx.len();
+            if self.0.identity {
+                dx.iter_mut().zip(&x[at.clone()]).zip(&g[at]).for_each(|((d, &x), &g)| *d = g * self.0.act.ratio(x));
+            } else {
+                let mut scratch = vec![T::zero(); dx.len()];
+                T::act_mul_grad_rows(self.0.act, &x[at.clone()], &ones[..dx.len()], &g[at], dx, &mut scratch)
+            }
+        };
+        let full = x.len() / CHUNK * CHUNK;
+        par_rows(&mut out[..full], CHUNK, |i, o| row(i * CHUNK, o));
+        row(full, &mut out[full..]);
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp2 for ActBackward {
+    fn name(&self) -> &'static str {
+        "ferrolens-act-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = by_float!(s1, "fused act backward: f32 or f64 only", T => self.go::<T>(s1, l1, s2, l2)?);
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// An ungated MLP's activation `act(x)` ([`MlpAct`]; GPT-2's `gelu_new`) in one pass (CPU,
+/// f32/f64; see [`fused_elementwise_fits`]), with its own backward. `identity`: RelP's identity
+/// rule (the activation as a constant ratio times its input, value `x act(x) / (x ± 1e-6)`).
+pub fn act(act: MlpAct, x: &Tensor, identity: bool) -> Result<Tensor> {
+    if !fused_elementwise_fits(x) {
+        return Err(Error::Input(format!("fused act: x {:?} does not fit (CPU, f32/f64)", x.dims())));
+    }
+    Ok(x.contiguous()?.apply_op1(Act { act, identity })?)
 }
 
 /// The op: `(x [.., d], w [d]) -> x / sqrt(mean(x²) + eps) * w` per row of `d`.
@@ -1266,7 +1368,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, detach_scale: bool) -> Result<
 }
 
 /// `exp(x)`: f64 through `f64::exp`; f32 through [`exp_f32`], a polynomial the compiler
-/// vectorises (see [`GateRows`]), within 2 ulp of the correctly rounded value on the normal range
+/// vectorises (see [`ActRows`]), within 2 ulp of the correctly rounded value on the normal range
 /// (unit test), 0 below -87.34 (where the result would be subnormal), `inf` above 88.38, NaN
 /// kept.
 pub(crate) trait FastExp: Sized {
@@ -1288,9 +1390,9 @@ impl FastExp for f32 {
     }
 }
 
-/// `o = act(g) * u = g / (1 + exp(-v(g))) * u` ([`Gate`]), element-wise.
+/// `o = act(g) * u = g / (1 + exp(-v(g))) * u` ([`ActArg`]), element-wise.
 #[inline(always)]
-fn act_mul_row<T: Float + FastExp, A: Gate>(g: &[T], u: &[T], o: &mut [T]) {
+fn act_mul_row<T: Float + FastExp, A: ActArg>(g: &[T], u: &[T], o: &mut [T]) {
     for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
         *o = g / (T::one() + (-A::arg(g)).fast_exp()) * u;
     }
@@ -1299,7 +1401,7 @@ fn act_mul_row<T: Float + FastExp, A: Gate>(g: &[T], u: &[T], o: &mut [T]) {
 /// The gradients of `act(x) * u` for the output gradient `g`, with `s = sigmoid(v(x))`:
 /// `dx = g u s (1 + x (1 - s) v'(x))`, `du = g x s`, element-wise.
 #[inline(always)]
-fn act_mul_grad_row<T: Float + FastExp, A: Gate>(x: &[T], u: &[T], g: &[T], dx: &mut [T], du: &mut [T]) {
+fn act_mul_grad_row<T: Float + FastExp, A: ActArg>(x: &[T], u: &[T], g: &[T], dx: &mut [T], du: &mut [T]) {
     for ((((dx, du), &x), &u), &g) in dx.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
         let sig = T::one() / (T::one() + (-A::arg(x)).fast_exp());
         (*dx, *du) = (g * u * (sig * (x * (T::one() - sig) * A::darg(x) + T::one())), g * (x * sig));
@@ -1309,47 +1411,47 @@ fn act_mul_grad_row<T: Float + FastExp, A: Gate>(x: &[T], u: &[T], g: &[T], dx: 
 /// A gated MLP's rows: in f32 compiled for AVX-512 or AVX2 + FMA when the CPU has them (checked
 /// at run time; the baseline x86-64 target has neither), so that the exponential and the
 /// division vectorise 16 or 8 wide; the same arithmetic (bit for bit) on every path.
-pub(crate) trait GateRows: Float + FastExp {
+pub(crate) trait ActRows: Float + FastExp {
     /// [`act_mul_row`] of `act`.
-    fn act_mul_rows(act: GateAct, g: &[Self], u: &[Self], o: &mut [Self]) {
+    fn act_mul_rows(act: MlpAct, g: &[Self], u: &[Self], o: &mut [Self]) {
         match act {
-            GateAct::Silu => act_mul_row::<Self, SiluGate>(g, u, o),
-            GateAct::GeluTanh => act_mul_row::<Self, GeluTanhGate>(g, u, o),
+            MlpAct::Silu => act_mul_row::<Self, SiluArg>(g, u, o),
+            MlpAct::GeluTanh => act_mul_row::<Self, GeluTanhArg>(g, u, o),
         }
     }
     /// [`act_mul_grad_row`] of `act`.
-    fn act_mul_grad_rows(act: GateAct, x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
+    fn act_mul_grad_rows(act: MlpAct, x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
         match act {
-            GateAct::Silu => act_mul_grad_row::<Self, SiluGate>(x, u, g, dx, du),
-            GateAct::GeluTanh => act_mul_grad_row::<Self, GeluTanhGate>(x, u, g, dx, du),
+            MlpAct::Silu => act_mul_grad_row::<Self, SiluArg>(x, u, g, dx, du),
+            MlpAct::GeluTanh => act_mul_grad_row::<Self, GeluTanhArg>(x, u, g, dx, du),
         }
     }
 }
 
-impl GateRows for f64 {}
+impl ActRows for f64 {}
 
-impl GateRows for f32 {
-    fn act_mul_rows(act: GateAct, g: &[f32], u: &[f32], o: &mut [f32]) {
+impl ActRows for f32 {
+    fn act_mul_rows(act: MlpAct, g: &[f32], u: &[f32], o: &mut [f32]) {
         match act {
-            GateAct::Silu => wide::act_mul_rows::<SiluGate>(g, u, o),
-            GateAct::GeluTanh => wide::act_mul_rows::<GeluTanhGate>(g, u, o),
+            MlpAct::Silu => wide::act_mul_rows::<SiluArg>(g, u, o),
+            MlpAct::GeluTanh => wide::act_mul_rows::<GeluTanhArg>(g, u, o),
         }
     }
 
-    fn act_mul_grad_rows(act: GateAct, x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+    fn act_mul_grad_rows(act: MlpAct, x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
         match act {
-            GateAct::Silu => wide::act_mul_grad_rows::<SiluGate>(x, u, g, dx, du),
-            GateAct::GeluTanh => wide::act_mul_grad_rows::<GeluTanhGate>(x, u, g, dx, du),
+            MlpAct::Silu => wide::act_mul_grad_rows::<SiluArg>(x, u, g, dx, du),
+            MlpAct::GeluTanh => wide::act_mul_grad_rows::<GeluTanhArg>(x, u, g, dx, du),
         }
     }
 }
 
 /// The f32 rows compiled with the widest vector instructions the CPU has.
 mod wide {
-    use super::Gate;
+    use super::ActArg;
 
     /// [`super::act_mul_row`] in f32 on the widest instructions available.
-    pub(super) fn act_mul_rows<A: Gate>(g: &[f32], u: &[f32], o: &mut [f32]) {
+    pub(super) fn act_mul_rows<A: ActArg>(g: &[f32], u: &[f32], o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -1365,7 +1467,7 @@ mod wide {
     }
 
     /// [`super::act_mul_grad_row`] in f32 on the widest instructions available.
-    pub(super) fn act_mul_grad_rows<A: Gate>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+    pub(super) fn act_mul_grad_rows<A: ActArg>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -1382,25 +1484,25 @@ mod wide {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn act_mul_row_v4<A: Gate>(g: &[f32], u: &[f32], o: &mut [f32]) {
+    fn act_mul_row_v4<A: ActArg>(g: &[f32], u: &[f32], o: &mut [f32]) {
         super::act_mul_row::<f32, A>(g, u, o)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn act_mul_row_v3<A: Gate>(g: &[f32], u: &[f32], o: &mut [f32]) {
+    fn act_mul_row_v3<A: ActArg>(g: &[f32], u: &[f32], o: &mut [f32]) {
         super::act_mul_row::<f32, A>(g, u, o)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn act_mul_grad_row_v4<A: Gate>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+    fn act_mul_grad_row_v4<A: ActArg>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
         super::act_mul_grad_row::<f32, A>(x, u, g, dx, du)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn act_mul_grad_row_v3<A: Gate>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+    fn act_mul_grad_row_v3<A: ActArg>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
         super::act_mul_grad_row::<f32, A>(x, u, g, dx, du)
     }
 }
@@ -1438,7 +1540,7 @@ fn exp_f32(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{GateAct, GateRows};
+    use super::{ActRows, MlpAct};
 
     /// The f32 exponential against f64's over the whole range: within 2 ulp where the result is
     /// a normal number, 0 below, inf above, NaN kept.
@@ -1466,19 +1568,19 @@ mod tests {
         let val = |i: usize, k: f32| (i as f32 * 0.37 + k).sin() * 12.0;
         let (x, u, g): (Vec<f32>, Vec<f32>, Vec<f32>) =
             ((0..n).map(|i| val(i, 0.1)).collect(), (0..n).map(|i| val(i, 1.3)).collect(), (0..n).map(|i| val(i, 2.9)).collect());
-        for act in [GateAct::Silu, GateAct::GeluTanh] {
+        for act in [MlpAct::Silu, MlpAct::GeluTanh] {
             let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
             let (mut dx1, mut du1, mut dx2, mut du2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
             f32::act_mul_rows(act, &x, &u, &mut o1);
             f32::act_mul_grad_rows(act, &x, &u, &g, &mut dx1, &mut du1);
             match act {
-                GateAct::Silu => {
-                    super::act_mul_row::<f32, super::SiluGate>(&x, &u, &mut o2);
-                    super::act_mul_grad_row::<f32, super::SiluGate>(&x, &u, &g, &mut dx2, &mut du2);
+                MlpAct::Silu => {
+                    super::act_mul_row::<f32, super::SiluArg>(&x, &u, &mut o2);
+                    super::act_mul_grad_row::<f32, super::SiluArg>(&x, &u, &g, &mut dx2, &mut du2);
                 }
-                GateAct::GeluTanh => {
-                    super::act_mul_row::<f32, super::GeluTanhGate>(&x, &u, &mut o2);
-                    super::act_mul_grad_row::<f32, super::GeluTanhGate>(&x, &u, &g, &mut dx2, &mut du2);
+                MlpAct::GeluTanh => {
+                    super::act_mul_row::<f32, super::GeluTanhArg>(&x, &u, &mut o2);
+                    super::act_mul_grad_row::<f32, super::GeluTanhArg>(&x, &u, &g, &mut dx2, &mut du2);
                 }
             }
             let wide = o1.iter().chain(&dx1).chain(&du1);
@@ -1502,8 +1604,8 @@ mod tests {
         let xs: Vec<f64> = (0..2001).map(|i| -8.0 + 16.0 * i as f64 / 2000.0).collect();
         let ones = vec![1.0f64; xs.len()];
         let (mut o, mut dx, mut du) = (vec![0f64; xs.len()], vec![0f64; xs.len()], vec![0f64; xs.len()]);
-        f64::act_mul_rows(GateAct::GeluTanh, &xs, &ones, &mut o);
-        f64::act_mul_grad_rows(GateAct::GeluTanh, &xs, &ones, &ones, &mut dx, &mut du);
+        f64::act_mul_rows(MlpAct::GeluTanh, &xs, &ones, &mut o);
+        f64::act_mul_grad_rows(MlpAct::GeluTanh, &xs, &ones, &ones, &mut dx, &mut du);
         for (i, &x) in xs.iter().enumerate() {
             let t = (c * (x + 0.044715 * x * x * x)).tanh();
             let want = 0.5 * x * (1.0 + t);

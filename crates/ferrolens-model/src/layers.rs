@@ -539,7 +539,7 @@ impl HookedTransformer {
         let mw = &self.w.blocks[l].mlp;
         let post = match &mw.w_gate {
             Some(wg) => {
-                let gate = crate::fused::GateAct::of(self.cfg.act);
+                let gate = crate::fused::MlpAct::of(self.cfg.act);
                 let watched = hooks.wants(HookPoint::MlpPre(l)) || hooks.wants(HookPoint::MlpPreLinear(l));
                 let rules = (hooks.lrp.identity, hooks.lrp.half);
                 // Gate and up in one product, straight into the packed fused op (RelP's identity
@@ -574,7 +574,12 @@ impl HookedTransformer {
             }
             None => {
                 let pre = hooks.at(HookPoint::MlpPre(l), linear(x, &mw.w_in, mw.b_in.as_ref())?)?;
-                hooks.at(HookPoint::MlpPost(l), self.act(&pre, hooks.lrp.identity)?)?
+                // One pass and its own backward (RelP's identity rule included).
+                let post = match crate::fused::MlpAct::of(self.cfg.act).filter(|_| crate::fused::fused_elementwise_fits(&pre)) {
+                    Some(act) => crate::fused::act(act, &pre, hooks.lrp.identity)?,
+                    None => self.act(&pre, hooks.lrp.identity)?,
+                };
+                hooks.at(HookPoint::MlpPost(l), post)?
             }
         };
         linear(&post, &mw.w_out, mw.b_out.as_ref())
