@@ -374,7 +374,8 @@ fn fused_rotary_and_swiglu_gradients_equal_finite_differences() {
 }
 
 /// The fused MLP activations equal the written-out ones (`x sigmoid(x)`; Hugging Face's
-/// `gelu_pytorch_tanh`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`): `fused::act` alone
+/// `gelu_pytorch_tanh`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`; the exact GELU
+/// `0.5 x (1 + erf(x / sqrt 2))`): `fused::act` alone
 /// (an ungated MLP), and times `up` as `fused::act_mul` on separate gate and up and
 /// `fused::act_mul_packed` on the packed product; values and candle's gradients of every operand,
 /// f32 and f64, inputs from -12 to 12. Under RelP's identity rule (`fused::act` alone, and the
@@ -389,10 +390,11 @@ fn fused_mlp_activations_equal_the_written_out_ones() {
         let up = candle_core::Var::from_tensor(&(direction(&[rows, m], 2) * 3.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let out_grad = direction(&[rows, m], 3).to_dtype(dtype).unwrap();
         let tol = if dtype == DType::F32 { 2e-6 } else { 1e-13 };
-        for kind in [MlpAct::Silu, MlpAct::GeluTanh] {
+        for kind in [MlpAct::Silu, MlpAct::GeluTanh, MlpAct::GeluErf] {
             let x = gate.as_tensor();
             let written = match kind {
                 MlpAct::Silu => (x * candle_nn::ops::sigmoid(x).unwrap()).unwrap(),
+                MlpAct::GeluErf => ((x * 0.5).unwrap() * ((x / std::f64::consts::SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap()).unwrap(),
                 MlpAct::GeluTanh => {
                     let c = (2.0f64 / std::f64::consts::PI).sqrt();
                     let inner = ((x + (x.powf(3.0).unwrap() * 0.044715).unwrap()).unwrap() * c).unwrap().tanh().unwrap();

@@ -768,16 +768,19 @@ pub fn rotate_half_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -
     Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RotateHalf { heads })?)
 }
 
-/// The MLP activations with a fused CPU op, both written `x sigmoid(v(x))`: SiLU (`v = x`;
-/// Llama-style SwiGLU) or the tanh approximation of GELU (`v = 2 sqrt(2/pi) (x + 0.044715 x³)`,
-/// since `0.5 (1 + tanh(u)) = sigmoid(2u)`; Gemma's GeGLU and GPT-2's MLP, `gelu_pytorch_tanh` /
-/// `gelu_new`). The exact (erf) GELU of GPT-NeoX has none (written-out ops).
+/// The MLP activations with a fused CPU op: SiLU and the tanh approximation of GELU, both
+/// written `x sigmoid(v(x))` (SiLU: `v = x`, Llama-style SwiGLU; tanh GELU:
+/// `v = 2 sqrt(2/pi) (x + 0.044715 x³)`, since `0.5 (1 + tanh(u)) = sigmoid(2u)`, Gemma's GeGLU
+/// and GPT-2's MLP, `gelu_pytorch_tanh` / `gelu_new`), and the exact GELU `x Phi(x)` (GPT-NeoX /
+/// Pythia; the error function of candle's own `erf` op, element by element).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MlpAct {
     /// `x sigmoid(x)`.
     Silu,
     /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`.
     GeluTanh,
+    /// `0.5 x (1 + erf(x / sqrt 2))`.
+    GeluErf,
 }
 
 impl MlpAct {
@@ -786,17 +789,18 @@ impl MlpAct {
         match act {
             crate::config::Activation::Silu => Some(MlpAct::Silu),
             crate::config::Activation::GeluNew => Some(MlpAct::GeluTanh),
-            crate::config::Activation::Gelu => None,
+            crate::config::Activation::Gelu => Some(MlpAct::GeluErf),
         }
     }
 
-    /// `act(x) = x / (1 + exp(-v(x)))` with the standard library's `exp`, as RelP's identity
-    /// rule reads it.
+    /// `act(x)`: `x / (1 + exp(-v(x)))` with the standard library's `exp`, or `x Phi(x)`, as
+    /// RelP's identity rule reads it.
     #[inline]
-    fn value<T: Float>(self, x: T) -> T {
+    fn value<T: ActRows>(self, x: T) -> T {
         let v = match self {
             MlpAct::Silu => SiluArg::arg(x),
             MlpAct::GeluTanh => GeluTanhArg::arg(x),
+            MlpAct::GeluErf => return x * phi(x),
         };
         x / (T::one() + (-v).exp())
     }
@@ -804,7 +808,7 @@ impl MlpAct {
     /// RelP's identity rule for `act(x)`: `x * r` with the constant `r = act(x) / (x ± 1e-6)`
     /// (the sign of `x`, `+` at zero), computed as the written-out rule computes it.
     #[inline]
-    fn ratio<T: Float>(self, x: T) -> T {
+    fn ratio<T: ActRows>(self, x: T) -> T {
         let nudge = T::from(1e-6f64).expect("a small constant");
         let nudged = if x >= T::zero() { x + nudge } else { x + (-nudge) };
         self.value(x) / nudged
@@ -1160,7 +1164,7 @@ impl candle_core::CustomOp2 for ActBackward {
     }
 }
 
-/// An ungated MLP's activation `act(x)` ([`MlpAct`]; GPT-2's `gelu_new`) in one pass (CPU,
+/// An ungated MLP's activation `act(x)` ([`MlpAct`]; GPT-2's `gelu_new`, GPT-NeoX's exact GELU) in one pass (CPU,
 /// f32/f64; see [`fused_elementwise_fits`]), with its own backward. `identity`: RelP's identity
 /// rule (the activation as a constant ratio times its input, value `x act(x) / (x ± 1e-6)`).
 pub fn act(act: MlpAct, x: &Tensor, identity: bool) -> Result<Tensor> {
@@ -1408,33 +1412,71 @@ fn act_mul_grad_row<T: Float + FastExp, A: ActArg>(x: &[T], u: &[T], g: &[T], dx
     }
 }
 
+/// The standard normal CDF `Phi(x) = 0.5 (1 + erf(x / sqrt 2))`.
+#[inline(always)]
+fn phi<T: ActRows>(x: T) -> T {
+    let half = T::from(0.5f64).expect("one half");
+    half * (T::one() + T::erf(x * T::from(std::f64::consts::FRAC_1_SQRT_2).expect("a constant")))
+}
+
+/// `o = x Phi(x) u` (the exact GELU times `up`), element-wise; not vectorised (the error
+/// function is libm's, as candle's `erf` op computes it).
+fn gelu_erf_mul_row<T: ActRows>(g: &[T], u: &[T], o: &mut [T]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g * phi(g) * u;
+    }
+}
+
+/// The gradients of `x Phi(x) u`: `dx = g u (Phi(x) + x exp(-x²/2) / sqrt(2 pi))`,
+/// `du = g x Phi(x)`, element-wise.
+fn gelu_erf_mul_grad_row<T: ActRows>(x: &[T], u: &[T], g: &[T], dx: &mut [T], du: &mut [T]) {
+    let (half, inv_sqrt_2pi) = (T::from(0.5f64).expect("one half"), T::from(0.398_942_280_401_432_7f64).expect("a constant"));
+    for ((((dx, du), &x), &u), &g) in dx.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+        let p = phi(x);
+        (*dx, *du) = (g * u * (p + x * (-(x * x) * half).exp() * inv_sqrt_2pi), g * (x * p));
+    }
+}
+
 /// A gated MLP's rows: in f32 compiled for AVX-512 or AVX2 + FMA when the CPU has them (checked
 /// at run time; the baseline x86-64 target has neither), so that the exponential and the
 /// division vectorise 16 or 8 wide; the same arithmetic (bit for bit) on every path.
-pub(crate) trait ActRows: Float + FastExp {
-    /// [`act_mul_row`] of `act`.
+pub(crate) trait ActRows: Float + FastExp + Send + Sync {
+    /// The error function (candle's: libm's `erf`/`erff`).
+    fn erf(x: Self) -> Self;
+    /// [`act_mul_row`] of `act` (or [`gelu_erf_mul_row`]).
     fn act_mul_rows(act: MlpAct, g: &[Self], u: &[Self], o: &mut [Self]) {
         match act {
             MlpAct::Silu => act_mul_row::<Self, SiluArg>(g, u, o),
             MlpAct::GeluTanh => act_mul_row::<Self, GeluTanhArg>(g, u, o),
+            MlpAct::GeluErf => gelu_erf_mul_row(g, u, o),
         }
     }
-    /// [`act_mul_grad_row`] of `act`.
+    /// [`act_mul_grad_row`] of `act` (or [`gelu_erf_mul_grad_row`]).
     fn act_mul_grad_rows(act: MlpAct, x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
         match act {
             MlpAct::Silu => act_mul_grad_row::<Self, SiluArg>(x, u, g, dx, du),
             MlpAct::GeluTanh => act_mul_grad_row::<Self, GeluTanhArg>(x, u, g, dx, du),
+            MlpAct::GeluErf => gelu_erf_mul_grad_row(x, u, g, dx, du),
         }
     }
 }
 
-impl ActRows for f64 {}
+impl ActRows for f64 {
+    fn erf(x: f64) -> f64 {
+        candle_core::cpu::erf::erf_f64(x)
+    }
+}
 
 impl ActRows for f32 {
+    fn erf(x: f32) -> f32 {
+        candle_core::cpu::erf::erf_f32(x)
+    }
+
     fn act_mul_rows(act: MlpAct, g: &[f32], u: &[f32], o: &mut [f32]) {
         match act {
             MlpAct::Silu => wide::act_mul_rows::<SiluArg>(g, u, o),
             MlpAct::GeluTanh => wide::act_mul_rows::<GeluTanhArg>(g, u, o),
+            MlpAct::GeluErf => gelu_erf_mul_row(g, u, o),
         }
     }
 
@@ -1442,6 +1484,7 @@ impl ActRows for f32 {
         match act {
             MlpAct::Silu => wide::act_mul_grad_rows::<SiluArg>(x, u, g, dx, du),
             MlpAct::GeluTanh => wide::act_mul_grad_rows::<GeluTanhArg>(x, u, g, dx, du),
+            MlpAct::GeluErf => gelu_erf_mul_grad_row(x, u, g, dx, du),
         }
     }
 }
@@ -1582,6 +1625,7 @@ mod tests {
                     super::act_mul_row::<f32, super::GeluTanhArg>(&x, &u, &mut o2);
                     super::act_mul_grad_row::<f32, super::GeluTanhArg>(&x, &u, &g, &mut dx2, &mut du2);
                 }
+                MlpAct::GeluErf => unreachable!("no wide rows"),
             }
             let wide = o1.iter().chain(&dx1).chain(&du1);
             let plain = o2.iter().chain(&dx2).chain(&du2);
