@@ -299,13 +299,13 @@ fn fused_attention_gradients_equal_the_written_out_ones() {
     }
 }
 
-/// The fused CPU RMSNorm (forward and its own backward): logits and the gradients at
-/// `resid_pre` 0, `hook_v` 0 and `mlp_out` 0 equal those of the written-out norms (forced by
-/// caching every `hook_scale`, which the fused norm does not produce) on every family, f32 and
-/// f64, plain and left-padded, with RelP's rules (the LN rule holds the scale constant) off and
-/// on. LayerNorm families (GPT-2, GPT-NeoX) take the written-out norm both ways.
+/// The fused CPU RMSNorm and LayerNorm (forward and their own backward): logits and the
+/// gradients at `resid_pre` 0, `hook_v` 0 and `mlp_out` 0 equal those of the written-out norms
+/// (forced by caching every `hook_scale`, which the fused norms do not produce) on every family
+/// (LayerNorm: GPT-2, GPT-NeoX), f32 and f64, plain and left-padded, with RelP's rules (the LN
+/// rule holds the scale constant) off and on.
 #[test]
-fn fused_rms_norm_equals_the_written_out_norm() {
+fn fused_norms_equal_the_written_out_norms() {
     let models = every_model();
     let points = [HookPoint::ResidPre(0), HookPoint::V(0), HookPoint::MlpOut(0)];
     for (name, model) in &models {

@@ -12,9 +12,9 @@
 //! KV heads and no `[b,h,q,k]` tensors, and a backward of its own for gradient runs.
 //!
 //! [`rotate_half`], [`act_mul`] (and [`act_mul_packed`] on the packed gate/up product),
-//! [`act`] and [`rms_norm`] are the rotary embedding, a gated MLP's `act(gate) * up` (SwiGLU's
-//! SiLU or GeGLU's tanh GELU, [`MlpAct`]), an ungated MLP's activation and RMSNorm in one pass
-//! each, with their own backward.
+//! [`act`], [`rms_norm`] and [`layer_norm`] are the rotary embedding, a gated MLP's
+//! `act(gate) * up` (SwiGLU's SiLU or GeGLU's tanh GELU, [`MlpAct`]), an ungated MLP's
+//! activation, RMSNorm and LayerNorm in one pass each, with their own backward.
 //!
 //! [`HookedTransformer::run_with_kv_cache`]: crate::HookedTransformer::run_with_kv_cache
 //! [`KvCache::fused`]: crate::KvCache::fused
@@ -736,8 +736,8 @@ impl CustomOp3 for RotateHalf {
     }
 }
 
-/// Whether the fused CPU element-wise ops ([`rotate_half`], [`act_mul`], [`act`], [`rms_norm`])
-/// take `x`: an f32 or f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]).
+/// Whether the fused CPU element-wise ops ([`rotate_half`], [`act_mul`], [`act`], [`rms_norm`],
+/// [`layer_norm`]) take `x`: an f32 or f64 CPU tensor, with strict layouts off (see [`prefill_attention_fits`]).
 /// All have their own backward.
 pub fn fused_elementwise_fits(x: &Tensor) -> bool {
     !crate::layout::strict() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -1174,47 +1174,68 @@ pub fn act(act: MlpAct, x: &Tensor, identity: bool) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(Act { act, identity })?)
 }
 
-/// The op: `(x [.., d], w [d]) -> x / sqrt(mean(x²) + eps) * w` per row of `d`.
+/// The op: `(x [.., d], w [d]) -> x / sqrt(mean(x²) + eps) * w` per row of `d` (RMSNorm), or
+/// with `center` `(x - mean(x)) / sqrt(mean((x - mean(x))²) + eps) * w` (LayerNorm without its
+/// bias).
 #[derive(Clone)]
 struct RmsNorm {
     eps: f64,
     /// RelP's LN rule: the scale is a constant for the backward pass.
     detach_scale: bool,
+    /// Subtract the row's mean first (LayerNorm).
+    center: bool,
 }
 
 impl RmsNorm {
-    /// The row's scale `sqrt(mean(x²) + eps)`, as the written-out norm computes it.
+    /// The row's mean (LayerNorm) or 0 (RMSNorm).
     #[inline]
-    fn scale<T: Float>(&self, x: &[T]) -> T {
-        let n = T::from(x.len()).expect("a row length");
-        (dot(x, x) / n + T::from(self.eps).expect("a finite eps")).sqrt()
-    }
-
-    /// One row: `o = x / s * w`.
-    #[inline]
-    fn fwd_row<T: Float>(&self, xr: &[T], w: &[T], o: &mut [T]) {
-        let s = self.scale(xr);
-        for ((o, &x), &w) in o.iter_mut().zip(xr).zip(w) {
-            *o = x / s * w;
+    fn mean<T: Float>(&self, x: &[T]) -> T {
+        if self.center {
+            x.iter().fold(T::zero(), |a, &v| a + v) / T::from(x.len()).expect("a row length")
+        } else {
+            T::zero()
         }
     }
 
-    /// One row of `dx` with `dy = g`: `(g w - n mean(g w n)) / s` with `n = x / s`, or `g w / s`
-    /// with the scale held constant.
+    /// The row's scale `sqrt(mean((x - m)²) + eps)` for its mean `m` ([`RmsNorm::mean`]), as the
+    /// written-out norm computes it.
+    #[inline]
+    fn scale<T: Float>(&self, x: &[T], m: T) -> T {
+        let n = T::from(x.len()).expect("a row length");
+        let ss = if self.center { x.iter().fold(T::zero(), |a, &v| a + (v - m) * (v - m)) } else { dot(x, x) };
+        (ss / n + T::from(self.eps).expect("a finite eps")).sqrt()
+    }
+
+    /// One row: `o = (x - m) / s * w`.
+    #[inline]
+    fn fwd_row<T: Float>(&self, xr: &[T], w: &[T], o: &mut [T]) {
+        let m = self.mean(xr);
+        let s = self.scale(xr, m);
+        for ((o, &x), &w) in o.iter_mut().zip(xr).zip(w) {
+            *o = (x - m) / s * w;
+        }
+    }
+
+    /// One row of `dx` with `dy = g`: `(g w - c1 - n c2) / s` with `n = (x - m) / s`,
+    /// `c1 = mean(g w)` when centering (else 0) and `c2 = mean(g w n)` (0 with the scale held
+    /// constant).
     #[inline]
     fn bwd_row<T: Float>(&self, xr: &[T], w: &[T], gr: &[T], o: &mut [T]) {
-        let s = self.scale(xr);
-        let c = if self.detach_scale {
+        let len = T::from(xr.len()).expect("a row length");
+        let m = self.mean(xr);
+        let s = self.scale(xr, m);
+        let c1 = if self.center { gr.iter().zip(w).fold(T::zero(), |a, (&g, &w)| a + g * w) / len } else { T::zero() };
+        let c2 = if self.detach_scale {
             T::zero()
         } else {
             let mut acc = T::zero();
             for ((&x, &g), &w) in xr.iter().zip(gr).zip(w) {
-                acc = acc + g * w * (x / s);
+                acc = acc + g * w * ((x - m) / s);
             }
-            acc / T::from(xr.len()).expect("a row length")
+            acc / len
         };
         for (((o, &x), &g), &w) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-            *o = (g * w - x / s * c) / s;
+            *o = (g * w - c1 - (x - m) / s * c2) / s;
         }
     }
 
@@ -1322,7 +1343,7 @@ pub fn rms_norm_qk_packed(qkv: &Tensor, (h, kvh): (usize, usize), wq: &Tensor, w
     if !fused_elementwise_fits(qkv) || n != h + 2 * kvh || !fits(wq, qw) || !fits(wk, kw) {
         return Err(Error::Input(format!("fused packed q/k norm: qkv {:?} with gains {:?} and {:?} does not fit", qkv.dims(), wq.dims(), wk.dims())));
     }
-    let op = PackedQkNorm { norm: RmsNorm { eps, detach_scale }, widths: (qw, kw) };
+    let op = PackedQkNorm { norm: RmsNorm { eps, detach_scale, center: false }, widths: (qw, kw) };
     Ok(qkv.contiguous()?.apply_op3(&wq.contiguous()?, &wk.contiguous()?, op)?)
 }
 
@@ -1368,7 +1389,26 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, detach_scale: bool) -> Result<
     if !fused_elementwise_fits(x) || w.dims() != [d] || w.dtype() != x.dtype() || w.track_op() || d == 0 {
         return Err(Error::Input(format!("fused rms norm: x {:?} and gain {:?} do not fit", x.dims(), w.dims())));
     }
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps, detach_scale })?)
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps, detach_scale, center: false })?)
+}
+
+/// LayerNorm over the last axis, `x [.., d]` with gain `w [d]` and bias `b [d]`:
+/// `(x - mean(x)) / sqrt(mean((x - mean(x))²) + eps) * w + b` per row, in one pass and a bias
+/// add (CPU, f32/f64; see [`fused_elementwise_fits`]), with a backward of its own for `x` (`w`
+/// and `b` must not need a gradient). `detach_scale`: RelP's LN rule, the scale (not the mean)
+/// is a constant for the backward pass. The written-out norm's formula; sums accumulate in
+/// another order, so values can differ in the last bits.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, detach_scale: bool) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let fits = |t: &Tensor| t.dims() == [d] && t.dtype() == x.dtype() && !t.track_op();
+    if !fused_elementwise_fits(x) || !fits(w) || !b.is_none_or(fits) || d == 0 {
+        return Err(Error::Input(format!("fused layer norm: x {:?}, gain {:?} and bias {:?} do not fit", x.dims(), w.dims(), b.map(|b| b.dims()))));
+    }
+    let y = x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps, detach_scale, center: true })?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 /// `exp(x)`: f64 through `f64::exp`; f32 through [`exp_f32`], a polynomial the compiler

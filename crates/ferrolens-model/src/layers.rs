@@ -68,6 +68,16 @@ impl HookedTransformer {
         let wide = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(x.dtype())?) };
         match self.cfg.norm {
             NormKind::LayerNorm => {
+                // One pass with its own backward (CPU, f32/f64) when neither hook is wanted.
+                if crate::fused::fused_elementwise_fits(x)
+                    && !hooks.wants(scale_hook)
+                    && !hooks.wants(norm_hook)
+                    && !nw.w.track_op()
+                    && !nw.b.as_ref().is_some_and(Tensor::track_op)
+                {
+                    let b = nw.b.as_ref().map(wide).transpose()?;
+                    return Ok(crate::fused::layer_norm(x, &wide(&nw.w)?, b.as_ref(), eps, hooks.lrp.ln)?.to_dtype(dtype)?);
+                }
                 let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
                 let scale = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
                 let scale = hooks.at(scale_hook, scale)?;
