@@ -2,11 +2,17 @@
 """Time TransformerLens 2.18 and ferrolens on the same machine in one run; print a markdown table.
 
 Usage: python scripts/bench_vs_tl.py --smollm2-gguf PATH --pairs FILE.jsonl [--ferrolens target/release/ferrolens]
+       python scripts/bench_vs_tl.py --gemma3-gguf PATH --pairs FILE.jsonl ...   # Gemma-3-270M
 Measures (median of --repeat after a warm-up): plain forward, forward with a full cache, AtP over
 hook_z/resid_pre/attn_out/mlp_out (TL: hooks saving activations and gradients, as in TL's
 attribution-patching demo), and the exact head sweep get_act_patch_attn_head_out_all_pos (once).
+
+Gemma-3-270M: make the pairs with `ferrolens data --model gemma3-270m`; TL loads google/gemma-3-270m
+from transformers' reading of the GGUF (its config is written to a throwaway offline hub cache, as
+TL asks the hub for it), prompts are encoded with the GGUF's own SentencePiece vocabulary (BOS first,
+as ferrolens does; transformers' GGUF tokenizer splits Gemma's text differently).
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, json, os, subprocess, sys, tempfile, time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -24,17 +30,51 @@ def med(f, n):
     return ts[len(ts) // 2]
 
 
+def load_gemma3(gguf_path, pairs_path):
+    """TL's google/gemma-3-270m on the GGUF's weights, and the pairs encoded as ferrolens encodes
+    them: (tl, clean, corrupt, answer ids, wrong ids)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import HookedTransformer
+    from make_references import gemma3_sentencepiece
+    d, f = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    snap = os.path.join(os.environ["HF_HUB_CACHE"], "models--google--gemma-3-270m")
+    os.makedirs(os.path.join(snap, "refs"), exist_ok=True)
+    open(os.path.join(snap, "refs", "main"), "w").write("0" * 40)
+    hf.config.save_pretrained(os.path.join(snap, "snapshots", "0" * 40))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)  # TL wants one; prompts use SentencePiece
+    tl = HookedTransformer.from_pretrained_no_processing("google/gemma-3-270m", hf_model=hf, tokenizer=tok,
+                                                         device="cpu", dtype=torch.float32)
+    sp = gemma3_sentencepiece(gguf_path)
+    bos = sp.bos_id()
+    pairs = [json.loads(l) for l in open(pairs_path) if l.strip()]
+    ids = lambda key: torch.tensor([[bos] + sp.encode(p[key]) for p in pairs])
+    first = lambda key: torch.tensor([sp.encode(p[key])[0] for p in pairs])
+    return tl.eval(), ids("clean"), ids("corrupt"), first("answer"), first("wrong")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--smollm2-gguf", required=True)
+    model = ap.add_mutually_exclusive_group(required=True)
+    model.add_argument("--smollm2-gguf")
+    model.add_argument("--gemma3-gguf")
     ap.add_argument("--pairs", required=True)
     ap.add_argument("--ferrolens", default="target/release/ferrolens")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-heads", action="store_true")
     a = ap.parse_args()
+    if a.gemma3_gguf:
+        # Before transformers and huggingface_hub read their settings at import.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="tl-hub-")
     from transformer_lens import patching
-    tl, tok, _ = load_tl(a.smollm2_gguf)
-    clean, corrupt, ans, wrong = load_pairs(tok, a.pairs)
+    if a.gemma3_gguf:
+        tl, clean, corrupt, ans, wrong = load_gemma3(a.gemma3_gguf, a.pairs)
+        model_args = ["--model", "gemma3-270m"]
+    else:
+        tl, tok, _ = load_tl(a.smollm2_gguf)
+        clean, corrupt, ans, wrong = load_pairs(tok, a.pairs)
+        model_args = []
     idx = torch.arange(len(ans))
     ld = lambda lg: (lg[:, -1][idx, ans] - lg[:, -1][idx, wrong]).mean()
     r = {"torch_threads": torch.get_num_threads(), "batch": clean.shape[0], "seq_len": clean.shape[1]}
@@ -83,7 +123,7 @@ def main():
         r["heads_all_pos_s"] = time.perf_counter() - t
     print("transformer_lens:", json.dumps(r), file=sys.stderr)
     what = "sgemm,forward,atp,relp" + ("" if a.skip_heads else ",heads")
-    f = json.loads(subprocess.check_output([a.ferrolens, "bench", "--data", a.pairs, "--repeat", str(a.repeat), "--what", what]))
+    f = json.loads(subprocess.check_output([a.ferrolens, "bench", *model_args, "--data", a.pairs, "--repeat", str(a.repeat), "--what", what]))
     print("ferrolens:", json.dumps(f), file=sys.stderr)
     rows = [("forward (no cache)", "forward_s"), ("forward with full cache", "forward_full_cache_s"),
             ("AtP (z, resid_pre, attn_out, mlp_out)", "atp_s"), ("exact head sweep, all positions", "heads_all_pos_s")]
