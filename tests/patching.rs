@@ -115,6 +115,20 @@ fn exactness_identities() {
     assert!(worst < 1e-10, "{worst}");
 }
 
+/// Rows per sweep forward when `max_rows` is 0: 256 on the CPU; on a GPU SmolLM2's 15-token rows
+/// (8142 elements a position: 4 x 576 + 15 x 64 + 2 x 9 x 15 + 3 x 1536) fill 2 GiB at 4395 in
+/// f32, bf16 reaches the 8192 cap and 1000-token prompts the 256 floor.
+#[test]
+fn sweeps_take_more_rows_per_forward_on_a_gpu() {
+    let model = smollm2();
+    assert_eq!(ferrolens::methods::auto_rows(model, 15), 256);
+    let rows = |dtype, p| ferrolens::methods::device_rows(&model.cfg, dtype, p);
+    assert_eq!(rows(DType::F32, 15), (2usize << 30) / (15 * 8142 * 4));
+    assert_eq!(rows(DType::F32, 15), 4395);
+    assert_eq!(rows(DType::BF16, 15), 8192);
+    assert_eq!(rows(DType::F32, 1000), 256);
+}
+
 #[test]
 fn atp_equals_gradient_times_difference_and_relp_off_equals_atp() {
     let model = tiny_gpt2(DType::F64);

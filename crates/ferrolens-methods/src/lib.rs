@@ -30,7 +30,9 @@ pub use circuit::{
 };
 pub use edges::{edge_attribution, Edge, EdgeOptions, Receiver};
 pub use metrics::{FnMetric, LogProb, LogitDiff, Metric, NegKlToClean, Normalised};
-pub use patching::{activation_patching, generic_patching, metric_of, Axis, Direction, PatchResult, PatchSpec, PatchingData, Sweep, SweepOptions};
+pub use patching::{
+    activation_patching, auto_rows, device_rows, generic_patching, metric_of, Axis, Direction, PatchResult, PatchSpec, PatchingData, Sweep, SweepOptions,
+};
 pub use path::{path_patch, HeadInput};
 pub use scores::{pearson, Component, Positions, ScoreGrid, ScoreRow};
 pub use study::{Batching, Method};

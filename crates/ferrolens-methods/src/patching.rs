@@ -125,7 +125,7 @@ impl<'a> PatchingData<'a> {
 pub struct SweepOptions<'a> {
     /// Denoise or noise.
     pub direction: Direction,
-    /// Largest number of rows (patches x prompts) in one forward.
+    /// Largest number of rows (patches x prompts) in one forward; 0 (the default): [`auto_rows`].
     pub max_rows: usize,
     /// Called with (done, total) patches.
     pub progress: Option<&'a (dyn Fn(usize, usize) + Sync)>,
@@ -137,8 +137,30 @@ pub struct SweepOptions<'a> {
 
 impl Default for SweepOptions<'_> {
     fn default() -> Self {
-        SweepOptions { direction: Direction::Denoise, max_rows: 256, progress: None, only: None }
+        SweepOptions { direction: Direction::Denoise, max_rows: 0, progress: None, only: None }
     }
+}
+
+/// Rows (patches x prompts) per forward of a sweep whose `max_rows` is 0: 256 on the CPU (the
+/// best measured there; 128 to 1024 were within noise, docs/benchmarks.md), on a GPU
+/// [`device_rows`] (a 256-row sweep left an H200 launch-bound at 1.7% of its bf16 peak).
+pub fn auto_rows(model: &HookedTransformer, seq_len: usize) -> usize {
+    if model.device().is_cpu() {
+        256
+    } else {
+        device_rows(&model.cfg, model.dtype(), seq_len)
+    }
+}
+
+/// Rows per forward on a GPU: as many as keep one row's largest live activations of a
+/// no-gradient forward (residual stream and norms, q/k/v, the scores and pattern, the MLP's
+/// packed and activated hidden states: `p (4 D + (h + 2 kv) d + 2 h p + 3 M)` elements for `p`
+/// tokens) within 2 GiB, between 256 and 8192.
+pub fn device_rows(cfg: &ferrolens_model::Config, dtype: DType, seq_len: usize) -> usize {
+    let p = seq_len.max(1);
+    let per_position = 4 * cfg.d_model + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head + 2 * cfg.n_heads * p + 3 * cfg.d_mlp;
+    let bytes = p * per_position * dtype.size_in_bytes();
+    ((2usize << 30) / bytes.max(1)).clamp(256, 8192)
 }
 
 /// The mean metric of a plain run on `tokens` (last-position logits only; `mask` for a
@@ -424,7 +446,8 @@ pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &P
         Direction::Denoise => (data.corrupt, data.clean),
         Direction::Noise => (data.clean, data.corrupt),
     };
-    let (b, _) = data.check()?;
+    let (b, p) = data.check()?;
+    let max_rows = if opts.max_rows == 0 { auto_rows(model, p) } else { opts.max_rows };
     if spec.hooks.is_empty() {
         return Err(Error::Input("no hook points to patch; give at least one (e.g. model.hooks_matching(\"blocks.*.hook_resid_pre\"))".into()));
     }
@@ -470,7 +493,7 @@ pub fn generic_patching(model: &HookedTransformer, data: &PatchingData, spec: &P
     let (metric, columns) = (reduced.as_deref().unwrap_or(data.metric), metric_span.columns);
     let owned = |u: usize| opts.only.is_none_or(|f| f(u));
     let mut values = ArrayD::<f64>::from_elem(IxDyn(&shape), if opts.only.is_some() { f64::NAN } else { 0.0 });
-    let chunk = (opts.max_rows / b).max(1);
+    let chunk = (max_rows / b).max(1);
     let total = (0..spec.hooks.len() * n_sites).filter(|&u| owned(u)).count();
     let mut done = 0;
     for (hi, (hook, plan)) in plans.iter().enumerate() {
