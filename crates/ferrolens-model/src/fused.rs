@@ -952,7 +952,7 @@ impl CustomOp3 for ActMulBackward {
     }
 }
 
-/// A gated MLP's `act(gate) * up` ([`MlpAct`]: SwiGLU's SiLU or GeGLU's tanh GELU) for `gate`
+/// A gated MLP's `act(gate) * up` ([`MlpAct`]: SwiGLU's SiLU, GeGLU's tanh GELU, exact GELU) for `gate`
 /// and `up` of one shape, in one pass (CPU, f32/f64; see [`fused_elementwise_fits`]), with the
 /// gradients of both operands.
 pub fn act_mul(act: MlpAct, gate: &Tensor, up: &Tensor) -> Result<Tensor> {

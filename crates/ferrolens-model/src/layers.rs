@@ -557,9 +557,9 @@ impl HookedTransformer {
                 // block's projections are packed and no hook looks at the two apart. Else one
                 // product each (over the packed matrix's column-major views: as fast as separate
                 // matrices, and no copies of the halves of a packed product).
-                let prod = match self.packed[l].gate_up(&self.w.blocks[l]) {
-                    Some((w, bias)) if gate.is_some() && !watched && crate::fused::fused_elementwise_fits(x) => {
-                        crate::fused::act_mul_packed(gate.expect("checked just above"), &linear(x, w, bias)?, rules)?
+                let prod = match (self.packed[l].gate_up(&self.w.blocks[l]), gate) {
+                    (Some((w, bias)), Some(act)) if !watched && crate::fused::fused_elementwise_fits(x) => {
+                        crate::fused::act_mul_packed(act, &linear(x, w, bias)?, rules)?
                     }
                     _ => {
                         let pre = hooks.at(HookPoint::MlpPre(l), linear(x, wg, mw.b_gate.as_ref())?)?;
