@@ -871,15 +871,11 @@ impl ActMul {
     {
         let (g, u) = (cpu_slice::<T>(s1, l1, "act * up: gate")?, cpu_slice::<T>(s2, l2, "act * up: up")?);
         let mut out = vec![T::zero(); g.len()];
-        const W: usize = CHUNK;
         // `g / (1 + exp(-v(g))) * u` (see [`ActRows`]; candle's silu, then the product, for SiLU).
-        let row = |start: usize, o: &mut [T]| {
+        par_chunks(&mut out, |start, o| {
             let at = start..start + o.len();
             T::act_mul_rows(self.0, &g[at.clone()], &u[at], o)
-        };
-        let full = g.len() / W * W;
-        par_rows(&mut out[..full], W, |i, o| row(i * W, o));
-        row(full, &mut out[full..]);
+        });
         Ok(out)
     }
 }
@@ -921,7 +917,7 @@ impl ActMulBackward {
         let n = gate.len();
         let mut out = vec![T::zero(); 2 * n];
         const W: usize = CHUNK;
-        // One row of both gradients (see [`ActRows`]).
+        // One chunk of both gradients (see [`ActRows`]).
         let row = |start: usize, dg: &mut [T], du: &mut [T]| {
             let at = start..start + dg.len();
             T::act_mul_grad_rows(self.0, &gate[at.clone()], &up[at.clone()], &g[at], dg, du)
@@ -1086,6 +1082,15 @@ struct Act {
 /// Chunk width of the element-wise ops over flat tensors.
 const CHUNK: usize = 4096;
 
+/// `f(start, chunk)` over `out` in chunks of [`CHUNK`] elements (the whole ones on candle's
+/// thread pool, then the tail), `start` being the chunk's offset in `out`.
+fn par_chunks<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    let full = out.len() / CHUNK * CHUNK;
+    let (whole, tail) = out.split_at_mut(full);
+    par_rows(whole, CHUNK, |i, o| f(i * CHUNK, o));
+    f(full, tail);
+}
+
 impl Act {
     fn go<T: Float + Send + Sync + ActRows>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<T>>
     where
@@ -1094,17 +1099,14 @@ impl Act {
         let x = cpu_slice::<T>(s, l, "act: x")?;
         let ones = [T::one(); CHUNK];
         let mut out = vec![T::zero(); x.len()];
-        let row = |start: usize, o: &mut [T]| {
+        par_chunks(&mut out, |start, o| {
             let x = &x[start..start + o.len()];
             if self.identity {
                 o.iter_mut().zip(x).for_each(|(o, &x)| *o = x * self.act.ratio(x));
             } else {
                 T::act_mul_rows(self.act, x, &ones[..o.len()], o)
             }
-        };
-        let full = x.len() / CHUNK * CHUNK;
-        par_rows(&mut out[..full], CHUNK, |i, o| row(i * CHUNK, o));
-        row(full, &mut out[full..]);
+        });
         Ok(out)
     }
 }
@@ -1137,7 +1139,7 @@ impl ActBackward {
         let ones = [T::one(); CHUNK];
         let mut out = vec![T::zero(); x.len()];
         // The gated rows' `d gate` with `up = 1`; their `d up` (the activation) goes to scratch.
-        let row = |start: usize, dx: &mut [T]| {
+        par_chunks(&mut out, |start, dx| {
             let at = start..start + dx.len();
             if self.0.identity {
                 dx.iter_mut().zip(&x[at.clone()]).zip(&g[at]).for_each(|((d, &x), &g)| *d = g * self.0.act.ratio(x));
@@ -1145,10 +1147,7 @@ impl ActBackward {
                 let mut scratch = vec![T::zero(); dx.len()];
                 T::act_mul_grad_rows(self.0.act, &x[at.clone()], &ones[..dx.len()], &g[at], dx, &mut scratch)
             }
-        };
-        let full = x.len() / CHUNK * CHUNK;
-        par_rows(&mut out[..full], CHUNK, |i, o| row(i * CHUNK, o));
-        row(full, &mut out[full..]);
+        });
         Ok(out)
     }
 }
