@@ -797,12 +797,12 @@ impl MlpAct {
     /// RelP's identity rule reads it.
     #[inline]
     fn value<T: ActRows>(self, x: T) -> T {
-        let v = match self {
-            MlpAct::Silu => SiluArg::arg(x),
-            MlpAct::GeluTanh => GeluTanhArg::arg(x),
-            MlpAct::GeluErf => return x * phi(x),
-        };
-        x / (T::one() + (-v).exp())
+        let sigmoid_form = |v: T| x / (T::one() + (-v).exp());
+        match self {
+            MlpAct::Silu => sigmoid_form(SiluArg::arg(x)),
+            MlpAct::GeluTanh => sigmoid_form(GeluTanhArg::arg(x)),
+            MlpAct::GeluErf => x * phi(x),
+        }
     }
 
     /// RelP's identity rule for `act(x)`: `x * r` with the constant `r = act(x) / (x ± 1e-6)`
@@ -1482,19 +1482,28 @@ fn gelu_erf_mul_grad_row<T: ActRows>(x: &[T], u: &[T], g: &[T], dx: &mut [T], du
 pub(crate) trait ActRows: Float + FastExp + Send + Sync {
     /// The error function (candle's: libm's `erf`/`erff`).
     fn erf(x: Self) -> Self;
-    /// [`act_mul_row`] of `act` (or [`gelu_erf_mul_row`]).
+    /// [`act_mul_row`] of `A` (f32: on the widest instructions available).
+    fn sigmoid_rows<A: ActArg>(g: &[Self], u: &[Self], o: &mut [Self]) {
+        act_mul_row::<Self, A>(g, u, o)
+    }
+    /// [`act_mul_grad_row`] of `A` (f32: on the widest instructions available).
+    fn sigmoid_grad_rows<A: ActArg>(x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
+        act_mul_grad_row::<Self, A>(x, u, g, dx, du)
+    }
+    /// `act(g) * u`: the sigmoid form's rows of `act` or [`gelu_erf_mul_row`].
     fn act_mul_rows(act: MlpAct, g: &[Self], u: &[Self], o: &mut [Self]) {
         match act {
-            MlpAct::Silu => act_mul_row::<Self, SiluArg>(g, u, o),
-            MlpAct::GeluTanh => act_mul_row::<Self, GeluTanhArg>(g, u, o),
+            MlpAct::Silu => Self::sigmoid_rows::<SiluArg>(g, u, o),
+            MlpAct::GeluTanh => Self::sigmoid_rows::<GeluTanhArg>(g, u, o),
             MlpAct::GeluErf => gelu_erf_mul_row(g, u, o),
         }
     }
-    /// [`act_mul_grad_row`] of `act` (or [`gelu_erf_mul_grad_row`]).
+    /// The gradients of `act(x) * u`: the sigmoid form's rows of `act` or
+    /// [`gelu_erf_mul_grad_row`].
     fn act_mul_grad_rows(act: MlpAct, x: &[Self], u: &[Self], g: &[Self], dx: &mut [Self], du: &mut [Self]) {
         match act {
-            MlpAct::Silu => act_mul_grad_row::<Self, SiluArg>(x, u, g, dx, du),
-            MlpAct::GeluTanh => act_mul_grad_row::<Self, GeluTanhArg>(x, u, g, dx, du),
+            MlpAct::Silu => Self::sigmoid_grad_rows::<SiluArg>(x, u, g, dx, du),
+            MlpAct::GeluTanh => Self::sigmoid_grad_rows::<GeluTanhArg>(x, u, g, dx, du),
             MlpAct::GeluErf => gelu_erf_mul_grad_row(x, u, g, dx, du),
         }
     }
@@ -1511,20 +1520,12 @@ impl ActRows for f32 {
         candle_core::cpu::erf::erf_f32(x)
     }
 
-    fn act_mul_rows(act: MlpAct, g: &[f32], u: &[f32], o: &mut [f32]) {
-        match act {
-            MlpAct::Silu => wide::act_mul_rows::<SiluArg>(g, u, o),
-            MlpAct::GeluTanh => wide::act_mul_rows::<GeluTanhArg>(g, u, o),
-            MlpAct::GeluErf => gelu_erf_mul_row(g, u, o),
-        }
+    fn sigmoid_rows<A: ActArg>(g: &[f32], u: &[f32], o: &mut [f32]) {
+        wide::act_mul_rows::<A>(g, u, o)
     }
 
-    fn act_mul_grad_rows(act: MlpAct, x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
-        match act {
-            MlpAct::Silu => wide::act_mul_grad_rows::<SiluArg>(x, u, g, dx, du),
-            MlpAct::GeluTanh => wide::act_mul_grad_rows::<GeluTanhArg>(x, u, g, dx, du),
-            MlpAct::GeluErf => gelu_erf_mul_grad_row(x, u, g, dx, du),
-        }
+    fn sigmoid_grad_rows<A: ActArg>(x: &[f32], u: &[f32], g: &[f32], dx: &mut [f32], du: &mut [f32]) {
+        wide::act_mul_grad_rows::<A>(x, u, g, dx, du)
     }
 }
 
@@ -1646,26 +1647,17 @@ mod tests {
     /// bit for bit (and the f64 rows to f32 rounding), forward and backward, odd lengths included.
     #[test]
     fn wide_gate_rows_equal_the_plain_ones() {
-        let n = 4099;
-        let val = |i: usize, k: f32| (i as f32 * 0.37 + k).sin() * 12.0;
-        let (x, u, g): (Vec<f32>, Vec<f32>, Vec<f32>) =
-            ((0..n).map(|i| val(i, 0.1)).collect(), (0..n).map(|i| val(i, 1.3)).collect(), (0..n).map(|i| val(i, 2.9)).collect());
-        for act in [MlpAct::Silu, MlpAct::GeluTanh] {
+        fn check<A: super::ActArg>(act: MlpAct) {
+            let n = 4099;
+            let val = |i: usize, k: f32| (i as f32 * 0.37 + k).sin() * 12.0;
+            let (x, u, g): (Vec<f32>, Vec<f32>, Vec<f32>) =
+                ((0..n).map(|i| val(i, 0.1)).collect(), (0..n).map(|i| val(i, 1.3)).collect(), (0..n).map(|i| val(i, 2.9)).collect());
             let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
             let (mut dx1, mut du1, mut dx2, mut du2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
             f32::act_mul_rows(act, &x, &u, &mut o1);
             f32::act_mul_grad_rows(act, &x, &u, &g, &mut dx1, &mut du1);
-            match act {
-                MlpAct::Silu => {
-                    super::act_mul_row::<f32, super::SiluArg>(&x, &u, &mut o2);
-                    super::act_mul_grad_row::<f32, super::SiluArg>(&x, &u, &g, &mut dx2, &mut du2);
-                }
-                MlpAct::GeluTanh => {
-                    super::act_mul_row::<f32, super::GeluTanhArg>(&x, &u, &mut o2);
-                    super::act_mul_grad_row::<f32, super::GeluTanhArg>(&x, &u, &g, &mut dx2, &mut du2);
-                }
-                MlpAct::GeluErf => unreachable!("no wide rows"),
-            }
+            super::act_mul_row::<f32, A>(&x, &u, &mut o2);
+            super::act_mul_grad_row::<f32, A>(&x, &u, &g, &mut dx2, &mut du2);
             let wide = o1.iter().chain(&dx1).chain(&du1);
             let plain = o2.iter().chain(&dx2).chain(&du2);
             assert!(wide.zip(plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{act:?}: the wide rows differ from the plain ones");
@@ -1677,6 +1669,8 @@ mod tests {
                 assert!((*a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0), "{act:?}: {a} vs {b}");
             }
         }
+        check::<super::SiluArg>(MlpAct::Silu);
+        check::<super::GeluTanhArg>(MlpAct::GeluTanh);
     }
 
     /// The tanh GELU as `x sigmoid(v)` equals `0.5 x (1 + tanh(u))` (Hugging Face's
